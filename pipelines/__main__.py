@@ -1,0 +1,97 @@
+"""Command line: `python -m pipelines release SPEC [--json]` and friends.
+
+Exit codes: 0 success, 2 bad input (spec, data, arguments), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipelines.specs import SpecError
+
+
+def _table(summary) -> str:
+    """The release summary as a readable table."""
+    lines = [
+        f"Release of {summary.model}",
+        f"  model version   {summary.model_version}  (MLflow run {summary.run_id})",
+        f"  artifact        {summary.artifact_uri}",
+        f"  sha256          {summary.artifact_sha256}",
+        f"  gitops commit   {summary.gitops_commit}" + ("" if summary.gitops_commit_created else "  (unchanged: already released)"),
+        f"  trigger         {summary.trigger}",
+        "  metrics         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())),
+        "",
+        "  variant   size (bytes)   accuracy   Δ vs fp32   p50 ms   p95 ms   eligible",
+    ]
+    for c in summary.quantization.candidates:
+        mark = "*" if c.variant == summary.quantization.chosen else " "
+        lines.append(
+            f"{mark} {c.variant:<8}{c.size_bytes:>14,}   {c.accuracy:>8.4f}   {c.accuracy_change:>+9.4f}"
+            f"   {c.latency_p50_ms:>6.3f}   {c.latency_p95_ms:>6.3f}   {'yes' if c.eligible else 'no: ' + c.note}"
+        )
+    lines += ["", f"  chosen: {summary.quantization.chosen}: {summary.quantization.reason}", "",
+              "  stage            seconds"]
+    lines += [f"  {name:<16} {seconds:>7.2f}" for name, seconds in summary.stages.items()]
+    lines.append(f"  {'total':<16} {sum(summary.stages.values()):>7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Edge AI release pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    release = commands.add_parser("release", help="run one release of a model spec, without Airflow")
+    release.add_argument("spec", type=Path, help="path to a model spec YAML file")
+    release.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    release.add_argument("--trigger", default="cli", help="what started the release (recorded in MLflow)")
+    check = commands.add_parser("validate-spec", help="validate model spec files")
+    check.add_argument("specs", type=Path, nargs="+")
+    summary = commands.add_parser("summary", help="print the latest release summary of a model")
+    summary.add_argument("model")
+    summary.add_argument("--json", action="store_true")
+    schema = commands.add_parser("schema", help="write the JSON schema of model specs")
+    schema.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    from pipelines.release import ReleaseError
+
+    try:
+        if args.command == "release":
+            from pipelines.release import run_release
+
+            result = run_release(args.spec, trigger=args.trigger)
+            print(result.model_dump_json() if args.json else _table(result))
+        elif args.command == "validate-spec":
+            from pipelines.specs import load_spec
+
+            for path in args.specs:
+                print(f"{path}: ok ({load_spec(path).name})")
+        elif args.command == "summary":
+            from pipelines.release import latest_summary
+
+            result = latest_summary(args.model)
+            if result is None:
+                print(f"{args.model}: no release recorded yet", file=sys.stderr)
+                return 2
+            print(result.model_dump_json() if args.json else _table(result))
+        elif args.command == "schema":
+            from pipelines.specs import json_schema
+
+            text = json.dumps(json_schema(), indent=2) + "\n"
+            if args.output:
+                args.output.write_text(text)
+            else:
+                print(text, end="")
+    except (SpecError, ReleaseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

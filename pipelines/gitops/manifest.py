@@ -1,0 +1,270 @@
+"""Render a release as Kubernetes-style manifests laid out for Flux / kustomize.
+
+One model owns `apps/<model>/`:
+
+    apps/<model>/kustomization.yaml                     every overlay (the whole app)
+    apps/<model>/base/kustomization.yaml
+    apps/<model>/base/mobileaimodeldeployment.yaml      what is shipped, targets nothing
+    apps/<model>/overlays/<group>/kustomization.yaml    one device group each
+
+The base carries everything shared by the device groups (the artifact, its checksum,
+resources, responsible-AI thresholds, evaluation evidence). Each overlay only adds what
+differs per group: which devices it selects and the group's latency objective. Output is
+deterministic: the same spec and inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from pipelines.records import Record
+from pipelines.specs import ModelSpec
+
+API_VERSION = "apexlogic.dev/v1alpha1"
+KIND = "MobileAIModelDeployment"
+KUSTOMIZE_API_VERSION = "kustomize.config.k8s.io/v1beta1"
+MANIFEST_FILE = "mobileaimodeldeployment.yaml"
+DEVICE_GROUP_LABEL = "apexlogic.dev/device-group"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class ManifestInputs(Record):
+    """What a release adds to the spec: the artifact, its identity and its evidence."""
+
+    model_version: str = Field(min_length=1)
+    mlflow_run_id: str
+    release_key: str
+    source_uri: str
+    sha256: str = Field(description="Hex digest of the shipped file.")
+    size_bytes: int = Field(ge=0)
+    variant: Literal["fp32", "dynamic", "static"]
+    signature_uri: str | None = None
+    metrics: dict[str, float]
+    verdicts: list[dict] = Field(
+        default_factory=list, description="Brief gate verdicts: name, passed, reason."
+    )
+    cost: dict | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower().removeprefix("sha256:")
+        if not _SHA256.match(value):
+            raise ValueError("sha256 must be 64 hexadecimal characters")
+        return value
+
+
+def label_value(text: str) -> str:
+    """`text` as a valid Kubernetes label value ('@' becomes '_at_', at most 63 characters)."""
+    value = text.replace("@", "_at_")
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:63]
+    # A value must start and end with an alphanumeric character.
+    value = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
+    return value
+
+
+def _number(value: float) -> int | float:
+    # 20.0 renders as 20: a YAML diff should show meaning, not float formatting.
+    return int(value) if float(value).is_integer() else value
+
+
+def _number_text(value: float) -> str:
+    return str(_number(value))
+
+
+def _canonical(value: Any) -> Any:
+    """Free-form data (verdicts, cost) with sorted keys, so key order never depends on callers."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _compact(mapping: dict) -> dict:
+    return {k: v for k, v in mapping.items() if v is not None}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, indented sequences, literal blocks for multi-line strings."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        return super().increase_indent(flow, False)
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _dump(document: Any) -> str:
+    return yaml.dump(
+        document,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=4096,
+    )
+
+
+def _kustomization(**fields: Any) -> dict:
+    return {"apiVersion": KUSTOMIZE_API_VERSION, "kind": "Kustomization", **fields}
+
+
+def _resources(spec: ModelSpec) -> dict:
+    dumped = spec.resources.model_dump(mode="json", by_alias=True)
+    out = {}
+    for section in ("requests", "limits"):
+        values = _compact(dumped.get(section) or {})
+        if values:
+            out[section] = values
+    return out
+
+
+def _responsible_ai(spec: ModelSpec) -> dict:
+    rai = spec.responsible_ai.model_dump(mode="json", by_alias=True)
+    return {
+        "explainability": rai["explainability"],
+        "fairness": {k: _number(v) for k, v in _compact(rai["fairness"]).items()},
+        "auditRetentionDays": rai["auditRetentionDays"],
+    }
+
+
+def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
+    model_ref: dict[str, Any] = {
+        "name": spec.name,
+        "version": inputs.model_version,
+        "sourceUri": inputs.source_uri,
+        "checksum": f"sha256:{inputs.sha256}",
+        "sizeBytes": inputs.size_bytes,
+        "format": "onnx",
+        "variant": inputs.variant,
+    }
+    if inputs.signature_uri:
+        model_ref["signatureRef"] = {"uri": inputs.signature_uri}
+    evaluation = {
+        "metrics": {k: _number(round(inputs.metrics[k], 6)) for k in sorted(inputs.metrics)},
+        "verdicts": _canonical(inputs.verdicts),
+    }
+    body: dict[str, Any] = {
+        "modelRef": model_ref,
+        "resources": _resources(spec),
+        "responsibleAI": _responsible_ai(spec),
+        "deploymentStrategy": spec.deployment_strategy.model_dump(mode="json", by_alias=True),
+        "evaluation": evaluation,
+    }
+    if inputs.cost is not None:
+        body["cost"] = _canonical(inputs.cost)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": spec.name,
+            "labels": {
+                "app.kubernetes.io/name": spec.name,
+                "app.kubernetes.io/version": label_value(inputs.model_version),
+                "finops.apexlogic.dev/cost-center": spec.finops.cost_center,
+                "finops.apexlogic.dev/project": spec.finops.project,
+                "finops.apexlogic.dev/owner": label_value(spec.owner),
+            },
+            "annotations": {
+                "apexlogic.dev/release-key": inputs.release_key,
+                "apexlogic.dev/mlflow-run-id": inputs.mlflow_run_id,
+                "finops.apexlogic.dev/monthly-budget-usd": _number_text(
+                    spec.finops.monthly_budget_usd
+                ),
+            },
+        },
+        "spec": body,
+    }
+
+
+def _overlay(spec: ModelSpec, group_index: int) -> dict:
+    group = spec.targets[group_index]
+    # JSON6902 rather than a strategic-merge patch: kustomize has no schema for this kind,
+    # and `op: add` states exactly which fields the overlay owns.
+    operations: list[dict[str, Any]] = [
+        {
+            "op": "add",
+            "path": "/metadata/labels/" + DEVICE_GROUP_LABEL.replace("~", "~0").replace("/", "~1"),
+            "value": group.name,
+        },
+        {
+            "op": "add",
+            "path": "/spec/targetDevices",
+            "value": {
+                "group": group.name,
+                "selector": {
+                    "matchLabels": {
+                        k: group.selector.match_labels[k] for k in sorted(group.selector.match_labels)
+                    }
+                },
+            },
+        },
+    ]
+    if group.latency_slo_ms is not None:
+        operations.append(
+            {"op": "add", "path": "/spec/slo", "value": {"latencyP95Ms": _number(group.latency_slo_ms)}}
+        )
+    return _kustomization(
+        resources=["../../base"],
+        nameSuffix=f"-{group.name}",
+        patches=[
+            {
+                "target": {
+                    "group": API_VERSION.split("/")[0],
+                    "version": API_VERSION.split("/")[1],
+                    "kind": KIND,
+                    "name": spec.name,
+                },
+                "patch": _dump(operations),
+            }
+        ],
+    )
+
+
+def render_release_files(spec: ModelSpec, inputs: ManifestInputs) -> dict[str, str]:
+    """Every file of `apps/<model>/` for this release, by path relative to the repo root."""
+    app = f"apps/{spec.name}"
+    files = {
+        f"{app}/kustomization.yaml": _dump(
+            _kustomization(resources=[f"overlays/{group.name}" for group in spec.targets])
+        ),
+        f"{app}/base/kustomization.yaml": _dump(_kustomization(resources=[MANIFEST_FILE])),
+        f"{app}/base/{MANIFEST_FILE}": _dump(_base_manifest(spec, inputs)),
+    }
+    for index, group in enumerate(spec.targets):
+        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = _dump(_overlay(spec, index))
+    return dict(sorted(files.items()))
+
+
+def read_manifest(text: str) -> dict:
+    """The one MobileAIModelDeployment in `text` (a base file or a rendered overlay)."""
+    documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    found = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one {KIND}, found {len(found)}")
+    return found[0]
+
+
+def manifest_checksum(doc: dict) -> str:
+    """The hex sha256 in `spec.modelRef.checksum`."""
+    try:
+        checksum = doc["spec"]["modelRef"]["checksum"]
+    except (KeyError, TypeError):
+        raise ValueError("manifest has no spec.modelRef.checksum") from None
+    algorithm, _, digest = str(checksum).partition(":")
+    if algorithm != "sha256" or not _SHA256.match(digest):
+        raise ValueError(f"checksum {checksum!r} is not of the form sha256:<hex>")
+    return digest

@@ -1,0 +1,380 @@
+"""The GitOps repository: the desired state of edge model deployments, one commit per release.
+
+Everything goes through the `git` CLI, so any remote git understands works (a local bare
+repository, `file://`, SSH, HTTPS with a token). A release owns exactly `apps/<model>/`:
+`commit_release` replaces that folder and nothing else, which is what lets concurrent
+releases of different models land without coordinating. Remote URLs are redacted
+(`https://***@host/...`) in every message and record this module produces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from pipelines.records import GitOpsCommit
+
+PUSH_ATTEMPTS = 6  # the first push and up to 5 retries
+FIRST_BACKOFF_S = 0.2
+_GIT_TIMEOUT_S = 300
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SCP_LIKE = re.compile(r"^[^/:]+:")  # host:path or user@host:path
+_MODEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Push failures worth a fetch-and-retry: someone else moved the branch first.
+_RACE_MARKERS = (
+    "non-fast-forward",
+    "fetch first",
+    "cannot lock ref",
+    "incorrect old value",
+    "failed to update ref",
+)
+
+README = """\
+# Edge model deployments (GitOps)
+
+This repository is the desired state of machine-learning models deployed to edge devices
+(phones, tablets, kiosks). The release pipeline writes it; a GitOps controller (Flux or
+Argo CD) applies it. Nobody deploys by hand: a change here is a deployment.
+
+## Layout
+
+- `apps/<model>/` - one folder per model, owned by that model's releases:
+  - `base/` - the `MobileAIModelDeployment`: artifact URI, sha256 checksum, resources,
+    responsible-AI thresholds and the evaluation evidence. It targets no devices.
+  - `overlays/<device-group>/` - one kustomize overlay per device group, adding the device
+    selector and the group's latency objective.
+  - `kustomization.yaml` - all overlays of the model.
+- `clusters/` - entry points per fleet / cluster, including apps.
+- `crds/` - the custom resource definitions the controllers install.
+
+Render any folder offline with `kubectl kustomize apps/<model>/overlays/<device-group>`.
+
+## Rollback
+
+Every release is one commit. To roll a model back, revert that commit (`git revert <sha>`)
+and push; the controller converges the devices to the previous manifest.
+"""
+
+SKELETON = {
+    "README.md": README,
+    "apps/.gitkeep": "",
+    "clusters/.gitkeep": "",
+    "crds/.gitkeep": "",
+}
+
+
+class GitError(RuntimeError):
+    """A git command failed; the message has credentials removed."""
+
+
+def redact(text: str) -> str:
+    """`text` with the user-info part of any URL (`user:token@`) replaced by `***@`."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _is_local(remote: str) -> bool:
+    if remote.startswith("file://"):
+        return True
+    if _URL.match(remote):
+        return False
+    return not _SCP_LIKE.match(remote)
+
+
+def _local_path(remote: str) -> Path:
+    return Path(remote.removeprefix("file://")).expanduser()
+
+
+def _resolve(remote: str) -> str:
+    """An absolute form of a local remote: git runs inside clones, where relative paths differ."""
+    if _is_local(remote) and not remote.startswith("file://"):
+        return str(_local_path(remote).resolve())
+    return remote
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A caller running inside a git hook or worktree must not redirect our commands.
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"):
+        env.pop(name, None)
+    env["GIT_TERMINAL_PROMPT"] = "0"  # fail instead of waiting for a password
+    env["LC_ALL"] = "C"  # push messages are matched in English
+    return env
+
+
+def _git(
+    *args: str,
+    cwd: Path | None = None,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    command = ["git", "-c", "commit.gpgsign=false", "-c", "core.quotepath=off", *args]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=cwd,
+            input=input,
+            env=env or _env(),
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise GitError(redact(f"git {' '.join(args)} timed out after {_GIT_TIMEOUT_S}s")) from None
+    if check and result.returncode != 0:
+        detail = (result.stderr.strip() or result.stdout.strip())[-2000:]
+        raise GitError(redact(f"git {' '.join(args)} failed ({result.returncode}): {detail}"))
+    return result
+
+
+def _author_env(author: tuple[str, str]) -> dict[str, str]:
+    name, email = author
+    env = _env()
+    env.update(
+        GIT_AUTHOR_NAME=name,
+        GIT_AUTHOR_EMAIL=email,
+        GIT_COMMITTER_NAME=name,
+        GIT_COMMITTER_EMAIL=email,
+    )
+    return env
+
+
+def _remote_has_branch(remote: str, branch: str) -> bool:
+    result = _git("ls-remote", "--heads", remote, f"refs/heads/{branch}")
+    return bool(result.stdout.strip())
+
+
+def ensure_remote(remote: str, branch: str, author: tuple[str, str]) -> None:
+    """Make sure `remote` has `branch`: create a local bare repo and push a skeleton if needed."""
+    remote = _resolve(remote)
+    if _is_local(remote):
+        path = _local_path(remote)
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _git("init", "--bare", "-q", "-b", branch, str(path))
+        elif not _git("for-each-ref", "refs/heads", cwd=path).stdout.strip():
+            # An empty bare repo: make `branch` its default so clones check it out.
+            _git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=path)
+    if _remote_has_branch(remote, branch):
+        return
+    with tempfile.TemporaryDirectory(prefix="gitops-skeleton-") as tmp:
+        clone = Path(tmp)
+        _git("init", "-q", "-b", branch, str(clone))
+        for rel, text in SKELETON.items():
+            target = clone / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        _git("add", "-A", cwd=clone)
+        _git("commit", "-q", "-m", "Initialise the GitOps repository", cwd=clone, env=_author_env(author))
+        pushed = _git("push", "-q", remote, f"HEAD:refs/heads/{branch}", cwd=clone, check=False)
+        # Losing the race to another initialiser is fine; anything else is not.
+        if pushed.returncode != 0 and not _remote_has_branch(remote, branch):
+            raise GitError(redact(f"cannot initialise {remote}: {pushed.stderr.strip()}"))
+
+
+def _clone_dir(remote: str, work_dir: Path) -> Path:
+    digest = hashlib.sha256(remote.encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", redact(remote).rstrip("/").rsplit("/", 1)[-1])
+    stem = stem.removesuffix(".git").strip("-.") or "remote"
+    return Path(work_dir) / f"{stem[:40]}-{digest}"
+
+
+@contextlib.contextmanager
+def _locked(clone: Path) -> Iterator[None]:
+    """Serialise users of one working clone (several tasks may share a worker)."""
+    clone.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, callers use separate work dirs
+        yield
+        return
+    with open(clone.with_name(clone.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_clone(remote: str, work_dir: Path) -> Path:
+    """The working clone of `remote`, created or repaired as needed (call under `_locked`)."""
+    clone = _clone_dir(remote, work_dir)
+    if (clone / ".git").is_dir():
+        current = _git("remote", "get-url", "origin", cwd=clone, check=False)
+        if current.returncode == 0 and current.stdout.strip() == remote:
+            # Left by a git process killed mid-write; we hold the clone's lock, so it is stale.
+            (clone / ".git" / "index.lock").unlink(missing_ok=True)
+            return clone
+    shutil.rmtree(clone, ignore_errors=True)
+    _git("init", "-q", str(clone))
+    _git("remote", "add", "origin", remote, cwd=clone)
+    return clone
+
+
+def _fetch(clone: Path, branch: str) -> None:
+    _git(
+        "fetch", "-q", "--prune", "origin",
+        f"+refs/heads/{branch}:refs/remotes/origin/{branch}",
+        cwd=clone,
+    )
+
+
+def _sync(clone: Path, branch: str) -> None:
+    """Fetch and make the working tree exactly `origin/<branch>` (no leftovers)."""
+    _fetch(clone, branch)
+    _git("checkout", "-q", "-f", "-B", branch, f"origin/{branch}", cwd=clone)
+    _git("reset", "-q", "--hard", f"origin/{branch}", cwd=clone)
+    _git("clean", "-q", "-fdx", cwd=clone)
+
+
+def _head(clone: Path) -> str:
+    return _git("rev-parse", "HEAD", cwd=clone).stdout.strip()
+
+
+def _check_paths(model: str, files: dict[str, str]) -> None:
+    if not _MODEL.match(model):
+        raise ValueError(f"{model!r} is not a valid model name")
+    for path in files:
+        pure = PurePosixPath(path)
+        parts = pure.parts
+        if (
+            "\\" in path
+            or pure.is_absolute()
+            or len(parts) < 3
+            or parts[:2] != ("apps", model)
+            or any(part in ("", ".", "..", ".git") for part in parts)
+            or str(pure) != path
+        ):
+            raise ValueError(f"{path!r} is outside apps/{model}/ (a release may only write there)")
+
+
+def _apply(clone: Path, model: str, files: dict[str, str]) -> list[str]:
+    """Replace `apps/<model>/` with `files` and stage it; the staged paths, sorted."""
+    app = f"apps/{model}"
+    _git("rm", "-r", "-q", "--ignore-unmatch", "--", app, cwd=clone)
+    shutil.rmtree(clone / app, ignore_errors=True)
+    for rel, text in files.items():
+        target = clone / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    if files:
+        # -f: the release's files are the desired state even if a .gitignore disagrees.
+        _git("add", "-f", "--", *sorted(files), cwd=clone)
+    staged = _git("diff", "--cached", "--name-only", "--no-renames", "-z", cwd=clone).stdout
+    return sorted(p for p in staged.split("\0") if p)
+
+
+def _push(clone: Path, branch: str) -> tuple[str, str]:
+    """Push HEAD: ("pushed", ""), ("current", "") when the remote already had this very
+    commit, or ("moved", reason) when the branch moved under us."""
+    result = _git("push", "--porcelain", "origin", f"HEAD:refs/heads/{branch}", cwd=clone, check=False)
+    if result.returncode == 0:
+        # Porcelain flag '=': up to date. Happens when a racing worker committed the same
+        # tree on the same parent with the same message in the same second (same sha).
+        up_to_date = any(line.startswith("=\t") for line in result.stdout.splitlines())
+        return ("current" if up_to_date else "pushed"), ""
+    output = f"{result.stdout}\n{result.stderr}"
+    if any(marker in output for marker in _RACE_MARKERS):
+        return "moved", redact(output.strip())
+    raise GitError(redact(f"git push to origin/{branch} failed: {output.strip()[-2000:]}"))
+
+
+def commit_release(
+    remote: str,
+    branch: str,
+    model: str,
+    files: dict[str, str],
+    message: str,
+    author: tuple[str, str],
+    work_dir: Path,
+) -> GitOpsCommit:
+    """Make `apps/<model>/` on `branch` exactly `files`, in one commit (none if already so).
+
+    Paths are relative to the repository root and must lie under `apps/<model>/`; files
+    of that model not in `files` are deleted (empty `files` removes the model), nothing
+    else is touched. A push rejected
+    because the branch moved is retried on top of the new tip (up to 5 times, backoff
+    from 0.2 s doubling).
+    """
+    _check_paths(model, files)
+    shown, remote = remote, _resolve(remote)
+    if not message.strip():
+        raise ValueError("a commit message is required")
+    if not _remote_has_branch(remote, branch):
+        raise GitError(redact(f"{remote} has no branch {branch!r}; call ensure_remote first"))
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        clone = _open_clone(remote, Path(work_dir))
+        delay = FIRST_BACKOFF_S
+        last_reason = ""
+        for attempt in range(PUSH_ATTEMPTS):
+            if attempt:
+                time.sleep(delay)
+                delay *= 2
+            # Each attempt replays the release onto the current tip: fetch, reset, rewrite
+            # apps/<model>/. This is a rebase that cannot conflict, because the release
+            # owns the whole folder; another release of the same model simply lands first.
+            _sync(clone, branch)
+            changed = _apply(clone, model, files)
+            if not changed:
+                return _record(shown, branch, _head(clone), [], created=False)
+            _git("commit", "-q", "--no-verify", "-F", "-", cwd=clone, input=message, env=_author_env(author))
+            outcome, last_reason = _push(clone, branch)
+            if outcome == "pushed":
+                return _record(shown, branch, _head(clone), changed, created=True)
+            if outcome == "current":
+                return _record(shown, branch, _head(clone), [], created=False)
+        raise GitError(
+            f"push to {redact(remote)} ({branch}) still rejected after {PUSH_ATTEMPTS} attempts: "
+            f"{last_reason[-1000:]}"
+        )
+
+
+def _record(remote: str, branch: str, commit: str, changed: list[str], created: bool) -> GitOpsCommit:
+    return GitOpsCommit(
+        remote=redact(remote), branch=branch, commit=commit, changed_paths=changed, created=created
+    )
+
+
+def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None:
+    """Text of `path` at the tip of the remote `branch`, or None if it is absent."""
+    remote = _resolve(remote)
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        clone = _open_clone(remote, Path(work_dir))
+        _fetch(clone, branch)
+        spec = f"refs/remotes/origin/{branch}:{path.lstrip('/')}"
+        kind = _git("cat-file", "-t", spec, cwd=clone, check=False)
+        if kind.returncode != 0 or kind.stdout.strip() != "blob":
+            return None
+        return _git("cat-file", "blob", spec, cwd=clone).stdout
+
+
+def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> list[dict]:
+    """Commits of the remote `branch` newest first (sha, subject, body), optionally for `path`."""
+    remote = _resolve(remote)
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        clone = _open_clone(remote, Path(work_dir))
+        _fetch(clone, branch)
+        args = ["log", "-z", "--format=%H%x1f%s%x1f%b", f"refs/remotes/origin/{branch}"]
+        if path:
+            args += ["--", path]
+        output = _git(*args, cwd=clone).stdout
+    commits = []
+    for entry in output.split("\0"):
+        if not entry.strip():
+            continue
+        sha, subject, body = (entry.split("\x1f", 2) + ["", ""])[:3]
+        commits.append({"sha": sha.strip(), "subject": subject, "body": body.strip()})
+    return commits

@@ -1,0 +1,1 @@
+"""ONNX export and quantization of trained models."""

@@ -1,0 +1,117 @@
+"""Small typed records that stages pass to each other.
+
+Each is JSON-serialisable (Airflow carries them as XCom, the CLI prints them), holds URIs,
+digests and figures, and never data frames or models.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_xcom(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+class DataCheck(Record):
+    """Outcome of `validate_data`: the data's fingerprint and its snapshot."""
+
+    passed: bool
+    source: str
+    sha256: str = Field(description="Content hash of the data as read, before splitting.")
+    rows: int
+    schema_: dict[str, str] = Field(alias="schema")
+    features: list[str] = Field(description="Feature columns after glob patterns resolved.")
+    snapshot_uri: str = Field(description="The exact rows later stages train and evaluate on.")
+    report_uri: str
+    failures: list[str] = Field(default_factory=list)
+    release_key: str = Field(description="Hash of data, spec and code: the release's identity.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TrainedModel(Record):
+    framework: Literal["sklearn", "torch"]
+    model_uri: str
+    metrics: dict[str, float]
+    classes: list[str]
+    train_seconds: float
+    reused: bool = False
+
+
+class ExportedModel(Record):
+    uri: str
+    sha256: str
+    size_bytes: int
+    opset: int
+    max_abs_diff: float
+    label_agreement: float
+    reused: bool = False
+
+
+class QuantCandidate(Record):
+    variant: Literal["fp32", "dynamic", "static"]
+    uri: str
+    sha256: str
+    size_bytes: int
+    accuracy: float
+    accuracy_change: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    eligible: bool
+    note: str = ""
+
+
+class QuantizationPlan(Record):
+    candidates: list[QuantCandidate]
+    chosen: Literal["fp32", "dynamic", "static"]
+    reason: str
+    reused: bool = False
+
+    @property
+    def chosen_candidate(self) -> QuantCandidate:
+        return next(c for c in self.candidates if c.variant == self.chosen)
+
+
+class RegisteredVersion(Record):
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    alias: str
+    created: bool
+
+
+class PublishedArtifact(Record):
+    uri: str
+    sha256: str
+    size_bytes: int
+    uploaded: bool
+
+
+class GitOpsCommit(Record):
+    remote: str
+    branch: str
+    commit: str
+    changed_paths: list[str]
+    created: bool
+
+
+class ReleaseSummary(Record):
+    model: str
+    model_version: str
+    release_key: str
+    run_id: str
+    trigger: str
+    artifact_uri: str
+    artifact_sha256: str
+    gitops_commit: str
+    gitops_commit_created: bool
+    quantization: QuantizationPlan
+    metrics: dict[str, float]
+    stages: dict[str, float]

@@ -1,0 +1,118 @@
+"""MLflow: one experiment per model, one registered version per release key.
+
+A version is created with all its tags in one call (`register_model(..., tags=)`), so a retry
+that finds a version tagged with the same release key knows the release is registered, and
+never creates a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pipelines.records import RegisteredVersion
+
+CANDIDATE_ALIAS = "candidate"
+
+
+class RegistryError(RuntimeError):
+    """The tracking server or registry failed."""
+
+
+def client(tracking_uri: str):
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(mlflow_client, model: str, artifact_root: str) -> str:
+    """The model's experiment, created with its artifact location (never `./mlruns`)."""
+    name = f"edge-release/{model}"
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{model}")
+
+
+def find_version(mlflow_client, model: str, release_key: str):
+    """The model version registered for a release key, or None."""
+    try:
+        versions = mlflow_client.search_model_versions(f"name = '{model}' and tags.release_key = '{release_key}'")
+    except Exception as error:  # the registry raises its own RestException on a missing model
+        if "RESOURCE_DOES_NOT_EXIST" in str(error):
+            return None
+        raise
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def model_file_sha256(tracking_uri: str, model: str, version: str) -> str:
+    """sha256 of the ONNX file that a registered version holds, as downloaded from MLflow."""
+    import mlflow
+
+    client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=tmp)
+        return hashlib.sha256((Path(local) / "model.onnx").read_bytes()).hexdigest()
+
+
+def register_version(
+    *,
+    tracking_uri: str,
+    artifact_root: str,
+    model: str,
+    release_key: str,
+    onnx_path: Path,
+    framework: str,
+    signature_input,
+    signature_output,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    artifacts: dict[str, dict | list],
+    run_name: str,
+    description: str,
+) -> RegisteredVersion:
+    """Log a run with the ONNX model and evidence, register it, point `candidate` at it."""
+    import mlflow
+    import onnx
+    from mlflow.models import infer_signature
+
+    mlflow_client = client(tracking_uri)
+    existing = find_version(mlflow_client, model, release_key)
+    if existing is not None:
+        mlflow_client.set_registered_model_alias(model, CANDIDATE_ALIAS, existing.version)
+        return RegisteredVersion(name=model, version=str(existing.version), run_id=existing.run_id,
+                                 model_uri=f"models:/{model}/{existing.version}", alias=CANDIDATE_ALIAS,
+                                 created=False)
+
+    exp = experiment_id(mlflow_client, model, artifact_root)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        for name, payload in artifacts.items():
+            mlflow.log_dict(payload, name)
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="model", save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            signature=infer_signature(signature_input, signature_output),
+        )
+    try:
+        mlflow_client.get_registered_model(model)
+    except Exception:
+        mlflow_client.create_registered_model(model, description=description,
+                                              tags={k: v for k, v in tags.items() if k.startswith("finops.")})
+    version = mlflow.register_model(info.model_uri, model, tags={**tags, "release_key": release_key})
+    mlflow_client.set_registered_model_alias(model, CANDIDATE_ALIAS, version.version)
+    return RegisteredVersion(name=model, version=str(version.version), run_id=run.info.run_id,
+                             model_uri=f"models:/{model}/{version.version}", alias=CANDIDATE_ALIAS,
+                             created=True)
+
+
+def json_safe(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -1,0 +1,469 @@
+"""The release, stage by stage: what the Airflow DAG, the CLI and the tests all call.
+
+Each stage takes the spec's path and the small records of earlier stages, and returns a
+record. Every stage is idempotent: its outputs live in the artifact store under
+`runs/<model>/<release_key>/`, where the release key hashes the data, the spec and the code;
+a stage that finds its output record there returns it instead of working again. Output
+records are written last, after the files they point to.
+
+Order of effects (payload first, pointer last): validate, train, export, quantize (all
+private to the run), register in MLflow, publish the artifact to the store and verify it,
+and only then commit the manifest that points to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pipelines.records import (
+    DataCheck,
+    ExportedModel,
+    GitOpsCommit,
+    PublishedArtifact,
+    QuantizationPlan,
+    Record,
+    RegisteredVersion,
+    ReleaseSummary,
+    TrainedModel,
+)
+from pipelines.settings import PROJECT_ROOT, Settings, get_settings
+from pipelines.specs import ModelSpec, load_spec, spec_dir
+from pipelines.storage import ObjectStore, StoreError, sha256_file
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Record)
+
+STAGES = ("validate_data", "train", "export", "quantize", "register", "publish", "commit")
+
+
+class ReleaseError(RuntimeError):
+    """A stage cannot go on: bad data, an unfaithful export, a changed input. Not retried."""
+
+
+class DataValidationError(ReleaseError):
+    """The data failed its expectations."""
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over the domain library's source: a release key changes when the code does."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_revision() -> str:
+    """The Git revision of the project, when it runs from a checkout ('unknown' otherwise)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipelines"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class Context:
+    """What every stage needs: the validated spec, where it came from, and the environment."""
+
+    spec: ModelSpec
+    spec_path: Path
+    settings: Settings
+    store: ObjectStore
+
+    def run_key(self, release_key: str, name: str) -> str:
+        return f"runs/{self.spec.name}/{release_key}/{name}"
+
+    def load_record(self, release_key: str, name: str, kind: type[R]) -> R | None:
+        key = self.run_key(release_key, name)
+        if not self.store.exists(key):
+            return None
+        return kind.model_validate_json(self.store.read_bytes(key))
+
+    def save_record(self, release_key: str, name: str, record: R) -> R:
+        self.store.put_bytes(record.model_dump_json(indent=2, by_alias=True).encode(), self.run_key(release_key, name))
+        return record
+
+    def fetch(self, uri: str) -> Path:
+        return self.store.fetch(self.store.key_of(uri), self.settings.work_dir / "cache")
+
+
+def context(spec_path: str | Path, settings: Settings | None = None) -> Context:
+    settings = settings or get_settings()
+    return Context(load_spec(spec_path), Path(spec_path), settings,
+                   ObjectStore(settings.store_url, settings.s3_endpoint_url))
+
+
+def _check_same_inputs(ctx: Context, data: DataCheck) -> None:
+    key = release_key(data.sha256, ctx.spec.digest())
+    if key != data.release_key:
+        raise ReleaseError(
+            f"{ctx.spec_path}: the spec or the code changed after validate_data ran "
+            f"(release key {key[:12]} != {data.release_key[:12]}); start a new release"
+        )
+
+
+def release_key(data_sha256: str, spec_sha256: str) -> str:
+    return hashlib.sha256(f"{data_sha256}:{spec_sha256}:{code_digest()}".encode()).hexdigest()
+
+
+# -- data ------------------------------------------------------------------------------------
+def _load_snapshot(ctx: Context, data: DataCheck):
+    import pandas as pd
+
+    frame = pd.read_parquet(ctx.fetch(data.snapshot_uri))
+    return frame
+
+
+def _splits(ctx: Context, data: DataCheck):
+    """Train and test rows, features prepared, targets as class indices; deterministic."""
+    from pipelines.data import prepare_features, split
+
+    frame = _load_snapshot(ctx, data)
+    target = ctx.spec.data.target
+    classes = sorted(frame[target].unique().tolist())
+    index = {c: i for i, c in enumerate(classes)}
+    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed)
+    return {
+        "classes": [str(c) for c in classes],
+        "train": train, "test": test,
+        "x_train": prepare_features(train, data.features), "y_train": train[target].map(index).to_numpy(),
+        "x_test": prepare_features(test, data.features), "y_test": test[target].map(index).to_numpy(),
+    }
+
+
+def validate_data(spec_path: str | Path, settings: Settings | None = None) -> DataCheck:
+    """Read the spec's data, fingerprint it, and check it against the spec's expectations.
+
+    Raises DataValidationError listing every failed expectation; the report is kept as
+    evidence. On success, a snapshot of the columns the release uses is stored, so every
+    later stage (on any worker) trains and evaluates on exactly these rows.
+    """
+    from pipelines.data import DataError, fingerprint, read_source, resolve_features
+    from pipelines.data.validation import validate_frame
+
+    ctx = context(spec_path, settings)
+    data_spec = ctx.spec.data
+    try:
+        frame = read_source(data_spec, spec_dir(ctx.spec_path), ctx.settings.s3_endpoint_url)
+        features = resolve_features(data_spec.features, list(frame.columns))
+    except DataError as error:
+        raise DataValidationError(f"{ctx.spec_path}: {error}") from None
+    data_sha = fingerprint(frame)
+    key = release_key(data_sha, ctx.spec.digest())
+    cached = ctx.load_record(key, "validation.json", DataCheck)
+    if cached is not None and cached.passed:
+        return cached
+
+    passed, failures, report = validate_frame(frame, data_spec, features)
+    report_uri = ctx.store.put_bytes(json.dumps(report, indent=1, default=str).encode(),
+                                     ctx.run_key(key, "great_expectations.json"))
+    if not passed:
+        raise DataValidationError(
+            f"{ctx.spec_path}: data {data_spec.source} failed {len(failures)} expectation(s):\n  - "
+            + "\n  - ".join(failures)
+        )
+    columns = list(dict.fromkeys([*features, *data_spec.sensitive_features, data_spec.target]))
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / "data.parquet"
+        frame[columns].to_parquet(snapshot, index=False)
+        snapshot_uri = ctx.store.put_file(snapshot, ctx.run_key(key, "data.parquet"))
+    record = DataCheck(
+        passed=True, source=data_spec.source, sha256=data_sha, rows=len(frame),
+        schema={c: str(frame[c].dtype) for c in columns}, features=features,
+        snapshot_uri=snapshot_uri, report_uri=report_uri, release_key=key,
+    )
+    return ctx.save_record(key, "validation.json", record)
+
+
+# -- model -----------------------------------------------------------------------------------
+def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = None) -> TrainedModel:
+    """Fit the spec's model on the training split; metrics on the held-out split."""
+    from pipelines import training
+
+    ctx = context(spec_path, settings)
+    _check_same_inputs(ctx, data)
+    cached = ctx.load_record(data.release_key, "train.json", TrainedModel)
+    if cached is not None:
+        return cached.model_copy(update={"reused": True})
+
+    parts = _splits(ctx, data)
+    fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]))
+    metrics = training.classification_metrics(training.predict_proba(fitted.model, parts["x_test"]), parts["y_test"])
+    suffix = "joblib" if fitted.framework == "sklearn" else "pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = training.save(fitted, Path(tmp) / f"model.{suffix}")
+        model_uri = ctx.store.put_file(local, ctx.run_key(data.release_key, f"model.{suffix}"))
+    record = TrainedModel(framework=fitted.framework, model_uri=model_uri, metrics=metrics,
+                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3))
+    return ctx.save_record(data.release_key, "train.json", record)
+
+
+def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
+           settings: Settings | None = None) -> ExportedModel:
+    """Convert to one ONNX file and check parity with the native model on the test split."""
+    import onnx
+
+    from pipelines import training
+    from pipelines.onnx import export as onnx_export
+
+    ctx = context(spec_path, settings)
+    _check_same_inputs(ctx, data)
+    cached = ctx.load_record(data.release_key, "export.json", ExportedModel)
+    if cached is not None:
+        return cached.model_copy(update={"reused": True})
+
+    parts = _splits(ctx, data)
+    native = training.load(trained.framework, ctx.fetch(trained.model_uri))
+    tolerance = ctx.spec.export.parity
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx_export.export_onnx(
+            trained.framework, native, parts["x_test"], Path(tmp) / "model.onnx", ctx.spec.export.opset,
+            {"edge.model": ctx.spec.name, "edge.classes": json.dumps(trained.classes),
+             "edge.release_key": data.release_key},
+        )
+        result = onnx_export.parity(training.predict_proba(native, parts["x_test"]),
+                                    onnx_export.predict_proba(path, parts["x_test"]))
+        try:
+            onnx_export.check_parity(result, tolerance.max_abs_diff, tolerance.min_label_agreement)
+        except onnx_export.ParityError as error:
+            raise ReleaseError(f"{ctx.spec_path}: export: {error}") from None
+        opset = max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                    if o.domain in ("", "ai.onnx"))
+        record = ExportedModel(
+            uri=ctx.store.put_file(path, ctx.run_key(data.release_key, "model.fp32.onnx")),
+            sha256=sha256_file(path), size_bytes=path.stat().st_size, opset=opset,
+            max_abs_diff=result.max_abs_diff, label_agreement=result.label_agreement,
+        )
+    return ctx.save_record(data.release_key, "export.json", record)
+
+
+def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
+             settings: Settings | None = None) -> QuantizationPlan:
+    """Build fp32, dynamic and static int8 candidates, measure each, choose one and say why."""
+    import numpy as np
+
+    from pipelines.onnx import export as onnx_export
+    from pipelines.onnx.quantize import quantize_candidates
+
+    ctx = context(spec_path, settings)
+    _check_same_inputs(ctx, data)
+    cached = ctx.load_record(data.release_key, "quantization.json", QuantizationPlan)
+    if cached is not None:
+        return cached.model_copy(update={"reused": True})
+
+    parts = _splits(ctx, data)
+    fp32 = ctx.fetch(exported.uri)
+    sess = onnx_export.session(fp32)
+    calibration_rows = parts["x_train"].sample(
+        n=min(ctx.spec.export.calibration_rows, len(parts["x_train"])), random_state=ctx.spec.training.seed)
+    calibration = [onnx_export.feeds(sess, calibration_rows.iloc[i:i + 1]) for i in range(len(calibration_rows))]
+    latency_feed = onnx_export.feeds(sess, parts["x_test"].iloc[:1])
+
+    def accuracy(path: Path) -> float:
+        proba = onnx_export.predict_proba(path, parts["x_test"])
+        return float(np.mean(proba.argmax(axis=1) == parts["y_test"]))
+
+    export_spec = ctx.spec.export
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        plan, paths = quantize_candidates(
+            fp32, list(export_spec.quantization), calibration, latency_feed, accuracy,
+            export_spec.accuracy_budget, export_spec.max_artifact_bytes, out_dir,
+            uri_of=lambda p: ctx.store.uri(ctx.run_key(data.release_key, f"quant/{p.name}")),
+        )
+        for path in paths.values():
+            ctx.store.put_file(path, ctx.run_key(data.release_key, f"quant/{path.name}"))
+    return ctx.save_record(data.release_key, "quantization.json", plan)
+
+
+# -- registry, store, Git ----------------------------------------------------------------------
+def _framework_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("scikit-learn", "torch", "onnx", "onnxruntime", "skl2onnx", "mlflow")
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, exported: ExportedModel,
+             plan: QuantizationPlan, trigger: str = "manual",
+             settings: Settings | None = None) -> RegisteredVersion:
+    """Register the chosen variant in MLflow with its provenance; alias `candidate`."""
+    from pipelines import registry
+    from pipelines.onnx import export as onnx_export
+
+    ctx = context(spec_path, settings)
+    _check_same_inputs(ctx, data)
+    spec = ctx.spec
+    chosen = plan.chosen_candidate
+    onnx_path = ctx.fetch(chosen.uri)
+    if sha256_file(onnx_path) != chosen.sha256:
+        raise ReleaseError(f"{chosen.uri}: sha256 differs from the quantization record")
+    parts = _splits(ctx, data)
+    example = parts["x_test"].head(5)
+    if trained.framework == "torch":
+        example = example.to_numpy("float32")
+    output = onnx_export.predict_proba(onnx_path, parts["x_test"].head(5)).astype("float32")
+    params = {
+        "framework": spec.training.framework,
+        "model_type": spec.training.estimator or spec.training.architecture,
+        "seed": str(spec.training.seed), "opset": str(exported.opset),
+        "quantization.modes": ",".join(spec.export.quantization),
+        "quantization.chosen": plan.chosen, "rows": str(data.rows),
+        "features": str(len(data.features)),
+        **{f"param.{k}": registry.json_safe(v) for k, v in sorted(spec.training.params.items())},
+    }
+    metrics = {f"test_{k}": v for k, v in trained.metrics.items()}
+    metrics.update({"train_seconds": trained.train_seconds, "onnx_max_abs_diff": exported.max_abs_diff,
+                    "onnx_label_agreement": exported.label_agreement})
+    for candidate in plan.candidates:
+        if candidate.size_bytes:
+            metrics.update({f"{candidate.variant}_size_bytes": candidate.size_bytes,
+                            f"{candidate.variant}_accuracy": candidate.accuracy,
+                            f"{candidate.variant}_latency_p50_ms": candidate.latency_p50_ms,
+                            f"{candidate.variant}_latency_p95_ms": candidate.latency_p95_ms})
+    tags = {
+        "data_sha256": data.sha256, "data_source": data.source, "spec_sha256": spec.digest(),
+        "code_digest": code_digest(), "code_revision": code_revision(), "trigger": trigger,
+        "variant": plan.chosen, "artifact_sha256": chosen.sha256, "owner": spec.owner,
+        "finops.cost_center": spec.finops.cost_center, "finops.project": spec.finops.project,
+        **{f"version.{k}": v for k, v in _framework_versions().items()},
+    }
+    try:
+        return registry.register_version(
+            tracking_uri=ctx.settings.tracking_uri, artifact_root=ctx.settings.mlflow_artifacts,
+            model=spec.name, release_key=data.release_key, onnx_path=onnx_path,
+            framework=trained.framework, signature_input=example, signature_output=output,
+            params=params, metrics=metrics, tags=tags,
+            artifacts={"quantization.json": plan.to_xcom(), "data_validation.json": data.to_xcom(),
+                       "spec.json": spec.model_dump(mode="json")},
+            run_name=f"{spec.name}-{data.release_key[:12]}", description=spec.description,
+        )
+    except ReleaseError:
+        raise
+    except Exception as error:
+        raise registry.RegistryError(f"MLflow at {_redact(ctx.settings.tracking_uri)}: {error}") from error
+
+
+def _redact(uri: str) -> str:
+    from pipelines.gitops.repo import redact
+
+    return redact(uri)
+
+
+def publish(spec_path: str | Path, registered: RegisteredVersion, plan: QuantizationPlan,
+            settings: Settings | None = None) -> PublishedArtifact:
+    """Copy the chosen ONNX file to its content-addressed place in the store and verify it."""
+    ctx = context(spec_path, settings)
+    chosen = plan.chosen_candidate
+    key = f"models/{ctx.spec.name}/{chosen.sha256}/model.onnx"
+    uploaded = False
+    if not ctx.store.exists(key):
+        ctx.store.put_file(ctx.fetch(chosen.uri), key)
+        uploaded = True
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = ctx.store.get_file(key, Path(tmp) / "model.onnx")
+        digest, size = sha256_file(copy), copy.stat().st_size
+    if digest != chosen.sha256:
+        raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {chosen.sha256}")
+    # The marker goes last: a reader that sees it knows the artifact is complete.
+    ctx.store.put_bytes(json.dumps({"model": ctx.spec.name, "version": registered.version,
+                                    "sha256": digest, "size_bytes": size, "variant": plan.chosen},
+                                   sort_keys=True).encode(),
+                        f"models/{ctx.spec.name}/{chosen.sha256}/model.json")
+    return PublishedArtifact(uri=ctx.store.uri(key), sha256=digest, size_bytes=size, uploaded=uploaded)
+
+
+def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, registered: RegisteredVersion,
+           published: PublishedArtifact, plan: QuantizationPlan,
+           settings: Settings | None = None) -> GitOpsCommit:
+    """Render the MobileAIModelDeployment and commit it to the GitOps remote."""
+    from pipelines.gitops import manifest, repo
+
+    ctx = context(spec_path, settings)
+    spec, settings = ctx.spec, ctx.settings
+    author = (settings.git_author_name, settings.git_author_email)
+    repo.ensure_remote(settings.remote, settings.gitops_branch, author)
+    files = manifest.render_release_files(spec, manifest.ManifestInputs(
+        model_version=registered.version, mlflow_run_id=registered.run_id, release_key=data.release_key,
+        source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
+        variant=plan.chosen, metrics=trained.metrics,
+    ))
+    chosen = plan.chosen_candidate
+    message = (
+        f"release({spec.name}): version {registered.version} ({plan.chosen})\n\n"
+        f"Model: {spec.name}\nVersion: {registered.version}\nMLflow run: {registered.run_id}\n"
+        f"Artifact: {published.uri}\nSHA256: {published.sha256}\nRelease key: {data.release_key}\n"
+        f"Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(trained.metrics.items())) + "\n"
+        f"Variant: {plan.chosen}, {chosen.size_bytes} bytes, p95 {chosen.latency_p95_ms:.3f} ms on the build host\n"
+        f"Why: {plan.reason}\n"
+    )
+    return repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
+                               settings.work_dir / "gitops")
+
+
+def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
+              registered: RegisteredVersion, published: PublishedArtifact, committed: GitOpsCommit,
+              stages: dict[str, float], trigger: str, settings: Settings | None = None) -> ReleaseSummary:
+    """The release in one record, kept in the store beside the run's other outputs."""
+    ctx = context(spec_path, settings)
+    summary = ReleaseSummary(
+        model=ctx.spec.name, model_version=registered.version, release_key=data.release_key,
+        run_id=registered.run_id, trigger=trigger, artifact_uri=published.uri,
+        artifact_sha256=published.sha256, gitops_commit=committed.commit,
+        gitops_commit_created=committed.created, quantization=plan, metrics=trained.metrics,
+        stages={k: round(v, 3) for k, v in stages.items()},
+    )
+    ctx.save_record(data.release_key, "summary.json", summary)
+    ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest.json")
+    return summary
+
+
+def latest_summary(model: str, settings: Settings | None = None) -> ReleaseSummary | None:
+    settings = settings or get_settings()
+    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    key = f"releases/{model}/latest.json"
+    return ReleaseSummary.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
+
+
+def run_release(spec_path: str | Path, trigger: str = "cli", settings: Settings | None = None) -> ReleaseSummary:
+    """Every stage in order, in this process (the CLI's path; the DAG runs the same calls)."""
+    import time
+
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args, settings=settings)
+        timings[name] = time.perf_counter() - start
+        log.info("%s: %.2f s", name, timings[name])
+        return result
+
+    data = timed("validate_data", validate_data, spec_path)
+    trained = timed("train", train, spec_path, data)
+    exported = timed("export", export, spec_path, data, trained)
+    plan = timed("quantize", quantize, spec_path, data, exported)
+    registered = timed("register", register, spec_path, data, trained, exported, plan, trigger)
+    published = timed("publish", publish, spec_path, registered, plan)
+    committed = timed("commit", commit, spec_path, data, trained, registered, published, plan)
+    return summarize(spec_path, data, trained, plan, registered, published, committed, timings, trigger, settings)

@@ -1,0 +1,407 @@
+"""The model spec: what to release, validated before anything runs.
+
+A spec is a YAML file in `model_specs/`. Keys are camelCase, as in the Kubernetes resources
+the release ends in. Every model is strict (`extra="forbid"`): a misspelt key fails and the
+error names the file and the field. Environment settings (stores, endpoints, keys) are never
+part of a spec; they live in `pipelines.settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+BUILTIN_DATASETS = ("uci-adult", "mnist-5k")
+SKLEARN_ESTIMATORS = ("logistic_regression", "mlp", "random_forest", "gradient_boosting")
+TORCH_ARCHITECTURES = ("cnn", "mlp")
+QUANTIZATION_MODES = ("dynamic", "static")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes label keys and values (prefix/name, name segments of at most 63 characters).
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_QUANTITY_FACTORS = {
+    None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}
+_PERCENT_OR_INT = re.compile(r"^([0-9]+%?)$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_alias=True,
+        validate_by_name=False,
+        serialize_by_alias=True,
+        frozen=True,
+    )
+
+
+UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def parse_quantity(value: str) -> float:
+    """A Kubernetes resource quantity (`128Mi`, `500m`) as a plain number."""
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    return float(match.group(1)) * _QUANTITY_FACTORS[match.group(3)]
+
+
+class DataValidation(_Strict):
+    """What the data must satisfy before training (becomes a Great Expectations suite)."""
+
+    max_null_share: UnitInterval = 0.0
+    min_rows: int = Field(100, ge=1)
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("ranges")
+    @classmethod
+    def _ordered(cls, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for column, (low, high) in ranges.items():
+            if low > high:
+                raise ValueError(f"range of {column!r} has min {low} above max {high}")
+        return ranges
+
+
+class DataSpec(_Strict):
+    """Where the data comes from and which columns mean what.
+
+    `source` is `builtin:<name>`, a CSV or Parquet path (relative to the spec file), or an
+    `s3://bucket/key` URI. `features` entries may be glob patterns (`pixel_*`).
+    """
+
+    source: str
+    target: str
+    features: list[str] = Field(min_length=1)
+    sensitive_features: list[str] = Field(default_factory=list)
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    validation: DataValidation = DataValidation()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source.startswith("builtin:"):
+            name = source.removeprefix("builtin:")
+            if name not in BUILTIN_DATASETS:
+                raise ValueError(
+                    f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}"
+                )
+            return source
+        path = source.removeprefix("file://")
+        if not path.endswith((".csv", ".parquet")):
+            raise ValueError("a data file must end in .csv or .parquet")
+        return source
+
+    @model_validator(mode="after")
+    def _target_is_not_a_feature(self) -> DataSpec:
+        if self.target in self.features:
+            raise ValueError(f"target {self.target!r} is also listed in features")
+        return self
+
+
+class TrainingSpec(_Strict):
+    framework: Literal["sklearn", "torch"]
+    estimator: str | None = None
+    architecture: str | None = None
+    params: dict[str, int | float | str | bool | list[int] | None] = Field(default_factory=dict)
+    seed: int = Field(42, ge=0)
+
+    @model_validator(mode="after")
+    def _model_named_for_framework(self) -> TrainingSpec:
+        if self.framework == "sklearn":
+            if self.estimator not in SKLEARN_ESTIMATORS:
+                raise ValueError(
+                    f"training.estimator must be one of {', '.join(SKLEARN_ESTIMATORS)} "
+                    f"for framework sklearn (got {self.estimator!r})"
+                )
+            if self.architecture is not None:
+                raise ValueError("training.architecture is for framework torch")
+        else:
+            if self.architecture not in TORCH_ARCHITECTURES:
+                raise ValueError(
+                    f"training.architecture must be one of {', '.join(TORCH_ARCHITECTURES)} "
+                    f"for framework torch (got {self.architecture!r})"
+                )
+            if self.estimator is not None:
+                raise ValueError("training.estimator is for framework sklearn")
+        return self
+
+
+class ParityTolerance(_Strict):
+    """How close the ONNX model must be to the native one."""
+
+    max_abs_diff: float = Field(1e-4, gt=0.0)
+    min_label_agreement: UnitInterval = 0.999
+
+
+class ExportSpec(_Strict):
+    opset: int = Field(17, ge=9, le=23)
+    quantization: list[Literal["dynamic", "static"]] = Field(
+        default_factory=lambda: ["dynamic", "static"]
+    )
+    accuracy_budget: UnitInterval = Field(
+        0.01, description="Largest accuracy drop vs fp32 a quantized variant may cost."
+    )
+    max_artifact_bytes: int | None = Field(
+        None, gt=0, description="Size cap for the shipped file; makes size the binding constraint."
+    )
+    calibration_rows: int = Field(256, ge=16, le=100_000)
+    parity: ParityTolerance = ParityTolerance()
+
+
+class MetricThreshold(_Strict):
+    """TFX/MLflow-style threshold: an absolute floor (or ceiling) and an allowed change."""
+
+    direction: Literal["higher", "lower"] = "higher"
+    min_value: float | None = None
+    max_value: float | None = None
+    max_regression: float | None = Field(None, ge=0.0)
+
+
+class GatesSpec(_Strict):
+    quality: dict[str, MetricThreshold] = Field(
+        default_factory=lambda: {"accuracy": MetricThreshold(minValue=0.5, maxRegression=0.01)}
+    )
+    drift_share: UnitInterval = Field(0.5, description="Largest share of drifted columns.")
+    quantization_fairness_change: UnitInterval = Field(
+        0.02, description="How much an int8 variant may widen a fairness gap vs fp32."
+    )
+
+
+class FinOpsSpec(_Strict):
+    cost_center: str
+    project: str
+    monthly_budget_usd: float = Field(ge=0.0)
+
+    @field_validator("cost_center", "project")
+    @classmethod
+    def _label_value(cls, value: str) -> str:
+        if not _LABEL_VALUE.match(value) or not value:
+            raise ValueError(f"{value!r} is not a valid Kubernetes label value")
+        return value
+
+
+class LabelSelector(_Strict):
+    match_labels: dict[str, str] = Field(min_length=1)
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a valid label key")
+            if not _LABEL_VALUE.match(value):
+                raise ValueError(f"{value!r} (label {key!r}) is not a valid label value")
+        return labels
+
+
+class DeviceGroup(_Strict):
+    name: str
+    selector: LabelSelector
+    latency_slo_ms: float | None = Field(None, gt=0.0, description="p95 latency objective.")
+    requires_review: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, name: str) -> str:
+        if not _DNS_LABEL.match(name) or len(name) > 63:
+            raise ValueError(f"{name!r} must be a DNS label (lowercase, digits, '-')")
+        return name
+
+
+class ResourceList(_Strict):
+    cpu: str | None = None
+    memory: str | None = None
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_quantity(value)
+        return value
+
+
+class ResourcesSpec(_Strict):
+    requests: ResourceList = ResourceList()
+    limits: ResourceList = ResourceList()
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourcesSpec:
+        for name in ("cpu", "memory"):
+            req, lim = getattr(self.requests, name), getattr(self.limits, name)
+            if req and lim and parse_quantity(req) > parse_quantity(lim):
+                raise ValueError(f"requests.{name} {req} exceeds limits.{name} {lim}")
+        return self
+
+
+class FairnessSpec(_Strict):
+    bias_score: UnitInterval = Field(
+        0.1, description="Largest demographic parity difference across sensitive groups."
+    )
+    equalized_odds: UnitInterval = Field(0.1, description="Largest equalized odds difference.")
+    min_group_accuracy: UnitInterval | None = None
+
+
+class ResponsibleAISpec(_Strict):
+    explainability: Literal["permutation_importance", "none"] = "permutation_importance"
+    fairness: FairnessSpec = FairnessSpec()
+    audit_retention_days: int = Field(365, ge=1, le=3650)
+
+
+class DeploymentStrategy(_Strict):
+    type: Literal["RollingUpdate"] = "RollingUpdate"
+    max_unavailable: str = "10%"
+    max_surge: str = "0"
+
+    @field_validator("max_unavailable", "max_surge")
+    @classmethod
+    def _int_or_percent(cls, value: str) -> str:
+        if not _PERCENT_OR_INT.match(value) or (value.endswith("%") and int(value[:-1]) > 100):
+            raise ValueError(f"{value!r} must be a count or a percentage up to 100%")
+        return value
+
+
+class ApprovalSpec(_Strict):
+    mode: Literal["auto", "manual"] = "auto"
+
+
+class ModelSpec(_Strict):
+    """One model to release (a file in `model_specs/`)."""
+
+    name: str
+    owner: str
+    description: str = ""
+    data: DataSpec
+    training: TrainingSpec
+    export: ExportSpec = ExportSpec()
+    gates: GatesSpec = GatesSpec()
+    finops: FinOpsSpec
+    targets: list[DeviceGroup] = Field(min_length=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    responsible_ai: ResponsibleAISpec = Field(ResponsibleAISpec(), alias="responsibleAI")
+    deployment_strategy: DeploymentStrategy = DeploymentStrategy()
+    schedule: str | None = Field(None, description="Cron expression or preset (@daily); none: manual only.")
+    approval: ApprovalSpec = ApprovalSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, name: str) -> str:
+        if not _DNS_LABEL.match(name) or len(name) > 50:
+            raise ValueError(f"{name!r} must be a DNS label of at most 50 characters")
+        return name
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str | None) -> str | None:
+        if schedule is None:
+            return None
+        from croniter import croniter
+
+        presets = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually"}
+        if schedule not in presets and not croniter.is_valid(schedule):
+            raise ValueError(f"{schedule!r} is neither a cron expression nor a preset")
+        return schedule
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        names = [group.name for group in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets have duplicate names: {names}")
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the spec's canonical JSON: changes exactly when the spec's meaning does."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("function-after", "function-before") or "[" in str(item):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line per problem: `file: field: message`."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (not part of the spec)"
+        lines.append(f"{source}: {_field_path(problem['loc'])}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: object, source: str = "<spec>") -> ModelSpec:
+    """Validate an already-loaded mapping; raise SpecError naming `source` and the field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: (top level): a spec must be a mapping of keys to values")
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(source, error)) from None
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    spec = parse_spec(data, str(path))
+    if path.stem != spec.name:
+        raise SpecError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")
+    return spec
+
+
+def spec_dir(path: str | Path) -> Path:
+    """Folder a spec's relative data paths are resolved against."""
+    return Path(path).resolve().parent
+
+
+def discover_specs(folder: str | Path) -> dict[str, Path]:
+    """Spec files in a folder by model name (the file stem), without validating them."""
+    return {p.stem: p for p in sorted(Path(folder).glob("*.yaml"))}
+
+
+def json_schema() -> dict:
+    """JSON schema of a spec file, for editors (yaml-language-server)."""
+    schema = ModelSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Edge model release spec"
+    return schema

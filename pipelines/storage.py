@@ -1,0 +1,147 @@
+"""The artifact store: a local folder or an S3 bucket, addressed by URI.
+
+Stages write through `ObjectStore`, so the same code serves the embedded demo (file://) and
+production (s3://, or any S3-compatible store via an endpoint URL). Writes go to a temporary
+name first and are renamed (local) or are atomic by nature (S3 PUT), so a reader never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StoreError(RuntimeError):
+    """The store could not be read or written."""
+
+
+class ObjectStore:
+    """Keys (`models/x/model.onnx`) under a root URL (`file:///...` or `s3://bucket/prefix`)."""
+
+    def __init__(self, root_url: str, endpoint_url: str | None = None):
+        self.root_url = root_url.rstrip("/")
+        parsed = urlparse(self.root_url)
+        self.scheme = parsed.scheme or "file"
+        if self.scheme == "file":
+            self._root = Path(parsed.path if parsed.scheme else root_url)
+        elif self.scheme == "s3":
+            self._bucket = parsed.netloc
+            self._prefix = parsed.path.strip("/")
+            self._endpoint_url = endpoint_url
+            self._client = None
+        else:
+            raise StoreError(f"unsupported artifact store URL {root_url!r} (file:// or s3://)")
+
+    # -- addressing -------------------------------------------------------------------------
+    def uri(self, key: str) -> str:
+        if self.scheme == "file":
+            return (self._root / key).as_uri()
+        return f"s3://{self._bucket}/{self._s3_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of a URI inside this store."""
+        prefix = self.uri("").rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise StoreError(f"{uri} is not inside the artifact store {self.root_url}")
+        return uri[len(prefix):]
+
+    def _s3_key(self, key: str) -> str:
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    @property
+    def s3(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self._endpoint_url)
+        return self._client
+
+    # -- operations -------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        if self.scheme == "file":
+            return (self._root / key).is_file()
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=self._bucket, Key=self._s3_key(key))
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreError(f"cannot reach {self.uri(key)}: {error}") from error
+
+    def put_file(self, local: str | Path, key: str) -> str:
+        if self.scheme == "file":
+            target = self._root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            os.close(fd)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+        else:
+            try:
+                self.s3.upload_file(str(local), self._bucket, self._s3_key(key))
+            except Exception as error:  # boto3 raises several unrelated types
+                raise StoreError(f"cannot upload to {self.uri(key)}: {error}") from error
+        return self.uri(key)
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        with tempfile.NamedTemporaryFile() as handle:
+            handle.write(data)
+            handle.flush()
+            return self.put_file(handle.name, key)
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if self.scheme == "file":
+            source = self._root / key
+            if not source.is_file():
+                raise StoreError(f"{self.uri(key)} does not exist")
+            shutil.copyfile(source, local)
+        else:
+            try:
+                self.s3.download_file(self._bucket, self._s3_key(key), str(local))
+            except Exception as error:
+                raise StoreError(f"cannot download {self.uri(key)}: {error}") from error
+        return local
+
+    def read_bytes(self, key: str) -> bytes:
+        if self.scheme == "file":
+            try:
+                return (self._root / key).read_bytes()
+            except OSError as error:
+                raise StoreError(f"cannot read {self.uri(key)}: {error.strerror}") from error
+        try:
+            return self.s3.get_object(Bucket=self._bucket, Key=self._s3_key(key))["Body"].read()
+        except Exception as error:
+            raise StoreError(f"cannot read {self.uri(key)}: {error}") from error
+
+    def local_path(self, key: str) -> Path | None:
+        """The file itself for a local store (no copy), None for remote stores."""
+        return self._root / key if self.scheme == "file" else None
+
+    def fetch(self, key: str, cache_dir: Path) -> Path:
+        """A readable local path for a key: the file itself, or a cached download."""
+        local = self.local_path(key)
+        if local is not None:
+            if not local.is_file():
+                raise StoreError(f"{self.uri(key)} does not exist")
+            return local
+        target = cache_dir / key
+        if not target.is_file():
+            self.get_file(key, target)
+        return target

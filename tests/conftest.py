@@ -1,0 +1,93 @@
+"""Test session set-up: one fresh state folder and an embedded Airflow for the whole session.
+
+The environment is set before anything imports Airflow, MLflow or the pipelines settings,
+so no test touches the user's own `.edge-state`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="edge-test-"))
+STATE = SESSION_DIR / "state"
+
+os.environ.update({
+    "EDGE_STATE_DIR": str(STATE),
+    "AIRFLOW_HOME": str(STATE / "airflow"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+})
+os.environ.pop("EDGE_SPECS_DIR", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+    else:
+        print(f"\nstate of the failed session kept in {SESSION_DIR}")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The session's Airflow metadata database (SQLite), migrated once."""
+    home = STATE / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return home / "airflow.db"
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch) -> Path:
+    """A private state folder for one test (stores, MLflow, GitOps remote)."""
+    folder = tmp_path / "state"
+    monkeypatch.setenv("EDGE_STATE_DIR", str(folder))
+    return folder
+
+
+def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
+    """A small tabular spec (logistic regression) for fast release tests."""
+    import yaml
+
+    spec = {
+        "name": name, "owner": "tests@example.com",
+        "data": {"source": data_source, "target": "label", "features": ["x1", "x2", "colour"],
+                 "sensitiveFeatures": ["group"],
+                 "validation": {"maxNullShare": 0.05, "minRows": 50, "ranges": {"x1": [-10, 10]}}},
+        "training": {"framework": "sklearn", "estimator": "logistic_regression", "seed": 1},
+        "export": {"opset": 17, "quantization": ["dynamic"], "accuracyBudget": 0.02},
+        "finops": {"costCenter": "cc-1", "project": "tests", "monthlyBudgetUsd": 10},
+        "targets": [{"name": "phones", "selector": {"matchLabels": {"apexlogic.dev/device-class": "phone"}}}],
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def tabular_frame(rows: int = 400, seed: int = 0):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=rows)
+    x2 = rng.normal(size=rows)
+    colour = rng.choice(["red", "green", "blue"], size=rows)
+    label = ((x1 + 0.5 * x2 + (colour == "red")) > 0.3).astype(int)
+    return pd.DataFrame({"x1": x1, "x2": x2, "colour": colour,
+                         "group": rng.choice(["a", "b"], size=rows), "label": label})
