@@ -12,6 +12,8 @@ while Airflow parses DAGs, stays cheap.
 
 from __future__ import annotations
 
+import logging
+
 import argparse
 import gc
 import json
@@ -147,7 +149,26 @@ def _has_conv(path: Path) -> bool:
     return any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
 
 
+class _DropUntypedTensorNotes(logging.Filter):
+    """onnxruntime's quantizer logs one root warning per tensor of an ai.onnx.ml graph it
+    cannot type; they are expected there and drown the task log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed to infer the type of tensor")
+
+
 def _quantize(
+    mode: str, src: Path, dst: Path, calibration_feeds: Sequence[dict[str, np.ndarray]]
+) -> None:
+    quiet = _DropUntypedTensorNotes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        _quantize_unfiltered(mode, src, dst, calibration_feeds)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _quantize_unfiltered(
     mode: str, src: Path, dst: Path, calibration_feeds: Sequence[dict[str, np.ndarray]]
 ) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType

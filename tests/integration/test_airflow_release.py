@@ -1,0 +1,87 @@
+"""Real Airflow DAG runs (`dag.test()`, in-process, SQLite) on the embedded services.
+
+One pytest session: the first `dag.test()` pays for Airflow's in-process API (~15 s).
+"""
+
+import subprocess
+
+import pytest
+
+from conftest import ROOT, tabular_frame, write_spec
+from pipelines import registry
+from pipelines.gitops import manifest
+from pipelines.settings import Settings
+from pipelines.storage import sha256_file
+
+pytestmark = pytest.mark.integration
+
+
+def _bag(monkeypatch, specs_dir=None):
+    from airflow.dag_processing.dagbag import DagBag
+
+    if specs_dir is not None:
+        monkeypatch.setenv("EDGE_SPECS_DIR", str(specs_dir))
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors
+    return bag
+
+
+def _git(remote, *args) -> str:
+    return subprocess.run(["git", "--git-dir", str(remote), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _states(run) -> dict[str, str]:
+    return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in run.get_task_instances()}
+
+
+def test_adult_income_release_dag_end_to_end(airflow_db, monkeypatch):
+    settings = Settings()
+    dag = _bag(monkeypatch).dags["edge_release__adult-income"]
+    run = dag.test()
+    assert str(getattr(run.state, "value", run.state)) == "success", _states(run)
+
+    base = "apps/adult-income/base/mobileaimodeldeployment.yaml"
+    doc = manifest.read_manifest(_git(settings.remote, "show", f"main:{base}"))
+    checksum = manifest.manifest_checksum(doc)
+    artifact = doc["spec"]["modelRef"]["sourceUri"].removeprefix("file://")
+    assert sha256_file(artifact) == checksum
+    version = doc["spec"]["modelRef"]["version"]
+    assert registry.model_file_sha256(settings.tracking_uri, "adult-income", version) == checksum
+    mlflow_client = registry.client(settings.tracking_uri)
+    assert str(mlflow_client.get_model_version_by_alias("adult-income", "candidate").version) == version
+    tags = mlflow_client.get_model_version("adult-income", version).tags
+    assert tags["artifact_sha256"] == checksum and tags["trigger"].startswith("manual")
+    assert {"data_sha256", "spec_sha256", "code_digest", "code_revision", "version.onnxruntime"} <= set(tags)
+    for overlay in ("android-tablets", "branch-kiosks"):
+        assert f"apps/adult-income/overlays/{overlay}/kustomization.yaml" in _git(
+            settings.remote, "ls-tree", "-r", "--name-only", "main")
+
+    commits = _git(settings.remote, "rev-list", "--count", "main")
+    again = dag.test()
+    assert str(getattr(again.state, "value", again.state)) == "success", _states(again)
+    assert _git(settings.remote, "rev-list", "--count", "main") == commits
+    assert [str(v.version) for v in mlflow_client.search_model_versions("name = 'adult-income'")] == [version]
+
+
+@pytest.mark.parametrize("breakage", ["missing-column", "too-many-nulls"])
+def test_bad_data_stops_the_dag_at_validate_data(airflow_db, monkeypatch, tmp_path, breakage):
+    settings = Settings()
+    frame = tabular_frame()
+    if breakage == "missing-column":
+        frame = frame.drop(columns=["colour"])
+    else:
+        frame.loc[:200, "x1"] = None
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    name = f"broken-{breakage}"
+    write_spec(tmp_path, name, "data.csv")
+    dag = _bag(monkeypatch, tmp_path).dags[f"edge_release__{name}"]
+    run = dag.test()
+    states = _states(run)
+    assert str(getattr(run.state, "value", run.state)) == "failed"
+    assert states["validate_data"] == "failed"
+    assert all(states[t] == "upstream_failed" for t in ("train", "register", "publish", "commit"))
+    assert not (settings.state / "artifacts" / "models" / name).exists()
+    assert registry.find_version(registry.client(settings.tracking_uri), name, "any") is None
+    if (settings.state / "gitops.git").exists():
+        assert name not in _git(settings.remote, "ls-tree", "-r", "--name-only", "main")

@@ -1,0 +1,65 @@
+"""DAG integrity and policy: parse cleanly, one DAG per spec, no heavy imports at parse time."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, write_spec
+
+HEAVY = ["torch", "onnx", "onnxruntime", "mlflow", "evidently", "fairlearn", "great_expectations",
+         "sklearn", "pandas"]
+
+
+def _bag(specs_dir: Path | None = None, monkeypatch=None):
+    from airflow.dag_processing.dagbag import DagBag
+
+    if specs_dir is not None:
+        monkeypatch.setenv("EDGE_SPECS_DIR", str(specs_dir))
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+def test_dagbag_has_no_import_errors_and_one_dag_per_spec():
+    bag = _bag()
+    assert bag.import_errors == {}
+    specs = {p.stem for p in (ROOT / "model_specs").glob("*.yaml")}
+    assert {f"edge_release__{s}" for s in specs} <= set(bag.dag_ids)
+
+
+def test_release_dag_shape():
+    dag = _bag().dags["edge_release__adult-income"]
+    assert [t.task_id for t in dag.topological_sort()][:1] == ["validate_data"]
+    assert {t.task_id for t in dag.tasks} == {"validate_data", "train", "export", "quantize", "register",
+                                              "publish", "commit", "summarize"}
+    assert dag.max_active_runs == 1
+    assert dag.get_task("register").retries == 3 and dag.get_task("publish").retries == 3
+    assert dag.get_task("commit").retries == 3 and dag.get_task("train").retries == 0
+    assert dag.get_task("commit").upstream_task_ids >= {"publish", "register"}
+    assert "reason" in dag.params
+    assert dag.timetable.expression == "0 3 * * 1"
+
+
+def test_parsing_the_dag_file_imports_no_heavy_library():
+    probe = (
+        "import sys, json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(ROOT / 'dags')!r})\n"
+        "assert not bag.import_errors, bag.import_errors\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_an_invalid_spec_gets_a_failing_dag_and_spares_the_others(tmp_path, monkeypatch):
+    write_spec(tmp_path, "good-model", "data.csv")
+    write_spec(tmp_path, "bad-model", "data.csv", finops={"costCenter": "cc-1", "project": "p",
+                                                          "monthlyBudgetUsd": -3})
+    bag = _bag(tmp_path, monkeypatch)
+    assert bag.import_errors == {}
+    assert {"edge_release__good-model", "edge_release__bad-model"} <= set(bag.dag_ids)
+    bad = bag.dags["edge_release__bad-model"]
+    assert [t.task_id for t in bad.tasks] == ["spec_is_invalid"]
+    assert "finops.monthlyBudgetUsd" in bad.description
