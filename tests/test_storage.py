@@ -1,0 +1,84 @@
+"""The artifact store on a local folder and on S3 over real HTTP (moto's server)."""
+
+import hashlib
+import socket
+
+import boto3
+import pytest
+
+from conftest import tabular_frame, write_spec
+from pipelines import release
+from pipelines.gitops import manifest
+from pipelines.settings import Settings
+from pipelines.storage import ObjectStore, StoreError
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(monkeypatch, s3_endpoint):
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAEDGETEST", "AWS_SECRET_ACCESS_KEY": "edge-test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    return client
+
+
+def test_local_store_round_trip(tmp_path):
+    store = ObjectStore((tmp_path / "store").as_uri())
+    uri = store.put_bytes(b"hello", "a/b.txt")
+    assert store.exists("a/b.txt") and not store.exists("a/c.txt")
+    assert store.key_of(uri) == "a/b.txt"
+    assert store.read_bytes("a/b.txt") == b"hello"
+    assert not list((tmp_path / "store" / "a").glob(".*")), "no temporary files left behind"
+    with pytest.raises(StoreError, match="does not exist"):
+        store.get_file("missing", tmp_path / "x")
+    with pytest.raises(StoreError, match="unsupported artifact store URL"):
+        ObjectStore("ftp://host/x")
+
+
+def test_s3_store_round_trip(aws, s3_endpoint, tmp_path):
+    aws.create_bucket(Bucket="roundtrip")
+    store = ObjectStore("s3://roundtrip/prefix", endpoint_url=s3_endpoint)
+    uri = store.put_bytes(b"payload", "k/v.bin")
+    assert uri == "s3://roundtrip/prefix/k/v.bin"
+    assert aws.get_object(Bucket="roundtrip", Key="prefix/k/v.bin")["Body"].read() == b"payload"
+    assert store.exists("k/v.bin") and not store.exists("k/none")
+    assert store.fetch("k/v.bin", tmp_path).read_bytes() == b"payload"
+
+
+def test_release_with_data_and_artifacts_on_s3(aws, s3_endpoint, tmp_path, state, monkeypatch):
+    aws.create_bucket(Bucket="edge-artifacts")
+    aws.create_bucket(Bucket="edge-data")
+    frame_path = tmp_path / "upload.csv"
+    tabular_frame().to_csv(frame_path, index=False)
+    aws.upload_file(str(frame_path), "edge-data", "tables/small.csv")
+    monkeypatch.setenv("EDGE_ARTIFACT_STORE", "s3://edge-artifacts/releases")
+    monkeypatch.setenv("EDGE_S3_ENDPOINT_URL", s3_endpoint)
+    spec = write_spec(tmp_path, "s3-model", "s3://edge-data/tables/small.csv")
+
+    summary = release.run_release(spec, trigger="test")
+
+    assert summary.artifact_uri.startswith("s3://edge-artifacts/releases/models/s3-model/")
+    key = summary.artifact_uri.removeprefix("s3://edge-artifacts/")
+    body = aws.get_object(Bucket="edge-artifacts", Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == summary.artifact_sha256
+    import subprocess
+
+    text = subprocess.run(["git", "--git-dir", Settings().remote, "show",
+                           "main:apps/s3-model/base/mobileaimodeldeployment.yaml"],
+                          capture_output=True, text=True, check=True).stdout
+    assert manifest.read_manifest(text)["spec"]["modelRef"]["sourceUri"] == summary.artifact_uri
+    assert "edge-test-secret" not in text
+    assert not (Settings().state / "artifacts").exists(), "nothing went to the local store"
