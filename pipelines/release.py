@@ -117,6 +117,15 @@ def _check_same_inputs(ctx: Context, data: DataCheck) -> None:
         )
 
 
+def _resume(spec_path: str | Path, data: DataCheck, name: str, kind: type[R],
+            settings: Settings | None) -> tuple[Context, R | None]:
+    """A stage's context, and its stored output (marked reused) when this release has one."""
+    ctx = context(spec_path, settings)
+    _check_same_inputs(ctx, data)
+    cached = ctx.load_record(data.release_key, name, kind)
+    return ctx, (cached.model_copy(update={"reused": True}) if cached is not None else None)
+
+
 def release_key(data_sha256: str, spec_sha256: str) -> str:
     return hashlib.sha256(f"{data_sha256}:{spec_sha256}:{code_digest()}".encode()).hexdigest()
 
@@ -195,11 +204,9 @@ def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = No
     """Fit the spec's model on the training split; metrics on the held-out split."""
     from pipelines import training
 
-    ctx = context(spec_path, settings)
-    _check_same_inputs(ctx, data)
-    cached = ctx.load_record(data.release_key, "train.json", TrainedModel)
+    ctx, cached = _resume(spec_path, data, "train.json", TrainedModel, settings)
     if cached is not None:
-        return cached.model_copy(update={"reused": True})
+        return cached
 
     parts = _splits(ctx, data)
     fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]))
@@ -221,11 +228,9 @@ def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
     from pipelines import training
     from pipelines.onnx import export as onnx_export
 
-    ctx = context(spec_path, settings)
-    _check_same_inputs(ctx, data)
-    cached = ctx.load_record(data.release_key, "export.json", ExportedModel)
+    ctx, cached = _resume(spec_path, data, "export.json", ExportedModel, settings)
     if cached is not None:
-        return cached.model_copy(update={"reused": True})
+        return cached
 
     parts = _splits(ctx, data)
     native = training.load(trained.framework, ctx.fetch(trained.model_uri))
@@ -260,11 +265,9 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
     from pipelines.onnx import export as onnx_export
     from pipelines.onnx.quantize import quantize_candidates
 
-    ctx = context(spec_path, settings)
-    _check_same_inputs(ctx, data)
-    cached = ctx.load_record(data.release_key, "quantization.json", QuantizationPlan)
+    ctx, cached = _resume(spec_path, data, "quantization.json", QuantizationPlan, settings)
     if cached is not None:
-        return cached.model_copy(update={"reused": True})
+        return cached
 
     parts = _splits(ctx, data)
     fp32 = ctx.fetch(exported.uri)
