@@ -50,6 +50,20 @@ def _trigger() -> str:
     return f"{run_type}: {reason}" if reason else str(run_type)
 
 
+def _approval():
+    """The person's decision on a manual release, from the approval task's XCom (or None)."""
+    from pipelines.records import Approval
+
+    answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release")
+    if not answer:
+        return None
+    user = answer.get("responded_by_user") or {}
+    return Approval(approved=answer["chosen_options"] == ["Approve"],
+                    by=user.get("name") or user.get("id") or "unknown",
+                    at=str(answer.get("responded_at")),
+                    comment=(answer.get("params_input") or {}).get("comment", ""))
+
+
 def build_release_dag(spec_path: Path):
     spec = load_spec(spec_path)
     path = str(spec_path)
@@ -106,38 +120,124 @@ def build_release_dag(spec_path: Path):
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 ExportedModel.model_validate(exported), QuantizationPlan.model_validate(plan), trigger=_trigger()))
 
+        @task
+        def quality_gate(data: dict, plan: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
+
+            return _stage("quality_gate", lambda: stages.quality_gate(
+                path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
+                RegisteredVersion.model_validate(registered)))
+
+        @task
+        def fairness_gate(data: dict, plan: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
+
+            return _stage("fairness_gate", lambda: stages.fairness_gate(
+                path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
+                RegisteredVersion.model_validate(registered)))
+
+        @task
+        def parity_gate(data: dict, plan: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
+
+            return _stage("parity_gate", lambda: stages.parity_gate(
+                path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
+                RegisteredVersion.model_validate(registered)))
+
+        @task
+        def drift_gate(data: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, RegisteredVersion
+
+            return _stage("drift_gate", lambda: stages.drift_gate(
+                path, DataCheck.model_validate(data), RegisteredVersion.model_validate(registered)))
+
+        @task
+        def explain(data: dict, plan: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
+
+            return _stage("explain", lambda: stages.explain(
+                path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
+                RegisteredVersion.model_validate(registered)))
+
+        @task
+        def model_card(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, explanation: dict):
+            from pipelines.gates import stages
+            from pipelines.records import (DataCheck, Explanation, GateVerdict, QuantizationPlan,
+                                           RegisteredVersion, TrainedModel)
+
+            return _stage("model_card", lambda: stages.model_card(
+                path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
+                QuantizationPlan.model_validate(plan), RegisteredVersion.model_validate(registered),
+                [GateVerdict.model_validate(v) for v in verdicts], Explanation.model_validate(explanation)))
+
+        @task.branch
+        def decide(verdicts: list, card: dict, plan: dict, registered: dict):
+            """Release, ask a person, or reject (then nothing downstream runs but the summary)."""
+            from pipelines.gates import stages
+            from pipelines.records import GateVerdict, ModelCard, QuantizationPlan, RegisteredVersion
+
+            records = [GateVerdict.model_validate(v) for v in verdicts]
+            decision = stages.decide(path, records)
+            ti = get_current_context()["ti"]
+            ti.xcom_push(key="decision", value=decision.to_xcom())
+            if decision.outcome == "await_approval":
+                ti.xcom_push(key="approval_body", value=stages.approval_body(
+                    spec.name, RegisteredVersion.model_validate(registered).version, records,
+                    ModelCard.model_validate(card), QuantizationPlan.model_validate(plan)))
+                return "approve_release"
+            return "publish" if decision.outcome == "release" else None
+
         @task(**IO_RETRIES)
-        def publish(registered: dict, plan: dict):
+        def publish(registered: dict, plan: dict, card: dict):
             from pipelines import release as stages
-            from pipelines.records import QuantizationPlan, RegisteredVersion
+            from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
             return _stage("publish", lambda: stages.publish(
-                path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan)))
+                path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan),
+                ModelCard.model_validate(card)))
 
         @task(**IO_RETRIES)
-        def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict):
+        def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list):
             from pipelines import release as stages
-            from pipelines.records import (DataCheck, PublishedArtifact, QuantizationPlan,
+            from pipelines.records import (DataCheck, GateVerdict, PublishedArtifact, QuantizationPlan,
                                            RegisteredVersion, TrainedModel)
 
             return _stage("commit", lambda: stages.commit(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 RegisteredVersion.model_validate(registered), PublishedArtifact.model_validate(published),
-                QuantizationPlan.model_validate(plan)))
+                QuantizationPlan.model_validate(plan), [GateVerdict.model_validate(v) for v in verdicts],
+                _approval()))
 
-        @task
-        def summarize(data: dict, trained: dict, plan: dict, registered: dict, published: dict, committed: dict):
+        @task(trigger_rule="none_failed_min_one_success")
+        def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict):
+            """The outcome: released, rejected (which gate, why) or waiting; tagged in MLflow."""
             from pipelines import release as stages
-            from pipelines.records import (DataCheck, GitOpsCommit, PublishedArtifact, QuantizationPlan,
-                                           RegisteredVersion, TrainedModel)
+            from pipelines.records import (DataCheck, Decision, GateVerdict, GitOpsCommit, ModelCard,
+                                           PublishedArtifact, QuantizationPlan, RegisteredVersion, TrainedModel)
 
             ti = get_current_context()["ti"]
-            seconds = {name: ti.xcom_pull(task_ids=name, key="seconds") for name in stages.STAGES}
+            published, committed = ti.xcom_pull(task_ids="publish"), ti.xcom_pull(task_ids="commit")
+            names = [*stages.STAGES]
+            seconds = {name: ti.xcom_pull(task_ids=name, key="seconds") for name in names}
             summary = stages.summarize(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 QuantizationPlan.model_validate(plan), RegisteredVersion.model_validate(registered),
-                PublishedArtifact.model_validate(published), GitOpsCommit.model_validate(committed),
+                [GateVerdict.model_validate(v) for v in verdicts],
+                Decision.model_validate(ti.xcom_pull(task_ids="decide", key="decision")),
+                PublishedArtifact.model_validate(published) if published else None,
+                GitOpsCommit.model_validate(committed) if committed else None,
+                ModelCard.model_validate(card), _approval(),
                 {k: v for k, v in seconds.items() if v is not None}, _trigger())
+            if summary.status == "released":
+                print(f"RELEASED {summary.model} v{summary.model_version}: commit {summary.gitops_commit}")
+            else:
+                print(f"{summary.status.upper()} {summary.model} v{summary.model_version}: "
+                      + "; ".join(summary.reasons))
             return summary.to_xcom()
 
         data = validate_data()
@@ -145,9 +245,26 @@ def build_release_dag(spec_path: Path):
         exported = export(data, trained)
         plan = quantize(data, exported)
         registered = register(data, trained, exported, plan)
-        published = publish(registered, plan)
-        committed = commit(data, trained, registered, published, plan)
-        summarize(data, trained, plan, registered, published, committed)
+        verdicts = [quality_gate(data, plan, registered), fairness_gate(data, plan, registered),
+                    parity_gate(data, plan, registered), drift_gate(data, registered)]
+        explanation = explain(data, plan, registered)
+        card = model_card(data, trained, plan, registered, verdicts, explanation)
+        decision = decide(verdicts, card, plan, registered)
+        published = publish(registered, plan, card)
+        if spec.approval.mode == "manual":
+            from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+            approval = ApprovalOperator(
+                task_id="approve_release",
+                subject=f"Release {spec.name}? All gates passed",
+                body="{{ ti.xcom_pull(task_ids='decide', key='approval_body') }}",
+            )
+            decision >> approval >> published
+        else:
+            decision >> published
+        committed = commit(data, trained, registered, published, plan, verdicts)
+        summary = summarize(data, trained, plan, registered, verdicts, card)
+        committed >> summary
 
     return release()
 

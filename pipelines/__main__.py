@@ -16,17 +16,34 @@ from pipelines.specs import SpecError
 
 def _table(summary) -> str:
     """The release summary as a readable table."""
+    status = {"released": "RELEASED", "rejected": "REJECTED: nothing was committed",
+              "awaiting_approval": "WAITING FOR APPROVAL: nothing committed yet"}[summary.status]
     lines = [
-        f"Release of {summary.model}",
+        f"Release of {summary.model}: {status}",
         f"  model version   {summary.model_version}  (MLflow run {summary.run_id})",
-        f"  artifact        {summary.artifact_uri}",
+        f"  artifact        {summary.artifact_uri or '(not published)'}",
         f"  sha256          {summary.artifact_sha256}",
-        f"  gitops commit   {summary.gitops_commit}" + ("" if summary.gitops_commit_created else "  (unchanged: already released)"),
+    ]
+    if summary.gitops_commit:
+        lines.append(f"  gitops commit   {summary.gitops_commit}"
+                     + ("" if summary.gitops_commit_created else "  (unchanged: already released)"))
+    if summary.model_card_uri:
+        lines.append(f"  model card      {summary.model_card_uri}")
+    if summary.approval:
+        verb = "approved" if summary.approval.approved else "rejected"
+        lines.append(f"  approval        {verb} by {summary.approval.by} at {summary.approval.at}")
+    lines += [
         f"  trigger         {summary.trigger}",
         "  metrics         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())),
-        "",
-        "  variant   size (bytes)   accuracy   Δ vs fp32   p50 ms   p95 ms   eligible",
     ]
+    if summary.reasons:
+        lines += ["", "  why not released:"] + [f"    - {reason}" for reason in summary.reasons]
+    if summary.verdicts:
+        lines += ["", "  gate                  result   reason"]
+        for v in summary.verdicts:
+            result = "waived" if v.waived else ("pass" if v.passed else "FAIL")
+            lines.append(f"  {v.gate:<21} {result:<8} {v.reason}")
+    lines += ["", "  variant   size (bytes)   accuracy   Δ vs fp32   p50 ms   p95 ms   eligible"]
     for c in summary.quantization.candidates:
         mark = "*" if c.variant == summary.quantization.chosen else " "
         lines.append(
@@ -47,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     release.add_argument("spec", type=Path, help="path to a model spec YAML file")
     release.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     release.add_argument("--trigger", default="cli", help="what started the release (recorded in MLflow)")
+    release.add_argument("--approve-as", metavar="NAME", default=None,
+                         help="approve a release whose spec asks for manual approval, as NAME")
     check = commands.add_parser("validate-spec", help="validate model spec files")
     check.add_argument("specs", type=Path, nargs="+")
     summary = commands.add_parser("summary", help="print the latest release summary of a model")
@@ -64,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "release":
             from pipelines.release import run_release
 
-            result = run_release(args.spec, trigger=args.trigger)
+            approval = None
+            if args.approve_as:
+                from datetime import datetime, timezone
+
+                from pipelines.records import Approval
+
+                approval = Approval(approved=True, by=args.approve_as, at=datetime.now(timezone.utc).isoformat(
+                    timespec="seconds"), comment="approved on the command line")
+            result = run_release(args.spec, trigger=args.trigger, approval=approval)
             print(result.model_dump_json() if args.json else _table(result))
         elif args.command == "validate-spec":
             from pipelines.specs import load_spec

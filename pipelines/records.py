@@ -87,11 +87,61 @@ class RegisteredVersion(Record):
     created: bool
 
 
+Figure = float | int | str | bool | None
+
+
+class GateVerdict(Record):
+    """One gate's decision: what was required, what was seen, where the evidence is."""
+
+    gate: str
+    passed: bool
+    waived: bool = False
+    thresholds: dict[str, Figure] = Field(default_factory=dict)
+    observed: dict[str, Figure] = Field(default_factory=dict)
+    evidence: dict[str, str] = Field(default_factory=dict, description="Evidence name -> URI.")
+    reason: str
+
+    def brief(self) -> dict:
+        """What the manifest carries."""
+        return {"gate": self.gate, "passed": self.passed, "waived": self.waived, "reason": self.reason}
+
+
+class Explanation(Record):
+    method: str
+    importances: dict[str, float] = Field(default_factory=dict, description="Feature -> mean drop in accuracy.")
+    evidence: dict[str, str] = Field(default_factory=dict)
+    note: str = ""
+
+
+class ModelCard(Record):
+    json_uri: str
+    html_uri: str
+    sha256: str = Field(description="sha256 of the JSON card.")
+
+
+class Decision(Record):
+    """What the verdicts mean for this release."""
+
+    outcome: Literal["release", "await_approval", "reject"]
+    failed_gates: list[str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)
+
+
+class Approval(Record):
+    approved: bool
+    by: str
+    at: str
+    comment: str = ""
+
+
 class PublishedArtifact(Record):
     uri: str
     sha256: str
     size_bytes: int
     uploaded: bool
+    model_card_uri: str | None = None
+    model_card_html_uri: str | None = None
+    model_card_sha256: str | None = None
 
 
 class GitOpsCommit(Record):
@@ -105,13 +155,18 @@ class GitOpsCommit(Record):
 class ReleaseSummary(Record):
     model: str
     model_version: str
+    status: Literal["released", "rejected", "awaiting_approval"]
+    reasons: list[str] = Field(default_factory=list, description="Why a release was not committed.")
     release_key: str
     run_id: str
     trigger: str
-    artifact_uri: str
+    artifact_uri: str | None
     artifact_sha256: str
-    gitops_commit: str
+    gitops_commit: str | None
     gitops_commit_created: bool
     quantization: QuantizationPlan
     metrics: dict[str, float]
+    verdicts: list[GateVerdict] = Field(default_factory=list)
+    approval: Approval | None = None
+    model_card_uri: str | None = None
     stages: dict[str, float]

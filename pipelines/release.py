@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipelines.records import (
+    Approval,
     DataCheck,
+    Decision,
+    GateVerdict,
+    ModelCard,
     ExportedModel,
     GitOpsCommit,
     PublishedArtifact,
@@ -34,125 +38,16 @@ from pipelines.records import (
     ReleaseSummary,
     TrainedModel,
 )
-from pipelines.settings import PROJECT_ROOT, Settings, get_settings
-from pipelines.specs import ModelSpec, load_spec, spec_dir
+from pipelines.context import (Context, DataValidationError, ReleaseError, check_same_inputs, code_digest,
+                               code_revision, context, release_key, resume, splits)
+from pipelines.settings import Settings, get_settings
+from pipelines.specs import spec_dir
 from pipelines.storage import ObjectStore, StoreError, sha256_file
 
 log = logging.getLogger(__name__)
-R = TypeVar("R", bound=Record)
 
-STAGES = ("validate_data", "train", "export", "quantize", "register", "publish", "commit")
-
-
-class ReleaseError(RuntimeError):
-    """A stage cannot go on: bad data, an unfaithful export, a changed input. Not retried."""
-
-
-class DataValidationError(ReleaseError):
-    """The data failed its expectations."""
-
-
-@functools.cache
-def code_digest() -> str:
-    """sha256 over the domain library's source: a release key changes when the code does."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-@functools.cache
-def code_revision() -> str:
-    """The Git revision of the project, when it runs from a checkout ('unknown' otherwise)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipelines"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return f"{sha}{'-dirty' if dirty else ''}"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-@dataclass
-class Context:
-    """What every stage needs: the validated spec, where it came from, and the environment."""
-
-    spec: ModelSpec
-    spec_path: Path
-    settings: Settings
-    store: ObjectStore
-
-    def run_key(self, release_key: str, name: str) -> str:
-        return f"runs/{self.spec.name}/{release_key}/{name}"
-
-    def load_record(self, release_key: str, name: str, kind: type[R]) -> R | None:
-        key = self.run_key(release_key, name)
-        if not self.store.exists(key):
-            return None
-        return kind.model_validate_json(self.store.read_bytes(key))
-
-    def save_record(self, release_key: str, name: str, record: R) -> R:
-        self.store.put_bytes(record.model_dump_json(indent=2, by_alias=True).encode(), self.run_key(release_key, name))
-        return record
-
-    def fetch(self, uri: str) -> Path:
-        return self.store.fetch(self.store.key_of(uri), self.settings.work_dir / "cache")
-
-
-def context(spec_path: str | Path, settings: Settings | None = None) -> Context:
-    settings = settings or get_settings()
-    return Context(load_spec(spec_path), Path(spec_path), settings,
-                   ObjectStore(settings.store_url, settings.s3_endpoint_url))
-
-
-def _check_same_inputs(ctx: Context, data: DataCheck) -> None:
-    key = release_key(data.sha256, ctx.spec.digest())
-    if key != data.release_key:
-        raise ReleaseError(
-            f"{ctx.spec_path}: the spec or the code changed after validate_data ran "
-            f"(release key {key[:12]} != {data.release_key[:12]}); start a new release"
-        )
-
-
-def _resume(spec_path: str | Path, data: DataCheck, name: str, kind: type[R],
-            settings: Settings | None) -> tuple[Context, R | None]:
-    """A stage's context, and its stored output (marked reused) when this release has one."""
-    ctx = context(spec_path, settings)
-    _check_same_inputs(ctx, data)
-    cached = ctx.load_record(data.release_key, name, kind)
-    return ctx, (cached.model_copy(update={"reused": True}) if cached is not None else None)
-
-
-def release_key(data_sha256: str, spec_sha256: str) -> str:
-    return hashlib.sha256(f"{data_sha256}:{spec_sha256}:{code_digest()}".encode()).hexdigest()
-
-
-# -- data ------------------------------------------------------------------------------------
-def _load_snapshot(ctx: Context, data: DataCheck):
-    import pandas as pd
-
-    frame = pd.read_parquet(ctx.fetch(data.snapshot_uri))
-    return frame
-
-
-def _splits(ctx: Context, data: DataCheck):
-    """Train and test rows, features prepared, targets as class indices; deterministic."""
-    from pipelines.data import prepare_features, split
-
-    frame = _load_snapshot(ctx, data)
-    target = ctx.spec.data.target
-    classes = sorted(frame[target].unique().tolist())
-    index = {c: i for i, c in enumerate(classes)}
-    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed)
-    return {
-        "classes": [str(c) for c in classes],
-        "train": train, "test": test,
-        "x_train": prepare_features(train, data.features), "y_train": train[target].map(index).to_numpy(),
-        "x_test": prepare_features(test, data.features), "y_test": test[target].map(index).to_numpy(),
-    }
+STAGES = ("validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate",
+          "parity_gate", "drift_gate", "explain", "model_card", "decide", "publish", "commit")
 
 
 def validate_data(spec_path: str | Path, settings: Settings | None = None) -> DataCheck:
@@ -204,11 +99,11 @@ def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = No
     """Fit the spec's model on the training split; metrics on the held-out split."""
     from pipelines import training
 
-    ctx, cached = _resume(spec_path, data, "train.json", TrainedModel, settings)
+    ctx, cached = resume(spec_path, data, "train.json", TrainedModel, settings)
     if cached is not None:
         return cached
 
-    parts = _splits(ctx, data)
+    parts = splits(ctx, data)
     fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]))
     metrics = training.classification_metrics(training.predict_proba(fitted.model, parts["x_test"]), parts["y_test"])
     suffix = "joblib" if fitted.framework == "sklearn" else "pt"
@@ -228,11 +123,11 @@ def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
     from pipelines import training
     from pipelines.onnx import export as onnx_export
 
-    ctx, cached = _resume(spec_path, data, "export.json", ExportedModel, settings)
+    ctx, cached = resume(spec_path, data, "export.json", ExportedModel, settings)
     if cached is not None:
         return cached
 
-    parts = _splits(ctx, data)
+    parts = splits(ctx, data)
     native = training.load(trained.framework, ctx.fetch(trained.model_uri))
     tolerance = ctx.spec.export.parity
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,11 +160,11 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
     from pipelines.onnx import export as onnx_export
     from pipelines.onnx.quantize import quantize_candidates
 
-    ctx, cached = _resume(spec_path, data, "quantization.json", QuantizationPlan, settings)
+    ctx, cached = resume(spec_path, data, "quantization.json", QuantizationPlan, settings)
     if cached is not None:
         return cached
 
-    parts = _splits(ctx, data)
+    parts = splits(ctx, data)
     fp32 = ctx.fetch(exported.uri)
     sess = onnx_export.session(fp32)
     calibration_rows = parts["x_train"].sample(
@@ -316,13 +211,13 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
     from pipelines.onnx import export as onnx_export
 
     ctx = context(spec_path, settings)
-    _check_same_inputs(ctx, data)
+    check_same_inputs(ctx, data)
     spec = ctx.spec
     chosen = plan.chosen_candidate
     onnx_path = ctx.fetch(chosen.uri)
     if sha256_file(onnx_path) != chosen.sha256:
         raise ReleaseError(f"{chosen.uri}: sha256 differs from the quantization record")
-    parts = _splits(ctx, data)
+    parts = splits(ctx, data)
     example = parts["x_test"].head(5)
     if trained.framework == "torch":
         example = example.to_numpy("float32")
@@ -375,32 +270,52 @@ def _redact(uri: str) -> str:
 
 
 def publish(spec_path: str | Path, registered: RegisteredVersion, plan: QuantizationPlan,
-            settings: Settings | None = None) -> PublishedArtifact:
-    """Copy the chosen ONNX file to its content-addressed place in the store and verify it."""
+            card: ModelCard | None = None, settings: Settings | None = None) -> PublishedArtifact:
+    """Copy the chosen ONNX file (and its model card) to their content-addressed place in the
+    store, verify the sha256 of what landed, and write the completion marker last."""
     ctx = context(spec_path, settings)
     chosen = plan.chosen_candidate
-    key = f"models/{ctx.spec.name}/{chosen.sha256}/model.onnx"
+    folder = f"models/{ctx.spec.name}/{chosen.sha256}"
+    uploads = {"model.onnx": (chosen.uri, chosen.sha256)}
+    if card is not None:
+        uploads["model_card.json"] = (card.json_uri, card.sha256)
+        uploads["model_card.html"] = (card.html_uri, None)
     uploaded = False
-    if not ctx.store.exists(key):
-        ctx.store.put_file(ctx.fetch(chosen.uri), key)
-        uploaded = True
     with tempfile.TemporaryDirectory() as tmp:
-        copy = ctx.store.get_file(key, Path(tmp) / "model.onnx")
-        digest, size = sha256_file(copy), copy.stat().st_size
-    if digest != chosen.sha256:
-        raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {chosen.sha256}")
+        for name, (uri, expected) in uploads.items():
+            key = f"{folder}/{name}"
+            if not ctx.store.exists(key):
+                ctx.store.put_file(ctx.fetch(uri), key)
+                uploaded = True
+            if expected is not None:
+                digest = sha256_file(ctx.store.get_file(key, Path(tmp) / name))
+                if digest != expected:
+                    raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {expected}")
+        size = (Path(tmp) / "model.onnx").stat().st_size
     # The marker goes last: a reader that sees it knows the artifact is complete.
     ctx.store.put_bytes(json.dumps({"model": ctx.spec.name, "version": registered.version,
-                                    "sha256": digest, "size_bytes": size, "variant": plan.chosen},
-                                   sort_keys=True).encode(),
-                        f"models/{ctx.spec.name}/{chosen.sha256}/model.json")
-    return PublishedArtifact(uri=ctx.store.uri(key), sha256=digest, size_bytes=size, uploaded=uploaded)
+                                    "sha256": chosen.sha256, "size_bytes": size, "variant": plan.chosen,
+                                    "model_card_sha256": card.sha256 if card else None},
+                                   sort_keys=True).encode(), f"{folder}/model.json")
+    return PublishedArtifact(
+        uri=ctx.store.uri(f"{folder}/model.onnx"), sha256=chosen.sha256, size_bytes=size, uploaded=uploaded,
+        model_card_uri=ctx.store.uri(f"{folder}/model_card.json") if card else None,
+        model_card_html_uri=ctx.store.uri(f"{folder}/model_card.html") if card else None,
+        model_card_sha256=card.sha256 if card else None,
+    )
+
+
+def _verdict_lines(verdicts: list[GateVerdict]) -> str:
+    return "".join(f"  {'waived' if v.waived else 'pass' if v.passed else 'FAIL'}  {v.gate}: {v.reason}\n"
+                   for v in verdicts)
 
 
 def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, registered: RegisteredVersion,
-           published: PublishedArtifact, plan: QuantizationPlan,
-           settings: Settings | None = None) -> GitOpsCommit:
-    """Render the MobileAIModelDeployment and commit it to the GitOps remote."""
+           published: PublishedArtifact, plan: QuantizationPlan, verdicts: list[GateVerdict] = (),
+           approval: Approval | None = None, settings: Settings | None = None) -> GitOpsCommit:
+    """Render the MobileAIModelDeployment, commit it to the GitOps remote, and move the
+    MLflow alias `champion` to this version once the commit has landed."""
+    from pipelines import registry
     from pipelines.gitops import manifest, repo
 
     ctx = context(spec_path, settings)
@@ -410,31 +325,60 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     files = manifest.render_release_files(spec, manifest.ManifestInputs(
         model_version=registered.version, mlflow_run_id=registered.run_id, release_key=data.release_key,
         source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
-        variant=plan.chosen, metrics=trained.metrics,
+        variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
+        model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
     ))
     chosen = plan.chosen_candidate
+    approved = f"Approved by: {approval.by} at {approval.at}{': ' + approval.comment if approval.comment else ''}\n" \
+        if approval else f"Approval: {spec.approval.mode}\n"
     message = (
         f"release({spec.name}): version {registered.version} ({plan.chosen})\n\n"
         f"Model: {spec.name}\nVersion: {registered.version}\nMLflow run: {registered.run_id}\n"
         f"Artifact: {published.uri}\nSHA256: {published.sha256}\nRelease key: {data.release_key}\n"
         f"Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(trained.metrics.items())) + "\n"
         f"Variant: {plan.chosen}, {chosen.size_bytes} bytes, p95 {chosen.latency_p95_ms:.3f} ms on the build host\n"
-        f"Why: {plan.reason}\n"
+        f"Why: {plan.reason}\n" + (f"Gates:\n{_verdict_lines(verdicts)}" if verdicts else "") + approved
     )
-    return repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
-                               settings.work_dir / "gitops")
+    result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
+                                 settings.work_dir / "gitops")
+    registry.mark_version(settings.tracking_uri, spec.name, registered.version,
+                          {"release_status": "released", "gitops_commit": result.commit},
+                          alias=registry.CHAMPION_ALIAS)
+    return result
 
 
 def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
-              registered: RegisteredVersion, published: PublishedArtifact, committed: GitOpsCommit,
-              stages: dict[str, float], trigger: str, settings: Settings | None = None) -> ReleaseSummary:
-    """The release in one record, kept in the store beside the run's other outputs."""
+              registered: RegisteredVersion, verdicts: list[GateVerdict], decision: Decision,
+              published: PublishedArtifact | None, committed: GitOpsCommit | None, card: ModelCard | None,
+              approval: Approval | None, stages: dict[str, float], trigger: str,
+              settings: Settings | None = None) -> ReleaseSummary:
+    """The release's outcome in one record. A version that was not committed is tagged
+    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons."""
+    from pipelines import registry
+
     ctx = context(spec_path, settings)
+    if committed is not None:
+        status, reasons = "released", []
+    elif decision.outcome == "reject":
+        status, reasons = "rejected", decision.reasons
+    elif approval is not None and not approval.approved:
+        status = "rejected"
+        reasons = [f"approval: rejected by {approval.by} at {approval.at}"
+                   + (f": {approval.comment}" if approval.comment else "")]
+    else:
+        status, reasons = "awaiting_approval", ["approval: waiting for a person (the spec asks for manual approval)"]
+    if status != "released":
+        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
+                              {"release_status": status, "release_reasons": " | ".join(reasons)})
+        log.warning("%s v%s %s: %s", ctx.spec.name, registered.version, status.upper(), "; ".join(reasons))
     summary = ReleaseSummary(
-        model=ctx.spec.name, model_version=registered.version, release_key=data.release_key,
-        run_id=registered.run_id, trigger=trigger, artifact_uri=published.uri,
-        artifact_sha256=published.sha256, gitops_commit=committed.commit,
-        gitops_commit_created=committed.created, quantization=plan, metrics=trained.metrics,
+        model=ctx.spec.name, model_version=registered.version, status=status, reasons=reasons,
+        release_key=data.release_key, run_id=registered.run_id, trigger=trigger,
+        artifact_uri=published.uri if published else None, artifact_sha256=plan.chosen_candidate.sha256,
+        gitops_commit=committed.commit if committed else None,
+        gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
+        verdicts=verdicts, approval=approval,
+        model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
         stages={k: round(v, 3) for k, v in stages.items()},
     )
     ctx.save_record(data.release_key, "summary.json", summary)
@@ -449,9 +393,16 @@ def latest_summary(model: str, settings: Settings | None = None) -> ReleaseSumma
     return ReleaseSummary.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
 
 
-def run_release(spec_path: str | Path, trigger: str = "cli", settings: Settings | None = None) -> ReleaseSummary:
-    """Every stage in order, in this process (the CLI's path; the DAG runs the same calls)."""
+def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval | None = None,
+                settings: Settings | None = None) -> ReleaseSummary:
+    """Every stage in order, in this process (the CLI's path; the DAG runs the same calls).
+
+    A spec with manual approval stops before publishing unless `approval` is given (the CLI's
+    `--approve-as`); the decision is recorded with the release.
+    """
     import time
+
+    from pipelines.gates import stages as gates
 
     timings: dict[str, float] = {}
 
@@ -467,6 +418,20 @@ def run_release(spec_path: str | Path, trigger: str = "cli", settings: Settings 
     exported = timed("export", export, spec_path, data, trained)
     plan = timed("quantize", quantize, spec_path, data, exported)
     registered = timed("register", register, spec_path, data, trained, exported, plan, trigger)
-    published = timed("publish", publish, spec_path, registered, plan)
-    committed = timed("commit", commit, spec_path, data, trained, registered, published, plan)
-    return summarize(spec_path, data, trained, plan, registered, published, committed, timings, trigger, settings)
+    verdicts = [
+        timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
+        timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered),
+        timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered),
+        timed("drift_gate", gates.drift_gate, spec_path, data, registered),
+    ]
+    explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
+    card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation)
+    decision = timed("decide", gates.decide, spec_path, verdicts)
+    go = decision.outcome == "release" or (decision.outcome == "await_approval" and approval and approval.approved)
+    published = committed = None
+    if go:
+        published = timed("publish", publish, spec_path, registered, plan, card)
+        committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
+                          approval)
+    return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
+                     approval if decision.outcome == "await_approval" else None, timings, trigger, settings)

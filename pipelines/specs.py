@@ -25,10 +25,12 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-BUILTIN_DATASETS = ("uci-adult", "mnist-5k")
+BUILTIN_DATASETS = ("uci-adult", "uci-adult-test", "mnist-5k")
 SKLEARN_ESTIMATORS = ("logistic_regression", "mlp", "random_forest", "gradient_boosting")
 TORCH_ARCHITECTURES = ("cnn", "mlp")
 QUANTIZATION_MODES = ("dynamic", "static")
+GATES = ("quality", "fairness", "quantization_parity", "drift")
+MIN_JUSTIFICATION = 20
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes label keys and values (prefix/name, name segments of at most 63 characters).
@@ -98,10 +100,15 @@ class DataSpec(_Strict):
     sensitive_features: list[str] = Field(default_factory=list)
     test_size: float = Field(0.2, gt=0.0, lt=1.0)
     validation: DataValidation = DataValidation()
+    current_source: str | None = Field(
+        None, description="Recent production data for the drift gate (same forms as `source`)."
+    )
 
-    @field_validator("source")
+    @field_validator("source", "current_source")
     @classmethod
-    def _known_source(cls, source: str) -> str:
+    def _known_source(cls, source: str | None) -> str | None:
+        if source is None:
+            return None
         if source.startswith("builtin:"):
             name = source.removeprefix("builtin:")
             if name not in BUILTIN_DATASETS:
@@ -181,13 +188,27 @@ class MetricThreshold(_Strict):
 
 
 class GatesSpec(_Strict):
-    quality: dict[str, MetricThreshold] = Field(
+    quality: dict[Literal["accuracy", "f1_macro", "roc_auc"], MetricThreshold] = Field(
         default_factory=lambda: {"accuracy": MetricThreshold(minValue=0.5, maxRegression=0.01)}
     )
     drift_share: UnitInterval = Field(0.5, description="Largest share of drifted columns.")
     quantization_fairness_change: UnitInterval = Field(
         0.02, description="How much an int8 variant may widen a fairness gap vs fp32."
     )
+    waive: dict[Literal["quality", "fairness", "quantization_parity", "drift"], str] = Field(
+        default_factory=dict,
+        description="Gates not applied, each with a written justification (lands in the model card).",
+    )
+
+    @field_validator("waive")
+    @classmethod
+    def _justified(cls, waive: dict[str, str]) -> dict[str, str]:
+        for gate, why in waive.items():
+            if len(why.strip()) < MIN_JUSTIFICATION:
+                raise ValueError(
+                    f"waiving {gate} needs a written justification of at least {MIN_JUSTIFICATION} characters"
+                )
+        return waive
 
 
 class FinOpsSpec(_Strict):
@@ -262,6 +283,9 @@ class FairnessSpec(_Strict):
     )
     equalized_odds: UnitInterval = Field(0.1, description="Largest equalized odds difference.")
     min_group_accuracy: UnitInterval | None = None
+    min_group_size: int = Field(
+        30, ge=1, description="Groups with fewer evaluation rows are reported but not compared."
+    )
 
 
 class ResponsibleAISpec(_Strict):
@@ -293,6 +317,8 @@ class ModelSpec(_Strict):
     name: str
     owner: str
     description: str = ""
+    intended_use: str = Field("", description="What the model is for and who uses it (model card).")
+    limitations: list[str] = Field(default_factory=list, description="Known limits (model card).")
     data: DataSpec
     training: TrainingSpec
     export: ExportSpec = ExportSpec()
@@ -329,6 +355,11 @@ class ModelSpec(_Strict):
         names = [group.name for group in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"targets have duplicate names: {names}")
+        if not self.data.sensitive_features and "fairness" not in self.gates.waive:
+            raise ValueError(
+                "data.sensitiveFeatures is empty: name the sensitive features, or waive the fairness "
+                "gate with a justification (gates.waive.fairness)"
+            )
         return self
 
     def digest(self) -> str:

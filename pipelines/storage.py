@@ -90,6 +90,7 @@ class ObjectStore:
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
             os.close(fd)
             shutil.copyfile(local, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; store readers (other users, a web server) need read
             os.replace(tmp, target)
         else:
             try:

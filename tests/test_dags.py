@@ -30,14 +30,28 @@ def test_dagbag_has_no_import_errors_and_one_dag_per_spec():
 def test_release_dag_shape():
     dag = _bag().dags["edge_release__adult-income"]
     assert [t.task_id for t in dag.topological_sort()][:1] == ["validate_data"]
-    assert {t.task_id for t in dag.tasks} == {"validate_data", "train", "export", "quantize", "register",
-                                              "publish", "commit", "summarize"}
+    assert {t.task_id for t in dag.tasks} == {
+        "validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate", "parity_gate",
+        "drift_gate", "explain", "model_card", "decide", "publish", "commit", "summarize"}
+    assert dag.get_task("decide").downstream_task_ids == {"publish"}
+    assert dag.get_task("summarize").trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("model_card").upstream_task_ids >= {"quality_gate", "fairness_gate", "parity_gate",
+                                                            "drift_gate", "explain"}
     assert dag.max_active_runs == 1
     assert dag.get_task("register").retries == 3 and dag.get_task("publish").retries == 3
     assert dag.get_task("commit").retries == 3 and dag.get_task("train").retries == 0
     assert dag.get_task("commit").upstream_task_ids >= {"publish", "register"}
     assert "reason" in dag.params
     assert dag.timetable.expression == "0 3 * * 1"
+
+
+def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatch):
+    write_spec(tmp_path, "manual-model", "data.csv", approval={"mode": "manual"})
+    dag = _bag(tmp_path, monkeypatch).dags["edge_release__manual-model"]
+    approval = dag.get_task("approve_release")
+    assert type(approval).__name__ == "ApprovalOperator"
+    assert dag.get_task("decide").downstream_task_ids == {"approve_release"}
+    assert approval.downstream_task_ids == {"publish"}
 
 
 def test_parsing_the_dag_file_imports_no_heavy_library():

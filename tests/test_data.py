@@ -5,7 +5,7 @@ import pytest
 from conftest import tabular_frame
 from pipelines.data import (MISSING_CATEGORY, DataError, fingerprint, prepare_features, read_source,
                             resolve_features, split)
-from pipelines.data.builtin import load_mnist_5k, load_uci_adult
+from pipelines.data.builtin import load_mnist_5k, load_uci_adult, load_uci_adult_test
 from pipelines.data.validation import validate_frame
 from pipelines.specs import DataSpec
 
@@ -20,7 +20,8 @@ def _spec(**extra) -> DataSpec:
 
 def test_builtin_datasets_are_real_and_offline():
     adult = load_uci_adult()
-    assert adult.shape == (48842, 15)
+    assert adult.shape == (32561, 15)
+    assert len(load_uci_adult_test()) == 16281
     assert set(adult["income_over_50k"].unique()) == {0, 1}
     assert set(adult["sex"].unique()) == {"Male", "Female"}
     digits = load_mnist_5k()

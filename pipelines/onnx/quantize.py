@@ -479,8 +479,9 @@ def quantize_candidates(
     out_dir: Path,
     uri_of: Callable[[Path], str] = lambda p: p.as_uri(),
     *,
-    warmup: int = 20,
-    runs: int = 200,
+    warmup: int = 50,
+    runs: int = 500,
+    rounds: int = 3,
 ) -> tuple[QuantizationPlan, dict[str, Path]]:
     """Build, evaluate and time every variant, then choose one.
 
@@ -506,17 +507,22 @@ def quantize_candidates(
 
     # Sessions the caller's evaluate left behind keep idle threads that distort timing.
     gc.collect()
-    latency: dict[str, tuple[float, float]] = {}
-    for variant, path in paths.items():
-        if variant in errors:
-            continue
-        if variant == "fp32":
-            latency[variant] = measure_latency(path, latency_feed, warmup, runs)
-            continue
-        try:
-            latency[variant] = measure_latency(path, latency_feed, warmup, runs)
-        except Exception as exc:  # noqa: BLE001
-            errors[variant] = _short(exc)
+    # Round-robin rounds, median per variant: a burst of load from elsewhere on a shared
+    # host then hits one round of every variant instead of all of one variant's runs.
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for variant, path in paths.items():
+            if variant in errors:
+                continue
+            if variant == "fp32":
+                samples.setdefault(variant, []).append(measure_latency(path, latency_feed, warmup, runs))
+                continue
+            try:
+                samples.setdefault(variant, []).append(measure_latency(path, latency_feed, warmup, runs))
+            except Exception as exc:  # noqa: BLE001
+                errors[variant] = _short(exc)
+    latency = {v: (float(np.median([p50 for p50, _ in ts])), float(np.median([p95 for _, p95 in ts])))
+               for v, ts in samples.items() if v not in errors}
 
     base = accuracy["fp32"]
     candidates = []

@@ -116,3 +116,40 @@ def register_version(
 
 def json_safe(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+CHAMPION_ALIAS = "champion"
+_MLFLOW_KEY = __import__("re").compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def log_evidence(tracking_uri: str, run_id: str, folder: str, files: list[Path],
+                 metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+    """Attach evidence files, figures and tags to an existing run (gates run as separate tasks)."""
+    mlflow_client = client(tracking_uri)
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=folder)
+    for key, value in (metrics or {}).items():
+        mlflow_client.log_metric(run_id, _MLFLOW_KEY.sub("_", key), float(value))
+    for key, value in (tags or {}).items():
+        mlflow_client.set_tag(run_id, _MLFLOW_KEY.sub("_", key), str(value)[:5000])
+
+
+def log_verdict(tracking_uri: str, run_id: str, verdict, files: list[Path]) -> None:
+    """A gate verdict on its run: numeric observations as metrics, the outcome as tags."""
+    numbers = {f"gate.{verdict.gate}.{k}": v for k, v in verdict.observed.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags = {f"gate.{verdict.gate}.passed": str(verdict.passed).lower(),
+            f"gate.{verdict.gate}.reason": verdict.reason}
+    if verdict.waived:
+        tags[f"gate.{verdict.gate}.waived"] = "true"
+    log_evidence(tracking_uri, run_id, f"evidence/{verdict.gate}", files, numbers, tags)
+
+
+def mark_version(tracking_uri: str, model: str, version: str, tags: dict[str, str],
+                 alias: str | None = None) -> None:
+    """Tag a model version with its outcome and, when it was released, move an alias to it."""
+    mlflow_client = client(tracking_uri)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model, version, key, str(value)[:5000])
+    if alias:
+        mlflow_client.set_registered_model_alias(model, alias, version)

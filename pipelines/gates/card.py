@@ -1,0 +1,91 @@
+"""Model card: one JSON (for machines and audits) and one self-contained HTML per version."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+
+def card_document(**sections) -> dict:
+    """The card's JSON document, sections in a fixed order."""
+    order = ("schema", "model", "intended_use", "limitations", "data", "training", "metrics",
+             "quantization", "verdicts", "waivers", "explainability", "approval")
+    return {key: sections[key] for key in order if key in sections}
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _image(path: Path | None, alt: str) -> str:
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(card: dict, images: dict[str, Path]) -> str:
+    """Self-contained HTML (images inlined), readable offline and in an audit archive."""
+    model = card["model"]
+    title = f"Model card: {model['name']} version {model['version']}"
+    verdict_rows = [{"gate": v["gate"], "result": "waived" if v["waived"] else ("passed" if v["passed"] else "FAILED"),
+                     "reason": v["reason"],
+                     "evidence": ", ".join(v.get("evidence", {}))} for v in card["verdicts"]]
+    quant_rows = [{k: c[k] for k in ("variant", "size_bytes", "accuracy", "accuracy_change",
+                                     "latency_p50_ms", "latency_p95_ms", "eligible")}
+                  for c in card["quantization"]["candidates"]]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(model.get('description', ''))}</p>",
+        _table([model], ["name", "version", "owner", "framework", "model_type", "variant", "artifact_sha256",
+                         "release_key"]),
+        "<h2>Intended use</h2>", f"<p>{html.escape(card.get('intended_use') or 'Not stated in the spec.')}</p>",
+        "<h2>Limitations</h2>",
+        "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in card.get("limitations") or ["None stated."]) + "</ul>",
+        "<h2>Data</h2>", _table([card["data"]], ["source", "sha256", "rows", "feature_count", "sensitive_features"]),
+        "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(card['training'], indent=2))}</pre>",
+        "<h2>Metrics (held-out split, shipped variant)</h2>",
+        _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"]),
+        "<h2>Gate verdicts</h2>", _table(verdict_rows, ["gate", "result", "reason", "evidence"]),
+    ]
+    if card.get("waivers"):
+        parts += ["<h2>Waivers</h2>", _table([{"gate": g, "justification": j} for g, j in card["waivers"].items()],
+                                             ["gate", "justification"])]
+    parts += ["<h2>Fairness by group</h2>", _image(images.get("fairness"), "fairness by group")]
+    parts += ["<h2>Quantization</h2>", _table(quant_rows, list(quant_rows[0]) if quant_rows else []),
+              f"<p>Chosen: <b>{html.escape(card['quantization']['chosen'])}</b>: "
+              f"{html.escape(card['quantization']['reason'])}</p>"]
+    explain = card.get("explainability") or {}
+    parts += ["<h2>Explainability</h2>", f"<p>Method: {html.escape(explain.get('method', 'none'))}. "
+              f"{html.escape(explain.get('note', ''))}</p>",
+              _table([{"feature": k, "importance": v} for k, v in list(explain.get("importances", {}).items())[:20]],
+                     ["feature", "importance"]) if explain.get("importances") else "",
+              _image(images.get("importance"), "permutation importance")]
+    parts += ["<h2>Approval</h2>", f"<p>{html.escape(card.get('approval', ''))}</p>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:13px;text-align:left;vertical-align:top}img{max-width:100%}")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def write_card(card: dict, images: dict[str, Path], folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "model_card.json"
+    json_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    html_path = folder / "model_card.html"
+    html_path.write_text(render_html(card, images))
+    return json_path, html_path
