@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from pipelines.specs import SpecError, discover_specs, load_spec
@@ -50,11 +51,22 @@ def _trigger() -> str:
     return f"{run_type}: {reason}" if reason else str(run_type)
 
 
+class ReleaseApproval(ApprovalOperator):
+    """Airflow's ApprovalOperator that also keeps the answer (who, when, what) as XCom
+    `answer`: on Reject the operator skips its downstream and its return value is not kept."""
+
+    def execute_complete(self, context, event):
+        context["ti"].xcom_push(key="answer", value={
+            "chosen_options": event.get("chosen_options"), "params_input": event.get("params_input") or {},
+            "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))})
+        return super().execute_complete(context, event)
+
+
 def _approval():
     """The person's decision on a manual release, from the approval task's XCom (or None)."""
     from pipelines.records import Approval
 
-    answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release")
+    answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release", key="answer")
     if not answer:
         return None
     user = answer.get("responded_by_user") or {}
@@ -252,9 +264,7 @@ def build_release_dag(spec_path: Path):
         decision = decide(verdicts, card, plan, registered)
         published = publish(registered, plan, card)
         if spec.approval.mode == "manual":
-            from airflow.providers.standard.operators.hitl import ApprovalOperator
-
-            approval = ApprovalOperator(
+            approval = ReleaseApproval(
                 task_id="approve_release",
                 subject=f"Release {spec.name}? All gates passed",
                 body="{{ ti.xcom_pull(task_ids='decide', key='approval_body') }}",

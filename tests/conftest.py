@@ -92,3 +92,51 @@ def tabular_frame(rows: int = 400, seed: int = 0):
     label = ((x1 + 0.5 * x2 + (colour == "red")) > 0.3).astype(int)
     return pd.DataFrame({"x1": x1, "x2": x2, "colour": colour,
                          "group": rng.choice(["a", "b"], size=rows), "label": label})
+
+
+@pytest.fixture(scope="session")
+def api_server(airflow_db):
+    """An Airflow api-server on the session's metadata database, bound to 127.0.0.1.
+
+    Yields (base URL, bearer token of the generated admin user). Stopped by its pid.
+    """
+    import json
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    home = STATE / "airflow"
+    log = open(SESSION_DIR / "api-server.log", "wb")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(port),
+         "--workers", "1"],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"api-server did not come up; see {SESSION_DIR / 'api-server.log'}")
+            time.sleep(0.5)
+        passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
+        token = requests.post(f"{base}/auth/token", json={"username": "admin", "password": passwords["admin"]},
+                              timeout=10).json()["access_token"]
+        yield base, token
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

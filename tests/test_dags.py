@@ -49,7 +49,9 @@ def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatc
     write_spec(tmp_path, "manual-model", "data.csv", approval={"mode": "manual"})
     dag = _bag(tmp_path, monkeypatch).dags["edge_release__manual-model"]
     approval = dag.get_task("approve_release")
-    assert type(approval).__name__ == "ApprovalOperator"
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    assert isinstance(approval, ApprovalOperator)
     assert dag.get_task("decide").downstream_task_ids == {"approve_release"}
     assert approval.downstream_task_ids == {"publish"}
 
