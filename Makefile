@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv demo test schema clean-state
+.PHONY: venv browser demo test schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,16 @@ demo: venv $(EDGE_STATE_DIR)/airflow/airflow.db
 		|| { tail -n 60 $(EDGE_STATE_DIR)/demo-$$model.log; echo "DAG run failed; full log: $(EDGE_STATE_DIR)/demo-$$model.log"; exit 1; }; \
 	$(PY) -m pipelines summary $$model
 
-test: venv
+# Chromium opens the evidence (model card, Evidently report) in the browser test; Debian's
+# package, installed when missing and this user may install packages.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Chromium (Debian package) for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null; \
+	  else echo "Chromium is not installed: the browser test will be skipped"; fi; }
+
+test: venv browser
 	$(PY) -m pytest
 
 schema: venv

@@ -57,6 +57,15 @@ def test_adult_income_release_dag_end_to_end(airflow_db, monkeypatch):
         assert f"apps/adult-income/overlays/{overlay}/kustomization.yaml" in _git(
             settings.remote, "ls-tree", "-r", "--name-only", "main")
 
+    assert str(mlflow_client.get_model_version_by_alias("adult-income", "champion").version) == version
+    assert tags["release_status"] == "released"
+    verdicts = {v["gate"]: v for v in doc["spec"]["evaluation"]["verdicts"]}
+    assert set(verdicts) == {"quality", "fairness", "quantization_parity", "drift"}
+    assert all(v["passed"] for v in verdicts.values())
+    assert "columns drifted" in verdicts["drift"]["reason"]  # Evidently ran on the census test file
+    card = doc["spec"]["modelRef"]["modelCard"]
+    assert sha256_file(card["uri"].removeprefix("file://")) == card["checksum"].removeprefix("sha256:")
+
     commits = _git(settings.remote, "rev-list", "--count", "main")
     again = dag.test()
     assert str(getattr(again.state, "value", again.state)) == "success", _states(again)
@@ -85,3 +94,24 @@ def test_bad_data_stops_the_dag_at_validate_data(airflow_db, monkeypatch, tmp_pa
     assert registry.find_version(registry.client(settings.tracking_uri), name, "any") is None
     if (settings.state / "gitops.git").exists():
         assert name not in _git(settings.remote, "ls-tree", "-r", "--name-only", "main")
+
+
+def test_a_rejected_release_is_a_successful_run_without_a_commit(airflow_db, monkeypatch, tmp_path):
+    settings = Settings()
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    write_spec(tmp_path, "unfair-model", "data.csv",
+               responsibleAI={"fairness": {"biasScore": 0.0, "equalizedOdds": 0.0}})
+    dag = _bag(monkeypatch, tmp_path).dags["edge_release__unfair-model"]
+    run = dag.test()
+    states = _states(run)
+    assert str(getattr(run.state, "value", run.state)) == "success", states
+    assert states["fairness_gate"] == "success" and states["decide"] == "success"
+    assert states["publish"] == "skipped" and states["commit"] == "skipped"
+    assert states["summarize"] == "success"
+    summary = run.get_task_instance("summarize").xcom_pull(task_ids="summarize")
+    assert summary["status"] == "rejected"
+    assert summary["reasons"][0].startswith("fairness: demographic parity difference")
+    version = registry.client(settings.tracking_uri).get_model_version("unfair-model", summary["model_version"])
+    assert version.tags["release_status"] == "rejected" and "fairness" in version.tags["release_reasons"]
+    if (settings.state / "gitops.git").exists():
+        assert "unfair-model" not in _git(settings.remote, "ls-tree", "-r", "--name-only", "main")
