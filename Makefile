@@ -50,6 +50,7 @@ browser:
 	  else echo "Chromium is not installed: the browser test will be skipped"; fi; }
 
 test: venv browser
+	$(VENV)/bin/ruff check pipelines dags tests
 	$(PY) -m pytest
 
 schema: venv

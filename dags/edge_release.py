@@ -179,8 +179,14 @@ def build_release_dag(spec_path: Path):
         @task
         def model_card(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, explanation: dict):
             from pipelines.gates import stages
-            from pipelines.records import (DataCheck, Explanation, GateVerdict, QuantizationPlan,
-                                           RegisteredVersion, TrainedModel)
+            from pipelines.records import (
+                DataCheck,
+                Explanation,
+                GateVerdict,
+                QuantizationPlan,
+                RegisteredVersion,
+                TrainedModel,
+            )
 
             return _stage("model_card", lambda: stages.model_card(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
@@ -216,8 +222,14 @@ def build_release_dag(spec_path: Path):
         @task(**IO_RETRIES)
         def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list):
             from pipelines import release as stages
-            from pipelines.records import (DataCheck, GateVerdict, PublishedArtifact, QuantizationPlan,
-                                           RegisteredVersion, TrainedModel)
+            from pipelines.records import (
+                DataCheck,
+                GateVerdict,
+                PublishedArtifact,
+                QuantizationPlan,
+                RegisteredVersion,
+                TrainedModel,
+            )
 
             return _stage("commit", lambda: stages.commit(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
@@ -229,8 +241,17 @@ def build_release_dag(spec_path: Path):
         def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict):
             """The outcome: released, rejected (which gate, why) or waiting; tagged in MLflow."""
             from pipelines import release as stages
-            from pipelines.records import (DataCheck, Decision, GateVerdict, GitOpsCommit, ModelCard,
-                                           PublishedArtifact, QuantizationPlan, RegisteredVersion, TrainedModel)
+            from pipelines.records import (
+                DataCheck,
+                Decision,
+                GateVerdict,
+                GitOpsCommit,
+                ModelCard,
+                PublishedArtifact,
+                QuantizationPlan,
+                RegisteredVersion,
+                TrainedModel,
+            )
 
             ti = get_current_context()["ti"]
             published, committed = ti.xcom_pull(task_ids="publish"), ti.xcom_pull(task_ids="commit")

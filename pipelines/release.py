@@ -13,33 +13,36 @@ and only then commit the manifest that points to it.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
-import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
+from pipelines.context import (
+    DataValidationError,
+    ReleaseError,
+    check_same_inputs,
+    code_digest,
+    code_revision,
+    context,
+    release_key,
+    resume,
+    splits,
+)
 from pipelines.records import (
     Approval,
     DataCheck,
     Decision,
-    GateVerdict,
-    ModelCard,
     ExportedModel,
+    GateVerdict,
     GitOpsCommit,
+    ModelCard,
     PublishedArtifact,
     QuantizationPlan,
-    Record,
     RegisteredVersion,
     ReleaseSummary,
     TrainedModel,
 )
-from pipelines.context import (Context, DataValidationError, ReleaseError, check_same_inputs, code_digest,
-                               code_revision, context, release_key, resume, splits)
 from pipelines.settings import Settings, get_settings
 from pipelines.specs import spec_dir
 from pipelines.storage import ObjectStore, StoreError, sha256_file

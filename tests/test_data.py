@@ -1,10 +1,17 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tabular_frame
-from pipelines.data import (MISSING_CATEGORY, DataError, fingerprint, prepare_features, read_source,
-                            resolve_features, split)
+
+from pipelines.data import (
+    MISSING_CATEGORY,
+    DataError,
+    fingerprint,
+    prepare_features,
+    read_source,
+    resolve_features,
+    split,
+)
 from pipelines.data.builtin import load_mnist_5k, load_uci_adult, load_uci_adult_test
 from pipelines.data.validation import validate_frame
 from pipelines.specs import DataSpec

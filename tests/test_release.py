@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import tabular_frame, write_spec
+
 from pipelines import release
 from pipelines.__main__ import main
 from pipelines.gitops import manifest
@@ -43,7 +43,7 @@ def test_cli_release_prints_json_and_a_rerun_changes_nothing(small_spec, state, 
 
     settings = Settings()
     remote = settings.remote
-    text = _git(remote, "show", f"main:apps/small-model/base/mobileaimodeldeployment.yaml")
+    text = _git(remote, "show", "main:apps/small-model/base/mobileaimodeldeployment.yaml")
     doc = manifest.read_manifest(text)
     assert manifest.manifest_checksum(doc) == first["artifact_sha256"]
     assert doc["spec"]["modelRef"]["sourceUri"] == first["artifact_uri"]

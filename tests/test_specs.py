@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.specs import SpecError, discover_specs, json_schema, load_spec, parse_spec, parse_quantity
+from pipelines.specs import SpecError, discover_specs, json_schema, load_spec, parse_quantity, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "model_specs").glob("*.yaml"))

@@ -5,8 +5,8 @@ import socket
 
 import boto3
 import pytest
-
 from conftest import tabular_frame, write_spec
+
 from pipelines import release
 from pipelines.gitops import manifest
 from pipelines.settings import Settings

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import tabular_frame
+
 from pipelines import training
 from pipelines.data import prepare_features
 from pipelines.data.builtin import load_mnist_5k

@@ -22,9 +22,15 @@ def group_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame
     for more classes only accuracy per group and its spread are reported. Groups with fewer
     than `min_group_size` rows are listed but left out of the gaps (their rates are noise).
     """
-    from fairlearn.metrics import (MetricFrame, count, demographic_parity_difference,
-                                   equalized_odds_difference, false_positive_rate, selection_rate,
-                                   true_positive_rate)
+    from fairlearn.metrics import (
+        MetricFrame,
+        count,
+        demographic_parity_difference,
+        equalized_odds_difference,
+        false_positive_rate,
+        selection_rate,
+        true_positive_rate,
+    )
     from sklearn.metrics import accuracy_score
 
     report: dict = {}

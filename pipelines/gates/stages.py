@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.context import Context, resume, splits, stage_context
-from pipelines.records import (DataCheck, Decision, Explanation, GateVerdict, ModelCard, QuantizationPlan,
-                               RegisteredVersion, TrainedModel)
+from pipelines.records import (
+    DataCheck,
+    Decision,
+    Explanation,
+    GateVerdict,
+    ModelCard,
+    QuantizationPlan,
+    RegisteredVersion,
+    TrainedModel,
+)
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -252,7 +260,7 @@ def explain(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, regi
         evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, "explainability", p.name)) for p in files}
         registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/explainability", files)
     record = Explanation(method=method, importances=importances, evidence=evidence,
-                         note=f"mean accuracy drop over 5 shuffles of each feature, on up to 2,000 held-out rows")
+                         note="mean accuracy drop over 5 shuffles of each feature, on up to 2,000 held-out rows")
     return ctx.save_record(data.release_key, "explanation.json", record)
 
 

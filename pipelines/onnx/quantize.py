@@ -12,11 +12,10 @@ while Airflow parses DAGs, stays cheap.
 
 from __future__ import annotations
 
-import logging
-
 import argparse
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -171,10 +170,8 @@ def _quantize(
 def _quantize_unfiltered(
     mode: str, src: Path, dst: Path, calibration_feeds: Sequence[dict[str, np.ndarray]]
 ) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
-
     import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     # skl2onnx graphs mix ai.onnx.ml ops that shape inference cannot type; their tensors are
     # float, so say so instead of failing ("Unable to find data type for weight_name=...").

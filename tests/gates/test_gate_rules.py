@@ -1,7 +1,6 @@
 """Each gate passes on fair, stable, faithful data and fails on data built to fail it.
 The verdicts' observed values are asserted, not only the boolean."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

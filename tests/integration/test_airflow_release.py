@@ -6,8 +6,8 @@ One pytest session: the first `dag.test()` pays for Airflow's in-process API (~1
 import subprocess
 
 import pytest
-
 from conftest import ROOT, tabular_frame, write_spec
+
 from pipelines import registry
 from pipelines.gitops import manifest
 from pipelines.settings import Settings

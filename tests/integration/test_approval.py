@@ -6,8 +6,8 @@ import time
 
 import pytest
 import requests
-
 from conftest import ROOT, tabular_frame, write_spec
+
 from pipelines import registry
 from pipelines.settings import Settings
 

@@ -4,8 +4,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import tabular_frame, write_spec
+
 from pipelines import release
 
 pytestmark = pytest.mark.integration
