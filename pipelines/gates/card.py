@@ -18,8 +18,14 @@ def card_document(**sections) -> dict:
 def _table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows)
+        "<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):  # evidence: name -> URI, as links
+        return ", ".join(f'<a href="{html.escape(uri)}">{html.escape(name)}</a>' for name, uri in value.items())
+    return html.escape(_fmt(value))
 
 
 def _fmt(value) -> str:
@@ -42,8 +48,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
     model = card["model"]
     title = f"Model card: {model['name']} version {model['version']}"
     verdict_rows = [{"gate": v["gate"], "result": "waived" if v["waived"] else ("passed" if v["passed"] else "FAILED"),
-                     "reason": v["reason"],
-                     "evidence": ", ".join(v.get("evidence", {}))} for v in card["verdicts"]]
+                     "reason": v["reason"], "evidence": v.get("evidence", {})} for v in card["verdicts"]]
     quant_rows = [{k: c[k] for k in ("variant", "size_bytes", "accuracy", "accuracy_change",
                                      "latency_p50_ms", "latency_p95_ms", "eligible")}
                   for c in card["quantization"]["candidates"]]
@@ -57,7 +62,8 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
         "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in card.get("limitations") or ["None stated."]) + "</ul>",
         "<h2>Data</h2>", _table([card["data"]], ["source", "sha256", "rows", "feature_count", "sensitive_features"]),
         "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(card['training'], indent=2))}</pre>",
-        "<h2>Metrics (held-out split, shipped variant)</h2>",
+        "<h2>Metrics (held-out split, native model)</h2>",
+        "<p>The quality gate below measures the shipped ONNX variant on the same rows.</p>",
         _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"]),
         "<h2>Gate verdicts</h2>", _table(verdict_rows, ["gate", "result", "reason", "evidence"]),
     ]
@@ -77,7 +83,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
     parts += ["<h2>Approval</h2>", f"<p>{html.escape(card.get('approval', ''))}</p>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;text-align:left;vertical-align:top}img{max-width:100%}")
+             "font-size:13px;text-align:left;vertical-align:top;overflow-wrap:anywhere}img{max-width:100%}")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 

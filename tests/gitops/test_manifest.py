@@ -136,7 +136,7 @@ def test_base_manifest_content() -> None:
     }
     assert body["responsibleAI"] == {
         "explainability": "permutation_importance",
-        "fairness": {"biasScore": 0.1, "equalizedOdds": 0.12},
+        "fairness": {"biasScore": 0.2, "equalizedOdds": 0.2, "minGroupAccuracy": 0.8, "minGroupSize": 200},
         "auditRetentionDays": 730,
     }
     assert body["deploymentStrategy"] == {

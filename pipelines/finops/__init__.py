@@ -1,0 +1,1 @@
+"""Edge cost: device catalog, model profile, projection, diff, forecast."""
