@@ -62,6 +62,13 @@ class ReleaseApproval(ApprovalOperator):
         return super().execute_complete(context, event)
 
 
+def _verdicts(verdicts: list, cost: dict) -> list:
+    """Every gate's verdict: the responsible-AI gates and the edge cost gates."""
+    from pipelines.records import GateVerdict
+
+    return [GateVerdict.model_validate(v) for v in [*verdicts, *cost["verdicts"]]]
+
+
 def _approval():
     """The person's decision on a manual release, from the approval task's XCom (or None)."""
     from pipelines.records import Approval
@@ -168,6 +175,15 @@ def build_release_dag(spec_path: Path):
                 path, DataCheck.model_validate(data), RegisteredVersion.model_validate(registered)))
 
         @task
+        def edge_cost(data: dict, trained: dict, plan: dict, registered: dict):
+            from pipelines.gates import stages
+            from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion, TrainedModel
+
+            return _stage("edge_cost", lambda: stages.edge_cost(
+                path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
+                QuantizationPlan.model_validate(plan), RegisteredVersion.model_validate(registered)))
+
+        @task
         def explain(data: dict, plan: dict, registered: dict):
             from pipelines.gates import stages
             from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
@@ -177,29 +193,24 @@ def build_release_dag(spec_path: Path):
                 RegisteredVersion.model_validate(registered)))
 
         @task
-        def model_card(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, explanation: dict):
+        def model_card(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, explanation: dict,
+                       cost: dict):
             from pipelines.gates import stages
-            from pipelines.records import (
-                DataCheck,
-                Explanation,
-                GateVerdict,
-                QuantizationPlan,
-                RegisteredVersion,
-                TrainedModel,
-            )
+            from pipelines.records import DataCheck, Explanation, QuantizationPlan, RegisteredVersion, TrainedModel
 
             return _stage("model_card", lambda: stages.model_card(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 QuantizationPlan.model_validate(plan), RegisteredVersion.model_validate(registered),
-                [GateVerdict.model_validate(v) for v in verdicts], Explanation.model_validate(explanation)))
+                _verdicts(verdicts, cost), Explanation.model_validate(explanation),
+                stages.CostReport.model_validate(cost)))
 
         @task.branch
-        def decide(verdicts: list, card: dict, plan: dict, registered: dict):
+        def decide(verdicts: list, cost: dict, card: dict, plan: dict, registered: dict):
             """Release, ask a person, or reject (then nothing downstream runs but the summary)."""
             from pipelines.gates import stages
-            from pipelines.records import GateVerdict, ModelCard, QuantizationPlan, RegisteredVersion
+            from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
-            records = [GateVerdict.model_validate(v) for v in verdicts]
+            records = _verdicts(verdicts, cost)
             decision = stages.decide(path, records)
             ti = get_current_context()["ti"]
             ti.xcom_push(key="decision", value=decision.to_xcom())
@@ -220,11 +231,11 @@ def build_release_dag(spec_path: Path):
                 ModelCard.model_validate(card)))
 
         @task(**IO_RETRIES)
-        def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list):
+        def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list,
+                   cost: dict):
             from pipelines import release as stages
             from pipelines.records import (
                 DataCheck,
-                GateVerdict,
                 PublishedArtifact,
                 QuantizationPlan,
                 RegisteredVersion,
@@ -234,17 +245,16 @@ def build_release_dag(spec_path: Path):
             return _stage("commit", lambda: stages.commit(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 RegisteredVersion.model_validate(registered), PublishedArtifact.model_validate(published),
-                QuantizationPlan.model_validate(plan), [GateVerdict.model_validate(v) for v in verdicts],
-                _approval()))
+                QuantizationPlan.model_validate(plan), _verdicts(verdicts, cost), _approval(), cost))
 
         @task(trigger_rule="none_failed_min_one_success")
-        def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict):
+        def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict,
+                      cost: dict):
             """The outcome: released, rejected (which gate, why) or waiting; tagged in MLflow."""
             from pipelines import release as stages
             from pipelines.records import (
                 DataCheck,
                 Decision,
-                GateVerdict,
                 GitOpsCommit,
                 ModelCard,
                 PublishedArtifact,
@@ -260,12 +270,12 @@ def build_release_dag(spec_path: Path):
             summary = stages.summarize(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
                 QuantizationPlan.model_validate(plan), RegisteredVersion.model_validate(registered),
-                [GateVerdict.model_validate(v) for v in verdicts],
+                _verdicts(verdicts, cost),
                 Decision.model_validate(ti.xcom_pull(task_ids="decide", key="decision")),
                 PublishedArtifact.model_validate(published) if published else None,
                 GitOpsCommit.model_validate(committed) if committed else None,
                 ModelCard.model_validate(card), _approval(),
-                {k: v for k, v in seconds.items() if v is not None}, _trigger())
+                {k: v for k, v in seconds.items() if v is not None}, _trigger(), cost)
             if summary.status == "released":
                 print(f"RELEASED {summary.model} v{summary.model_version}: commit {summary.gitops_commit}")
             else:
@@ -280,9 +290,10 @@ def build_release_dag(spec_path: Path):
         registered = register(data, trained, exported, plan)
         verdicts = [quality_gate(data, plan, registered), fairness_gate(data, plan, registered),
                     parity_gate(data, plan, registered), drift_gate(data, registered)]
+        cost = edge_cost(data, trained, plan, registered)
         explanation = explain(data, plan, registered)
-        card = model_card(data, trained, plan, registered, verdicts, explanation)
-        decision = decide(verdicts, card, plan, registered)
+        card = model_card(data, trained, plan, registered, verdicts, explanation, cost)
+        decision = decide(verdicts, cost, card, plan, registered)
         published = publish(registered, plan, card)
         if spec.approval.mode == "manual":
             approval = ReleaseApproval(
@@ -293,8 +304,8 @@ def build_release_dag(spec_path: Path):
             decision >> approval >> published
         else:
             decision >> published
-        committed = commit(data, trained, registered, published, plan, verdicts)
-        summary = summarize(data, trained, plan, registered, verdicts, card)
+        committed = commit(data, trained, registered, published, plan, verdicts, cost)
+        summary = summarize(data, trained, plan, registered, verdicts, card, cost)
         committed >> summary
 
     return release()

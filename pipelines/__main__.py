@@ -43,6 +43,12 @@ def _table(summary) -> str:
         for v in summary.verdicts:
             result = "waived" if v.waived else ("pass" if v.passed else "FAIL")
             lines.append(f"  {v.gate:<21} {result:<8} {v.reason}")
+    if summary.cost:
+        from pipelines.finops.cost import CostEstimate, cost_table, diff_lines
+
+        lines += ["", "  edge cost per month (estimate; device figures marked as assumptions in the catalog)"]
+        lines += cost_table(CostEstimate.model_validate(summary.cost))
+        lines += ["  " + line for line in diff_lines(summary.cost_diff)]
     lines += ["", "  variant   size (bytes)   accuracy   Δ vs fp32   p50 ms   p95 ms   eligible"]
     for c in summary.quantization.candidates:
         mark = "*" if c.variant == summary.quantization.chosen else " "

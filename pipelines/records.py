@@ -169,4 +169,6 @@ class ReleaseSummary(Record):
     verdicts: list[GateVerdict] = Field(default_factory=list)
     approval: Approval | None = None
     model_card_uri: str | None = None
+    cost: dict | None = Field(None, description="Cost estimate of the shipped variant (per device group).")
+    cost_diff: dict | None = None
     stages: dict[str, float]

@@ -50,7 +50,7 @@ from pipelines.storage import ObjectStore, StoreError, sha256_file
 log = logging.getLogger(__name__)
 
 STAGES = ("validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate",
-          "parity_gate", "drift_gate", "explain", "model_card", "decide", "publish", "commit")
+          "parity_gate", "drift_gate", "edge_cost", "explain", "model_card", "decide", "publish", "commit")
 
 
 def validate_data(spec_path: str | Path, settings: Settings | None = None) -> DataCheck:
@@ -313,9 +313,22 @@ def _verdict_lines(verdicts: list[GateVerdict]) -> str:
                    for v in verdicts)
 
 
+def _cost_brief(cost: dict | None) -> dict | None:
+    from pipelines.finops.cost import CostEstimate
+
+    return CostEstimate.model_validate(cost["estimate"]).brief() if cost else None
+
+
+def _cost_diff_lines(cost: dict) -> list[str]:
+    from pipelines.finops.cost import diff_lines
+
+    return diff_lines(cost["diff"])
+
+
 def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, registered: RegisteredVersion,
            published: PublishedArtifact, plan: QuantizationPlan, verdicts: list[GateVerdict] = (),
-           approval: Approval | None = None, settings: Settings | None = None) -> GitOpsCommit:
+           approval: Approval | None = None, cost: dict | None = None,
+           settings: Settings | None = None) -> GitOpsCommit:
     """Render the MobileAIModelDeployment, commit it to the GitOps remote, and move the
     MLflow alias `champion` to this version once the commit has landed."""
     from pipelines import registry
@@ -330,6 +343,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
         variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
         model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
+        cost=_cost_brief(cost),
     ))
     chosen = plan.chosen_candidate
     approved = f"Approved by: {approval.by} at {approval.at}{': ' + approval.comment if approval.comment else ''}\n" \
@@ -341,6 +355,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         f"Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(trained.metrics.items())) + "\n"
         f"Variant: {plan.chosen}, {chosen.size_bytes} bytes, p95 {chosen.latency_p95_ms:.3f} ms on the build host\n"
         f"Why: {plan.reason}\n" + (f"Gates:\n{_verdict_lines(verdicts)}" if verdicts else "") + approved
+        + ("\n" + "\n".join(_cost_diff_lines(cost)) + "\n" if cost else "")
     )
     result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
                                  settings.work_dir / "gitops")
@@ -353,7 +368,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
 def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
               registered: RegisteredVersion, verdicts: list[GateVerdict], decision: Decision,
               published: PublishedArtifact | None, committed: GitOpsCommit | None, card: ModelCard | None,
-              approval: Approval | None, stages: dict[str, float], trigger: str,
+              approval: Approval | None, stages: dict[str, float], trigger: str, cost: dict | None = None,
               settings: Settings | None = None) -> ReleaseSummary:
     """The release's outcome in one record. A version that was not committed is tagged
     `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons."""
@@ -382,6 +397,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
         verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
+        cost=cost["estimate"] if cost else None, cost_diff=cost["diff"] if cost else None,
         stages={k: round(v, 3) for k, v in stages.items()},
     )
     ctx.save_record(data.release_key, "summary.json", summary)
@@ -427,14 +443,18 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
         timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered),
         timed("drift_gate", gates.drift_gate, spec_path, data, registered),
     ]
+    cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
+    verdicts += cost.verdicts
     explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
-    card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation)
+    card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation,
+                 cost)
     decision = timed("decide", gates.decide, spec_path, verdicts)
     go = decision.outcome == "release" or (decision.outcome == "await_approval" and approval and approval.approved)
     published = committed = None
     if go:
         published = timed("publish", publish, spec_path, registered, plan, card)
         committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
-                          approval)
+                          approval, cost.to_xcom())
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
-                     approval if decision.outcome == "await_approval" else None, timings, trigger, settings)
+                     approval if decision.outcome == "await_approval" else None, timings, trigger, cost.to_xcom(),
+                     settings)

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     artifact_store: str | None = Field(None, description="file:// or s3://bucket/prefix for models and evidence.")
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO).")
     gitops_remote: str | None = Field(None, description="Any Git URL. Default: a bare repo in the state folder.")
+    fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
     gitops_branch: str = "main"
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
@@ -50,6 +51,10 @@ class Settings(BaseSettings):
     @property
     def remote(self) -> str:
         return self.gitops_remote or str(self.state / "gitops.git")
+
+    @property
+    def fleet_path(self) -> Path:
+        return self.fleet_file or PROJECT_ROOT / "model_specs" / "fleet" / "fleet.yaml"
 
     @property
     def work_dir(self) -> Path:

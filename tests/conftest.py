@@ -71,7 +71,7 @@ def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
         "training": {"framework": "sklearn", "estimator": "logistic_regression", "seed": 1},
         "export": {"opset": 17, "quantization": ["dynamic"], "accuracyBudget": 0.02},
         "finops": {"costCenter": "cc-1", "project": "tests", "monthlyBudgetUsd": 10},
-        "targets": [{"name": "phones", "selector": {"matchLabels": {"apexlogic.dev/device-class": "phone"}}}],
+        "targets": [{"name": "phones", "selector": {"matchLabels": {"apexlogic.dev/device-class": "android-phone"}}}],
         "responsibleAI": {"fairness": {"biasScore": 0.2, "equalizedOdds": 0.25}},
     }
     for key, value in overrides.items():

@@ -32,7 +32,7 @@ def test_release_dag_shape():
     assert [t.task_id for t in dag.topological_sort()][:1] == ["validate_data"]
     assert {t.task_id for t in dag.tasks} == {
         "validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate", "parity_gate",
-        "drift_gate", "explain", "model_card", "decide", "publish", "commit", "summarize"}
+        "drift_gate", "edge_cost", "explain", "model_card", "decide", "publish", "commit", "summarize"}
     assert dag.get_task("decide").downstream_task_ids == {"publish"}
     assert dag.get_task("summarize").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("model_card").upstream_task_ids >= {"quality_gate", "fairness_gate", "parity_gate",

@@ -11,7 +11,7 @@ from pathlib import Path
 def card_document(**sections) -> dict:
     """The card's JSON document, sections in a fixed order."""
     order = ("schema", "model", "intended_use", "limitations", "data", "training", "metrics",
-             "quantization", "verdicts", "waivers", "explainability", "approval")
+             "quantization", "verdicts", "waivers", "explainability", "cost", "approval")
     return {key: sections[key] for key in order if key in sections}
 
 
@@ -80,6 +80,12 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
               _table([{"feature": k, "importance": v} for k, v in list(explain.get("importances", {}).items())[:20]],
                      ["feature", "importance"]) if explain.get("importances") else "",
               _image(images.get("importance"), "permutation importance")]
+    if card.get("cost"):
+        cost = card["cost"]
+        parts += ["<h2>Edge cost (estimate)</h2>", f"<pre>{html.escape(chr(10).join(cost['table']))}</pre>",
+                  f"<pre>{html.escape(chr(10).join(cost['diff']))}</pre>",
+                  "<p>Figures marked as assumptions in the device catalog: "
+                  f"{html.escape(', '.join(cost['assumptions']) or 'none')}.</p>"]
     parts += ["<h2>Approval</h2>", f"<p>{html.escape(card.get('approval', ''))}</p>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"

@@ -24,6 +24,7 @@ from pipelines.records import (
     GateVerdict,
     ModelCard,
     QuantizationPlan,
+    Record,
     RegisteredVersion,
     TrainedModel,
 )
@@ -280,7 +281,7 @@ def decide(spec_path: str | Path, verdicts: list[GateVerdict], settings: Setting
 
 def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
                registered: RegisteredVersion, verdicts: list[GateVerdict], explanation: Explanation,
-               settings: Settings | None = None) -> ModelCard:
+               cost: CostReport | None = None, settings: Settings | None = None) -> ModelCard:
     """The version's model card (JSON + HTML), in the store and on the MLflow run."""
     from pipelines import registry
     from pipelines.gates.card import card_document, write_card
@@ -311,6 +312,7 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
         verdicts=[v.model_dump(mode="json") for v in verdicts],
         waivers=dict(spec.gates.waive),
         explainability=explanation.model_dump(mode="json"),
+        cost=_card_cost(cost),
         approval=f"{spec.approval.mode}: " + ("a person approves in Airflow before the commit"
                                               if spec.approval.mode == "manual" else
                                               "released when every gate passes"),
@@ -332,6 +334,16 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
     return ctx.save_record(data.release_key, "model_card.record.json", record)
 
 
+def _card_cost(cost: CostReport | None) -> dict | None:
+    if cost is None:
+        return None
+    from pipelines.finops.cost import CostEstimate, cost_table, diff_lines
+
+    estimate = CostEstimate.model_validate(cost.estimate)
+    return {"brief": estimate.brief(), "table": cost_table(estimate), "diff": diff_lines(cost.diff),
+            "assumptions": sorted({a for g in estimate.groups for a in g.assumptions})}
+
+
 def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], card: ModelCard,
                   plan: QuantizationPlan) -> str:
     """Markdown a reviewer reads in Airflow's Required Actions before approving."""
@@ -346,3 +358,101 @@ def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], car
         for name, uri in v.evidence.items():
             lines.append(f"- {v.gate} evidence: [{name}]({uri})")
     return "\n".join(lines)
+
+
+# -- edge cost (FinOps) ------------------------------------------------------------------------------
+class CostReport(Record):
+    """The cost estimate of the shipped variant, its gates and its diff against the champion."""
+
+    estimate: dict
+    verdicts: list[GateVerdict]
+    diff: dict
+    evidence: dict[str, str] = {}
+
+
+def _host_calibration(ctx: Context):
+    """The build host's calibrated throughput, measured once per worker and kept in scratch."""
+    import platform
+
+    from pipelines.finops.profile import HostCalibration, calibrate_host
+
+    path = ctx.settings.work_dir / f"host-calibration-{platform.node() or 'host'}.json"
+    if path.is_file():
+        return HostCalibration.model_validate_json(path.read_text())
+    calibration = calibrate_host()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(calibration.model_dump_json())
+    return calibration
+
+
+def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
+              registered: RegisteredVersion, settings: Settings | None = None) -> CostReport:
+    """Profile the shipped variant, project latency, memory, energy and $/month per device
+    group, gate them (memory limit, latency SLO, budget) and diff against the deployed version."""
+    from pipelines import registry
+    from pipelines.finops import cost
+    from pipelines.finops.catalog import load_catalog, load_fleet
+    from pipelines.finops.profile import measure_host, profile_graph
+    from pipelines.onnx import export as onnx_export
+
+    ctx = stage_context(spec_path, data, settings)
+    chosen = plan.chosen_candidate
+    deployed = deployed_manifest(ctx)
+    deployed_sha = deployed["spec"]["modelRef"]["checksum"].removeprefix("sha256:") if deployed else "none"
+    # As for quality: the diff is against what is deployed, and a re-run after this very
+    # artifact landed keeps the diff that was committed.
+    name = f"cost-{deployed_sha[:16]}.json"
+    for key in ((name, "cost.json") if deployed_sha == chosen.sha256 else (name,)):
+        cached = ctx.load_record(data.release_key, key, CostReport)
+        if cached is not None:
+            return cached
+    catalog = load_catalog()
+    fleet = load_fleet(ctx.settings.fleet_path, catalog)
+    fp32 = next(c for c in plan.candidates if c.variant == "fp32")
+    path = ctx.fetch(chosen.uri)
+    graph = profile_graph(path)
+    parts = splits(ctx, data)
+    feed = onnx_export.feeds(onnx_export.session(path), parts["x_test"].iloc[:1])
+    measured = measure_host(path, feed)
+    calibration = _host_calibration(ctx)
+    host = cost.HostFigures(
+        gflops=calibration.gflops, overhead_ms=calibration.overhead_ms,
+        fp32_latency_p50_ms=fp32.latency_p50_ms, fp32_latency_p95_ms=fp32.latency_p95_ms, flops=graph.flops,
+        memory_bytes=max(graph.weight_bytes + graph.peak_activation_bytes,
+                         measured.peak_rss_bytes - measured.baseline_rss_bytes),
+        artifact_bytes=chosen.size_bytes, train_seconds=trained.train_seconds)
+    try:
+        estimate = cost.estimate(ctx.spec, catalog, fleet, host, plan.chosen)
+    except ValueError as error:
+        from pipelines.context import ReleaseError
+
+        raise ReleaseError(f"{ctx.spec_path}: {error} ({ctx.settings.fleet_path})") from None
+    diff = cost.cost_diff(estimate.brief(), (deployed or {}).get("spec", {}).get("cost"),
+                          str(deployed["spec"]["modelRef"]["version"]) if deployed else None)
+    verdicts = [cost.memory_verdict(ctx.spec, estimate, catalog), cost.latency_verdict(ctx.spec, estimate),
+                cost.budget_verdict(estimate)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "cost.json").write_text(json.dumps({"estimate": estimate.model_dump(mode="json"),
+                                                      "graph": graph.model_dump(mode="json"),
+                                                      "host_measurement": measured.model_dump(mode="json"),
+                                                      "diff": diff}, indent=2))
+        import csv
+
+        with open(folder / "focus.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=cost.FOCUS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(cost.focus_rows(estimate, registered.version))
+        (folder / "cost_table.txt").write_text("\n".join(cost.cost_table(estimate) + [""] + cost.diff_lines(diff)) + "\n")
+        files = sorted(folder.iterdir())
+        evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, "cost", p.name)) for p in files}
+        for verdict in verdicts:
+            registry.log_verdict(ctx.settings.tracking_uri, registered.run_id, verdict, [])
+        registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/cost", files,
+                              metrics={"cost.total_usd_per_month": estimate.total_usd_per_month,
+                                       "cost.delta_usd_per_month": diff["deltaUsdPerMonth"]},
+                              tags={"cost.diff": "\n".join(cost.diff_lines(diff))})
+    verdicts = [v.model_copy(update={"evidence": {"cost.json": evidence["cost.json"]}}) for v in verdicts]
+    report = CostReport(estimate=estimate.model_dump(mode="json"), verdicts=verdicts, diff=diff, evidence=evidence)
+    ctx.save_record(data.release_key, "cost.json", report)
+    return ctx.save_record(data.release_key, name, report)

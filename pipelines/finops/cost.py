@@ -1,0 +1,321 @@
+"""What a model will cost on the fleet, per device group, before it ships.
+
+Inputs: the model's graph profile (FLOPs, weights, activations), its latency measured on the
+build host (fp32, each runtime in its own process) and the host's calibrated throughput, the
+device catalog, and the fleet file. Host int8 timings are never projected onto devices: the
+fp32 host latency is scaled by the compute ratio, then divided by the device class's own
+int8 speedup for int8 variants. Every figure records its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+from pydantic import Field
+
+from pipelines.finops.catalog import Catalog, DeviceClass, Fleet, FleetGroup
+from pipelines.records import GateVerdict, Record
+from pipelines.specs import ModelSpec, parse_quantity
+
+DAYS_PER_MONTH = 30
+INT8_VARIANTS = ("dynamic", "static")
+
+
+class HostFigures(Record):
+    """What was measured on the build host, the basis of every projection."""
+
+    gflops: float
+    overhead_ms: float
+    fp32_latency_p50_ms: float
+    fp32_latency_p95_ms: float
+    flops: int
+    memory_bytes: int = Field(description="max(graph weights + peak activations, measured RSS growth)")
+    artifact_bytes: int
+    train_seconds: float
+
+
+class GroupCost(Record):
+    group: str
+    fleet_groups: list[str]
+    device_classes: list[str]
+    devices: int
+    variant: str
+    latency_p50_ms: float
+    latency_p95_ms: float
+    memory_bytes: int
+    energy_j_per_inference: float
+    inferences_per_month: float
+    energy_kwh_per_month: float
+    energy_usd: float
+    ota_gb_per_month: float
+    ota_usd: float
+    telemetry_gb_per_month: float
+    telemetry_usd: float
+    total_usd: float
+    assumptions: list[str] = Field(default_factory=list)
+    inputs: dict = Field(default_factory=dict)
+
+
+class CostEstimate(Record):
+    model: str
+    variant: str
+    cost_center: str
+    project: str
+    host: HostFigures
+    groups: list[GroupCost]
+    releases_per_month: float
+    training_usd_per_month: float
+    total_usd_per_month: float
+    monthly_budget_usd: float
+    prices: dict
+
+    def brief(self) -> dict:
+        """What the manifest carries, and what the next release diffs against."""
+        return {
+            "totalUsdPerMonth": round(self.total_usd_per_month, 2),
+            "budgetUsdPerMonth": self.monthly_budget_usd,
+            "groups": {g.group: {"usdPerMonth": round(g.total_usd, 2),
+                                 "energyKwhPerDay": round(g.energy_kwh_per_month / DAYS_PER_MONTH, 4),
+                                 "egressGbPerMonth": round(g.ota_gb_per_month + g.telemetry_gb_per_month, 4),
+                                 "latencyP95Ms": round(g.latency_p95_ms, 4)} for g in self.groups},
+        }
+
+
+def releases_per_month(schedule: str | None) -> float:
+    """How often the spec's schedule fires in 30 days (a manual-only spec: once)."""
+    if not schedule or schedule == "@once":
+        return 1.0
+    from croniter import croniter
+
+    start = datetime(2026, 1, 5, tzinfo=timezone.utc)  # a fixed Monday: the count must not depend on today
+    end = start + timedelta(days=DAYS_PER_MONTH)
+    runs, it = 0, croniter(schedule, start)
+    while it.get_next(datetime) <= end:
+        runs += 1
+    return float(runs)
+
+
+def device_latency_ms(host_ms: float, host: HostFigures, device: DeviceClass, variant: str) -> tuple[float, float]:
+    """(latency, lower bound) on a device class from an fp32 host latency."""
+    speedup = device.int8_speedup.value if variant in INT8_VARIANTS else 1.0
+    device_gflops = device.gflops_fp32.value * speedup
+    scaled = host_ms * host.gflops / device.gflops_fp32.value / speedup
+    floor = host.flops / (device_gflops * 1e9) * 1e3
+    return max(scaled, floor), floor
+
+
+def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet: Fleet, host: HostFigures,
+                variant: str, artifact_bytes: int) -> GroupCost:
+    prices = fleet.prices
+    p50 = p95 = energy_j = 0.0
+    memory = 0
+    inferences = telemetry_gb = ota_gb = energy_kwh = 0.0
+    assumptions: set[str] = set()
+    per_fleet = {}
+    for group in fleet_groups:
+        device = catalog.classes[group.device_class]
+        for name, figure in device:
+            if getattr(figure, "assumption", False):
+                assumptions.add(f"{group.device_class}.{name}")
+        g_p50, floor = device_latency_ms(host.fp32_latency_p50_ms, host, device, variant)
+        g_p95, _ = device_latency_ms(host.fp32_latency_p95_ms, host, device, variant)
+        g_energy = device.power_active_w.value * g_p50 / 1e3
+        g_inferences = group.devices * group.inferences_per_device_per_day * DAYS_PER_MONTH
+        g_kwh = g_inferences * g_energy / 3.6e6
+        g_ota = artifact_bytes * group.devices * group.ota_updates_per_month / 1e9
+        g_tel = group.telemetry_bytes_per_device_per_day * group.devices * DAYS_PER_MONTH / 1e9
+        p50, p95 = max(p50, g_p50), max(p95, g_p95)
+        energy_j = max(energy_j, g_energy)
+        memory = max(memory, host.memory_bytes)
+        inferences += g_inferences
+        energy_kwh += g_kwh
+        ota_gb += g_ota
+        telemetry_gb += g_tel
+        per_fleet[group.name] = {
+            "device_class": group.device_class, "devices": group.devices,
+            "latency_p50_ms": round(g_p50, 6), "latency_floor_ms": round(floor, 6),
+            "energy_j_per_inference": g_energy, "inferences_per_month": g_inferences,
+            "formula": "latency = host_fp32_ms x host_gflops / device_gflops_fp32 / int8_speedup(int8 only), "
+                       "at least flops / device_gflops; energy = power_active_w x latency",
+        }
+    for name, price in prices:
+        if price.assumption:
+            assumptions.add(f"prices.{name}")
+    energy_usd = energy_kwh * prices.electricity_usd_per_kwh.value
+    ota_usd = ota_gb * prices.egress_usd_per_gb.value
+    telemetry_usd = telemetry_gb * prices.egress_usd_per_gb.value
+    return GroupCost(
+        group=target.name, fleet_groups=[g.name for g in fleet_groups],
+        device_classes=sorted({g.device_class for g in fleet_groups}),
+        devices=sum(g.devices for g in fleet_groups), variant=variant,
+        latency_p50_ms=p50, latency_p95_ms=p95, memory_bytes=memory, energy_j_per_inference=energy_j,
+        inferences_per_month=inferences, energy_kwh_per_month=energy_kwh, energy_usd=energy_usd,
+        ota_gb_per_month=ota_gb, ota_usd=ota_usd, telemetry_gb_per_month=telemetry_gb, telemetry_usd=telemetry_usd,
+        total_usd=energy_usd + ota_usd + telemetry_usd, assumptions=sorted(assumptions),
+        inputs={"fleet_groups": per_fleet, "artifact_bytes": artifact_bytes,
+                "electricity_usd_per_kwh": prices.electricity_usd_per_kwh.value,
+                "egress_usd_per_gb": prices.egress_usd_per_gb.value},
+    )
+
+
+def estimate(spec: ModelSpec, catalog: Catalog, fleet: Fleet, host: HostFigures, variant: str) -> CostEstimate:
+    """Project cost per device group of the spec, plus training, against the spec's budget."""
+    groups = []
+    for target in spec.targets:
+        matched = [g for g in fleet.groups if g.selected_by(target.selector.match_labels)]
+        if not matched:
+            raise ValueError(f"targets[{target.name}]: no fleet group has the labels "
+                             f"{target.selector.match_labels}: the fleet file cannot price it")
+        groups.append(_group_cost(target, matched, catalog, fleet, host, variant, host.artifact_bytes))
+    per_month = releases_per_month(spec.schedule)
+    training = host.train_seconds / 3600 * fleet.prices.training_usd_per_hour.value * per_month
+    return CostEstimate(
+        model=spec.name, variant=variant, cost_center=spec.finops.cost_center, project=spec.finops.project,
+        host=host, groups=groups, releases_per_month=per_month, training_usd_per_month=training,
+        total_usd_per_month=sum(g.total_usd for g in groups) + training,
+        monthly_budget_usd=spec.finops.monthly_budget_usd,
+        prices={name: price.model_dump(mode="json") for name, price in fleet.prices},
+    )
+
+
+# -- gates ---------------------------------------------------------------------------------------
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -> GateVerdict:
+    limit = spec.resources.limits.memory
+    problems, observed = [], {}
+    for group in estimate_.groups:
+        observed[f"{group.group}.memory_bytes"] = group.memory_bytes
+        if limit and group.memory_bytes > parse_quantity(limit):
+            problems.append(f"{group.group}: {_mib(group.memory_bytes)} > limits.memory {limit}")
+        for name in group.device_classes:
+            device_memory = catalog.classes[name].memory_bytes.value
+            if group.memory_bytes > device_memory:
+                problems.append(f"{group.group}: {_mib(group.memory_bytes)} > {name} memory {_mib(device_memory)}")
+    worst = max(g.memory_bytes for g in estimate_.groups)
+    reason = "; ".join(problems) if problems else (
+        f"{_mib(worst)} within limits.memory {limit}" if limit else f"{_mib(worst)}; the spec sets no memory limit")
+    return GateVerdict(gate="edge_memory", passed=not problems, thresholds={"limits.memory": limit},
+                       observed=observed, reason=reason)
+
+
+def latency_verdict(spec: ModelSpec, estimate_: CostEstimate) -> GateVerdict:
+    problems, observed, thresholds, within = [], {}, {}, []
+    slos = {t.name: t.latency_slo_ms for t in spec.targets}
+    for group in estimate_.groups:
+        slo = slos[group.group]
+        observed[f"{group.group}.latency_p95_ms"] = round(group.latency_p95_ms, 4)
+        thresholds[f"{group.group}.latency_slo_ms"] = slo
+        if slo is None:
+            continue
+        if group.latency_p95_ms > slo:
+            problems.append(f"{group.group}: p95 {group.latency_p95_ms:.3f} ms > SLO {slo:g} ms "
+                            f"on {', '.join(group.device_classes)}")
+        else:
+            within.append(f"{group.group} {group.latency_p95_ms:.3f}/{slo:g} ms")
+    reason = "; ".join(problems) if problems else (
+        "p95 within SLO: " + ", ".join(within) if within else "no latency SLO set")
+    return GateVerdict(gate="edge_latency", passed=not problems, thresholds=thresholds, observed=observed,
+                       reason=reason)
+
+
+def budget_verdict(estimate_: CostEstimate) -> GateVerdict:
+    total, budget = estimate_.total_usd_per_month, estimate_.monthly_budget_usd
+    observed = {"total_usd_per_month": round(total, 2), "training_usd_per_month": round(estimate_.training_usd_per_month, 2),
+                **{f"{g.group}.usd_per_month": round(g.total_usd, 2) for g in estimate_.groups}}
+    passed = total <= budget
+    biggest = max(estimate_.groups, key=lambda g: g.total_usd)
+    reason = (f"${total:,.2f}/month {'within' if passed else 'exceeds'} the ${budget:,.2f} budget "
+              f"of {estimate_.cost_center}/{estimate_.project} (largest: {biggest.group} ${biggest.total_usd:,.2f})")
+    return GateVerdict(gate="budget", passed=passed, thresholds={"monthly_budget_usd": budget}, observed=observed,
+                       reason=reason)
+
+
+# -- diff and export --------------------------------------------------------------------------------
+def cost_diff(candidate: dict, deployed: dict | None, deployed_version: str | None) -> dict:
+    """Infracost-style difference of two cost briefs (`CostEstimate.brief()`); "new" without a baseline."""
+    if not deployed:
+        return {"baseline": "new", "groups": {name: {"status": "new", **values}
+                                              for name, values in candidate["groups"].items()},
+                "deltaUsdPerMonth": candidate["totalUsdPerMonth"]}
+    groups = {}
+    for name, values in candidate["groups"].items():
+        before = deployed.get("groups", {}).get(name)
+        if before is None:
+            groups[name] = {"status": "new", **values}
+            continue
+        groups[name] = {"status": "changed", **{f"delta{k[0].upper()}{k[1:]}": round(values[k] - before.get(k, 0), 4)
+                                                for k in values}}
+    for name in deployed.get("groups", {}):
+        if name not in candidate["groups"]:
+            groups[name] = {"status": "removed"}
+    return {"baseline": f"v{deployed_version}", "groups": groups,
+            "deltaUsdPerMonth": round(candidate["totalUsdPerMonth"] - deployed.get("totalUsdPerMonth", 0), 2)}
+
+
+def diff_lines(diff: dict) -> list[str]:
+    """The diff as readable lines (commit message, summary)."""
+    lines = [f"Cost vs {diff['baseline']}: {diff['deltaUsdPerMonth']:+,.2f} USD/month"]
+    for name, values in diff["groups"].items():
+        if values["status"] == "new":
+            lines.append(f"  + {name}: new, {values['usdPerMonth']:,.2f} USD/month, "
+                         f"{values['energyKwhPerDay']:.3f} kWh/day, {values['egressGbPerMonth']:.2f} GB/month egress, "
+                         f"p95 {values['latencyP95Ms']:.3f} ms")
+        elif values["status"] == "removed":
+            lines.append(f"  - {name}: no longer targeted")
+        else:
+            lines.append(f"  ~ {name}: {values['deltaUsdPerMonth']:+,.2f} USD/month, "
+                         f"{values['deltaEnergyKwhPerDay']:+.4f} kWh/day, {values['deltaEgressGbPerMonth']:+.3f} GB/month, "
+                         f"p95 {values['deltaLatencyP95Ms']:+.4f} ms")
+    return lines
+
+
+FOCUS_COLUMNS = ["BillingCurrency", "ChargeCategory", "ChargeDescription", "ServiceName", "ConsumedQuantity",
+                 "ConsumedUnit", "PricingUnit", "ListUnitPrice", "BilledCost", "EffectiveCost", "Tags",
+                 "x_DeviceGroup", "x_DeviceClass", "x_ModelVersion", "x_Period", "x_Estimate"]
+
+
+def focus_rows(estimate_: CostEstimate, model_version: str) -> list[dict]:
+    """The estimate as FOCUS-shaped rows (costs are estimates for a 30-day month)."""
+    tags = json.dumps({"finops.apexlogic.dev/cost-center": estimate_.cost_center,
+                       "finops.apexlogic.dev/project": estimate_.project,
+                       "app.kubernetes.io/name": estimate_.model}, sort_keys=True)
+    prices = estimate_.prices
+    rows = []
+
+    def row(group: str, device_class: str, service: str, description: str, quantity: float, unit: str,
+            price: float, cost: float):
+        rows.append({"BillingCurrency": "USD", "ChargeCategory": "Usage", "ChargeDescription": description,
+                     "ServiceName": service, "ConsumedQuantity": round(quantity, 6), "ConsumedUnit": unit,
+                     "PricingUnit": unit, "ListUnitPrice": price, "BilledCost": round(cost, 6),
+                     "EffectiveCost": round(cost, 6), "Tags": tags, "x_DeviceGroup": group,
+                     "x_DeviceClass": device_class, "x_ModelVersion": model_version, "x_Period": "P30D",
+                     "x_Estimate": True})
+
+    for g in estimate_.groups:
+        classes = ",".join(g.device_classes)
+        row(g.group, classes, "Edge inference energy", f"{g.inferences_per_month:,.0f} inferences",
+            g.energy_kwh_per_month, "kWh", prices["electricity_usd_per_kwh"]["value"], g.energy_usd)
+        row(g.group, classes, "OTA model delivery", "model downloads", g.ota_gb_per_month, "GB",
+            prices["egress_usd_per_gb"]["value"], g.ota_usd)
+        row(g.group, classes, "Device telemetry", "telemetry upload", g.telemetry_gb_per_month, "GB",
+            prices["egress_usd_per_gb"]["value"], g.telemetry_usd)
+    row("-", "-", "Model training", f"{estimate_.releases_per_month:g} releases", estimate_.host.train_seconds / 3600
+        * estimate_.releases_per_month, "Hour", prices["training_usd_per_hour"]["value"], estimate_.training_usd_per_month)
+    return rows
+
+
+def cost_table(estimate_: CostEstimate) -> list[str]:
+    """Per-group figures as table lines (the release summary)."""
+    lines = ["  device group        devices  variant   p95 ms   energy J/inf   USD/month  (energy / OTA / telemetry)"]
+    for g in estimate_.groups:
+        lines.append(f"  {g.group:<18} {g.devices:>8,}  {g.variant:<8} {g.latency_p95_ms:>7.3f}   {g.energy_j_per_inference:>12.3g}"
+                     f"   {g.total_usd:>9,.2f}  ({g.energy_usd:,.2f} / {g.ota_usd:,.2f} / {g.telemetry_usd:,.2f})")
+    lines.append(f"  {'training':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {estimate_.training_usd_per_month:>9,.2f}"
+                 f"  ({estimate_.releases_per_month:g} releases/month)")
+    lines.append(f"  {'total':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {estimate_.total_usd_per_month:>9,.2f}"
+                 f"  budget {estimate_.monthly_budget_usd:,.2f}")
+    return lines

@@ -1,0 +1,780 @@
+"""What one inference of an ONNX model costs: counted from the graph, and measured on this host.
+
+`profile_graph` reads the graph alone (no session): parameters, weight bytes, multiply-
+accumulates, FLOPs and a peak-activation estimate at batch 1. `measure_host` times the model in
+a fresh single-threaded process (the same child as `pipelines.onnx.quantize.measure_latency`)
+and also reports the child's resident memory. `calibrate_host` turns FLOPs into milliseconds
+for this host, so that a fleet projection can scale counted FLOPs by a device's throughput.
+
+Counting rules (all at batch 1, symbolic dims set to 1):
+
+* MACs: MatMul/Gemm/Conv/ConvTranspose (groups included) and their quantized forms
+  (MatMulInteger, QLinearMatMul, ConvInteger, QLinearConv, com.microsoft DynamicQuantizeMatMul,
+  MatMulIntegerToFloat, QGemm, Fused*), and ai.onnx.ml LinearClassifier/LinearRegressor/SVM*
+  from their coefficient attributes. In QDQ graphs the float op between the Q/DQ pairs counts.
+* FLOPs = 2 * MACs + one FLOP per output element of bias adds, elementwise, activation,
+  normalization and (de)quantization ops; reductions and global pools count input elements,
+  windowed pools output elements times window size. Data movement (Reshape, Transpose,
+  Concat, Gather, Cast, ...) is free. Nodes whose inputs are all constant are free too:
+  onnxruntime folds them when the session is created (e.g. DequantizeLinear of a weight).
+* Anything else (If/Loop, RNNs, tree ensembles, custom domains) or an op whose shapes could
+  not be inferred is listed in `unknown_ops`: the figures are then lower bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.records import Record
+
+_MODULE = "pipelines.finops.profile"
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+# Input slots holding weights, per op type; initializers reached from them are parameters.
+_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
+    "MatMul": (0, 1), "Gemm": (0, 1, 2), "Conv": (1, 2), "ConvTranspose": (1, 2),
+    "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "ConvInteger": (1,), "QLinearConv": (3, 8),
+    "DynamicQuantizeMatMul": (1, 4), "MatMulIntegerToFloat": (1, 6), "QGemm": (0, 3, 6),
+    "FusedMatMul": (0, 1), "FusedGemm": (0, 1, 2), "FusedConv": (1, 2),
+    "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1), "PRelu": (1,),
+    "BatchNormalization": (1, 2, 3, 4), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "Gather": (0,), "Einsum": tuple(range(8)),
+    "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3),
+}
+# Ops a weight may pass through on its way to a compute op (input 0 carries it).
+_PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Transpose", "Reshape", "Identity",
+                 "Squeeze", "Unsqueeze", "Flatten"}
+_ELEMENTWISE_ARITHMETIC = {"Add", "Sub", "Mul", "Div"}
+# Learned values the ai.onnx.ml ops keep in attributes instead of initializers.
+_ML_PARAMETER_ATTRS: dict[str, tuple[str, ...]] = {
+    "LinearClassifier": ("coefficients", "intercepts"),
+    "LinearRegressor": ("coefficients", "intercepts"),
+    "SVMClassifier": ("support_vectors", "coefficients", "rho"),
+    "SVMRegressor": ("support_vectors", "coefficients", "rho"),
+    "Scaler": ("offset", "scale"),
+    "TreeEnsembleClassifier": ("nodes_values", "class_weights"),
+    "TreeEnsembleRegressor": ("nodes_values", "target_weights"),
+}
+
+# (a index, b index, bias index or None) of matrix-product ops.
+_MATMUL_LIKE: dict[str, tuple[int, int, int | None]] = {
+    "MatMul": (0, 1, None), "MatMulInteger": (0, 1, None), "QLinearMatMul": (0, 3, None),
+    "DynamicQuantizeMatMul": (0, 1, 4), "MatMulIntegerToFloat": (0, 1, 6), "FusedMatMul": (0, 1, None),
+}
+_GEMM_LIKE: dict[str, tuple[int, int, int | None]] = {
+    "Gemm": (0, 1, 2), "FusedGemm": (0, 1, 2), "QGemm": (0, 3, 6),
+}
+# (x index, w index, bias index or None) of convolutions.
+_CONV_LIKE: dict[str, tuple[int, int, int | None]] = {
+    "Conv": (0, 1, 2), "FusedConv": (0, 1, 2), "ConvInteger": (0, 1, None), "QLinearConv": (0, 3, 8),
+}
+
+_FREE = {
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Size", "Constant",
+    "ConstantOfShape", "Transpose", "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND",
+    "Cast", "CastLike", "Expand", "Tile", "Pad", "Dropout", "Range", "NonZero", "Compress",
+    "ZipMap", "CastMap", "FeatureVectorizer", "LabelEncoder", "ArrayFeatureExtractor", "DictVectorizer",
+    "SequenceConstruct", "SequenceAt", "SplitToSequence", "ConcatFromSequence",
+}
+_PER_OUTPUT = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Neg", "Relu",
+    "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Softplus", "Softsign", "Gelu", "FastGelu", "Erf", "Clip", "Max", "Min", "Sum", "Mean", "Where",
+    "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "Sign",
+    "Floor", "Ceil", "Round", "IsNaN", "IsInf", "Mod", "BitShift", "Mish", "ThresholdedRelu", "Sin",
+    "Cos", "Softmax", "LogSoftmax", "Hardmax", "BatchNormalization", "LayerNormalization",
+    "InstanceNormalization", "GroupNormalization", "LpNormalization", "QuantizeLinear",
+    "DequantizeLinear", "DynamicQuantizeLinear", "Scaler", "Normalizer", "Binarizer", "Imputer",
+    "OneHotEncoder", "OneHot", "Trilu", "Shrink",
+}
+_BROADCASTING = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
+    "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "PRelu",
+}
+_PER_INPUT = {
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool", "TopK",
+}
+_WINDOWED = {"MaxPool", "AveragePool", "LpPool"}
+_KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"}
+
+
+class ProfileError(RuntimeError):
+    """A model could not be read, or could not be measured."""
+
+
+class GraphProfile(Record):
+    """Static cost of one inference at batch 1, counted from the ONNX graph."""
+
+    parameters: int
+    weight_bytes: int
+    macs: int
+    flops: int
+    peak_activation_bytes: int
+    file_bytes: int
+    unknown_ops: list[str]
+
+
+class HostMeasurement(Record):
+    """One-row latency and resident memory of a model, in a fresh single-threaded process."""
+
+    latency_p50_ms: float
+    latency_p95_ms: float
+    peak_rss_bytes: int
+    baseline_rss_bytes: int
+    threads: int = 1
+
+
+class HostCalibration(Record):
+    """This host's single-thread throughput on a dense batch-1 workload, and its per-call cost."""
+
+    gflops: float
+    overhead_ms: float
+
+    def predict_ms(self, flops: int) -> float:
+        return predict_latency_ms(flops, self.gflops, self.overhead_ms)
+
+
+def predict_latency_ms(flops: int, host_gflops: float, overhead_ms: float = 0.0) -> float:
+    """Latency that `flops` would take at `host_gflops`, plus a fixed per-inference overhead."""
+    if host_gflops <= 0:
+        raise ValueError("host_gflops must be > 0")
+    return flops / (host_gflops * 1e9) * 1e3 + overhead_ms
+
+
+# ------------------------------------------------------------------------------------- profile
+
+
+Shape = tuple[int, ...]
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def _itemsize(elem_type: int) -> int:
+    """Bytes per element; 0 for strings and types numpy cannot hold (unknown size)."""
+    import onnx
+
+    if elem_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    try:
+        return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _tensor_bytes(t: Any) -> int:
+    import onnx
+
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    return _numel(t.dims) * _itemsize(t.data_type)
+
+
+def _constant_value(node: Any) -> tuple[Shape, int, int] | None:
+    """(shape, elem_type, bytes) of a Constant node's value."""
+    import onnx
+
+    for attr in node.attribute:
+        if attr.name == "value":
+            return tuple(attr.t.dims), attr.t.data_type, _tensor_bytes(attr.t)
+        if attr.name == "sparse_value":
+            values = attr.sparse_tensor.values
+            return tuple(attr.sparse_tensor.dims), values.data_type, _tensor_bytes(values)
+        if attr.name in ("value_float", "value_int"):
+            kind = onnx.TensorProto.FLOAT if attr.name == "value_float" else onnx.TensorProto.INT64
+            return (), kind, _itemsize(kind)
+        if attr.name in ("value_floats", "value_ints"):
+            kind = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
+            n = len(attr.floats) if attr.name == "value_floats" else len(attr.ints)
+            return (n,), kind, n * _itemsize(kind)
+        if attr.name in ("value_string", "value_strings"):
+            return None
+    return None
+
+
+def _pin_batch(model: Any) -> None:
+    """Set every symbolic or missing dim of the graph inputs to 1, in place."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        for dim in tensor.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1
+    # Intermediate annotations from the exporter carry the old symbolic dims; infer afresh.
+    del model.graph.value_info[:]
+
+
+def _inferred(model: Any) -> Any:
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - a graph the inference cannot handle still gets counted
+        try:
+            return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        except Exception:  # noqa: BLE001
+            return model
+
+
+def _value_types(graph: Any) -> dict[str, tuple[int, Shape | None]]:
+    """Tensor name -> (elem type, shape or None if any dim is unknown)."""
+    types: dict[str, tuple[int, Shape | None]] = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if not value.type.HasField("tensor_type"):
+            continue
+        tensor = value.type.tensor_type
+        shape: Shape | None = None
+        if tensor.HasField("shape"):
+            dims = tensor.shape.dim
+            if all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+                shape = tuple(int(d.dim_value) for d in dims)
+        previous = types.get(value.name)
+        if previous is None or previous[1] is None:
+            types[value.name] = (tensor.elem_type, shape)
+    for t in graph.initializer:
+        types[t.name] = (t.data_type, tuple(t.dims))
+    return types
+
+
+def _topological(nodes: Sequence[Any], available: set[str]) -> list[Any]:
+    """Nodes in an order where every input is produced before use (stable otherwise)."""
+    producers = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    done: set[int] = set()
+    ready = set(available)
+    order: list[Any] = []
+    pending = list(range(len(nodes)))
+    while pending:
+        rest = []
+        for i in pending:
+            needs = [x for x in nodes[i].input if x and x in producers and x not in ready]
+            if needs:
+                rest.append(i)
+                continue
+            order.append(nodes[i])
+            done.add(i)
+            ready.update(o for o in nodes[i].output if o)
+        if len(rest) == len(pending):  # a cycle or a dangling input: keep the file's order
+            order.extend(nodes[i] for i in rest)
+            break
+        pending = rest
+    return order
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _input(node: Any, index: int) -> str:
+    return node.input[index] if index < len(node.input) else ""
+
+
+def _broadcast(a: Shape, b: Shape) -> Shape:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(max(x, y) for x, y in zip(a, b))
+
+
+def _matmul_macs(a: Shape, b: Shape, trans_a: bool = False, trans_b: bool = False) -> int:
+    """MACs of numpy-style matmul of shapes `a` and `b` (1-D operands promoted, batch dims broadcast)."""
+    a2 = (1, *a) if len(a) == 1 else a
+    b2 = (*b, 1) if len(b) == 1 else b
+    m, k = (a2[-1], a2[-2]) if trans_a else (a2[-2], a2[-1])
+    n = b2[-2] if trans_b else b2[-1]
+    return _numel(_broadcast(a2[:-2], b2[:-2])) * m * k * n
+
+
+def _conv_out_spatial(node: Any, x: Shape, w: Shape) -> Shape:
+    """Output spatial dims of a convolution from its attributes (when inference gave none)."""
+    spatial = x[2:]
+    kernel = tuple(_attr(node, "kernel_shape", None) or w[2:])
+    strides = tuple(_attr(node, "strides", None) or (1,) * len(spatial))
+    dilations = tuple(_attr(node, "dilations", None) or (1,) * len(spatial))
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return tuple(-(-s // st) for s, st in zip(spatial, strides))
+    n = len(spatial)
+    pads = (0,) * (2 * n) if auto_pad == "VALID" else tuple(_attr(node, "pads", None) or (0,) * (2 * n))
+    return tuple(
+        (spatial[i] + pads[i] + pads[i + n] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(n)
+    )
+
+
+class _Counter:
+    """Walks the sorted graph once, summing MACs and FLOPs and noting what it could not cost."""
+
+    def __init__(self, types: dict[str, tuple[int, Shape | None]], constant: set[str]) -> None:
+        self.types = types
+        self.constant = constant
+        self.macs = 0
+        self.flops = 0
+        self.unknown: set[str] = set()
+
+    def shape(self, name: str) -> Shape | None:
+        return self.types.get(name, (0, None))[1] if name else None
+
+    def out_elems(self, node: Any) -> int | None:
+        shape = self.shape(node.output[0]) if node.output else None
+        return None if shape is None else _numel(shape)
+
+    def fallback_shape(self, node: Any) -> Shape | None:
+        """Output shape of an elementwise op that inference left open (ai.onnx.ml has few shape
+        functions): the inputs broadcast, or input 0 for ops with parameter inputs."""
+        if node.op_type in ("OneHotEncoder", "OneHot"):
+            return None
+        if node.op_type in _BROADCASTING:
+            shapes = [self.shape(x) for x in node.input if x]
+            if not shapes or any(s is None for s in shapes):
+                return None
+            out: Shape = ()
+            for s in shapes:
+                out = _broadcast(out, s)  # type: ignore[arg-type]
+            return out
+        return self.shape(_input(node, 0))
+
+    def bias_elems(self, node: Any, bias: int | None) -> int:
+        if bias is None or not _input(node, bias):
+            return 0
+        shape = self.shape(node.output[0])
+        return 0 if shape is None else _numel(shape)
+
+    def add(self, node: Any) -> None:
+        op = node.op_type
+        if node.output and all(o in self.constant for o in node.output if o):
+            return  # folded into a constant when the session is created
+        if node.domain not in _KNOWN_DOMAINS:
+            self.unknown.add(op)
+            return
+        if op in _MATMUL_LIKE:
+            ia, ib, bias = _MATMUL_LIKE[op]
+            a, b = self.shape(_input(node, ia)), self.shape(_input(node, ib))
+            if a is None or b is None:
+                self.unknown.add(op)
+                return
+            macs = _matmul_macs(a, b, bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0)))
+            self._mac(macs, self.bias_elems(node, bias))
+        elif op in _GEMM_LIKE:
+            ia, ib, bias = _GEMM_LIKE[op]
+            a, b = self.shape(_input(node, ia)), self.shape(_input(node, ib))
+            if a is None or b is None or len(a) != 2 or len(b) != 2:
+                self.unknown.add(op)
+                return
+            macs = _matmul_macs(a, b, bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0)))
+            self._mac(macs, self.bias_elems(node, bias))
+        elif op in _CONV_LIKE:
+            ix, iw, bias = _CONV_LIKE[op]
+            x, w = self.shape(_input(node, ix)), self.shape(_input(node, iw))
+            out = self.shape(node.output[0])
+            if out is None and x is not None and w is not None and len(x) == len(w) >= 3:
+                out = (x[0], w[0], *_conv_out_spatial(node, x, w))
+            if w is None or out is None:
+                self.unknown.add(op)
+                return
+            # Each output element reads C/group x kernel inputs: w is [M, C/group, k...].
+            self._mac(_numel(out) * _numel(w[1:]), self.bias_elems(node, bias))
+        elif op == "ConvTranspose":
+            x, w = self.shape(_input(node, 0)), self.shape(_input(node, 1))
+            if x is None or w is None:
+                self.unknown.add(op)
+                return
+            # Each input element scatters into M/group x kernel outputs: w is [C, M/group, k...].
+            self._mac(_numel(x) * _numel(w[1:]), self.bias_elems(node, 2))
+        elif op in ("LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"):
+            x = self.shape(_input(node, 0))
+            rows = x[0] if x else 1  # batch is pinned to 1
+            per_row = sum(len(_attr(node, a, None) or ()) for a in ("support_vectors", "coefficients"))
+            self._mac(rows * per_row, rows * len(_attr(node, "intercepts", None) or _attr(node, "rho", None) or ()))
+        elif op in _FREE:
+            return
+        elif op in _PER_OUTPUT:
+            n = self.out_elems(node)
+            if n is None:
+                shape = self.fallback_shape(node)
+                n = None if shape is None else _numel(shape)
+            if n is None:
+                self.unknown.add(op)
+            else:
+                self.flops += n
+        elif op in _PER_INPUT:
+            shape = self.shape(_input(node, 0))
+            if shape is None:
+                self.unknown.add(op)
+            else:
+                self.flops += _numel(shape)
+        elif op in _WINDOWED:
+            n, kernel = self.out_elems(node), _attr(node, "kernel_shape", None)
+            if n is None or not kernel:
+                self.unknown.add(op)
+            else:
+                self.flops += n * _numel(kernel)
+        else:
+            self.unknown.add(op)
+
+    def _mac(self, macs: int, bias_adds: int) -> None:
+        self.macs += macs
+        self.flops += 2 * macs + bias_adds
+
+
+def _parameters(nodes: Sequence[Any], sizes: dict[str, int], kinds: dict[str, int],
+                producers: dict[str, Any]) -> int:
+    """Scalars of the initializers (and Constants) that reach a weight slot of a compute op."""
+    import onnx
+
+    # Operands of arithmetic that are size 1 (scales, epsilons) or int64/bool (shape arithmetic)
+    # are not learned weights.
+    not_weights = {onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
+    counted: set[str] = set()
+
+    def source(name: str) -> str | None:
+        seen = 0
+        while name and name not in sizes and seen < 16:
+            node = producers.get(name)
+            if node is None or node.op_type not in _PASS_THROUGH:
+                return None
+            name, seen = _input(node, 0), seen + 1
+        return name if name in sizes else None
+
+    for node in nodes:
+        for slot in _WEIGHT_SLOTS.get(node.op_type, ()):
+            found = source(_input(node, slot))
+            if found and not (node.op_type in _ELEMENTWISE_ARITHMETIC
+                              and (sizes[found] <= 1 or kinds.get(found) in not_weights)):
+                counted.add(found)
+    total = sum(sizes[name] for name in counted)
+    for node in nodes:
+        for name in _ML_PARAMETER_ATTRS.get(node.op_type, ()):
+            total += len(_attr(node, name, None) or ())
+    return total
+
+
+def _peak_activation(nodes: Sequence[Any], types: dict[str, tuple[int, Shape | None]],
+                     constant: set[str], outputs: set[str]) -> int:
+    """Max over steps of the bytes of node outputs alive at that step.
+
+    A tensor lives from the step that produces it to its last consumer (graph outputs to the
+    end); at each step the node's inputs and outputs are alive together. Graph inputs
+    (caller-owned), weights and folded constants are not counted; strings and tensors of
+    unknown shape count 0 bytes.
+    """
+    last_use: dict[str, int] = {}
+    for step, node in enumerate(nodes):
+        for name in node.input:
+            if name:
+                last_use[name] = step
+
+    def size(name: str) -> int:
+        elem, shape = types.get(name, (0, None))
+        return 0 if shape is None else _numel(shape) * _itemsize(elem)
+
+    live: dict[str, int] = {}
+    peak = 0
+    for step, node in enumerate(nodes):
+        for name in node.output:
+            if name and name not in constant:
+                live[name] = size(name)
+        peak = max(peak, sum(live.values()))
+        for name in list(live):
+            if name in outputs:
+                continue
+            if last_use.get(name, step) <= step:
+                del live[name]
+    return peak
+
+
+def profile_graph(path: Path) -> GraphProfile:
+    """Count parameters, weight bytes, MACs, FLOPs and peak activations of one ONNX file at batch 1.
+
+    `file_bytes` is the size of the .onnx file itself (external data, if any, is not read:
+    weight sizes come from the tensors' dims).
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ProfileError(f"cannot read {path.name}: {exc}") from exc
+    graph = model.graph
+
+    sizes: dict[str, int] = {t.name: _numel(t.dims) for t in graph.initializer}
+    kinds: dict[str, int] = {t.name: t.data_type for t in graph.initializer}
+    weight_bytes = sum(_tensor_bytes(t) for t in graph.initializer)
+    for sparse in graph.sparse_initializer:
+        sizes[sparse.values.name] = _numel(sparse.values.dims)
+        kinds[sparse.values.name] = sparse.values.data_type
+        weight_bytes += _tensor_bytes(sparse.values) + _tensor_bytes(sparse.indices)
+    constant_types: dict[str, tuple[int, Shape | None]] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = _constant_value(node)
+            if value is not None:
+                shape, elem, nbytes = value
+                sizes[node.output[0]] = _numel(shape)
+                kinds[node.output[0]] = elem
+                constant_types[node.output[0]] = (elem, shape)
+                weight_bytes += nbytes
+
+    _pin_batch(model)
+    inferred = _inferred(model).graph
+    types = _value_types(inferred)
+    for name, value in constant_types.items():
+        types.setdefault(name, value)
+
+    initializers = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    graph_inputs = {v.name for v in graph.input} - initializers
+    nodes = _topological(list(graph.node), graph_inputs | initializers)
+    constant = set(initializers)
+    for node in nodes:
+        inputs = [x for x in node.input if x]
+        if node.op_type == "Constant" or (
+            inputs and all(x in constant for x in inputs) and node.op_type not in _NONDETERMINISTIC
+            and node.domain in ("", "ai.onnx")
+        ):
+            constant.update(o for o in node.output if o)
+
+    counter = _Counter(types, constant)
+    for node in nodes:
+        if node.op_type in ("If", "Loop", "Scan"):
+            counter.unknown.add(node.op_type)
+            continue
+        counter.add(node)
+
+    producers = {out: n for n in nodes for out in n.output if out}
+    return GraphProfile(
+        parameters=_parameters(nodes, sizes, kinds, producers),
+        weight_bytes=weight_bytes,
+        macs=counter.macs,
+        flops=counter.flops,
+        peak_activation_bytes=_peak_activation(nodes, types, constant, {o.name for o in graph.output}),
+        file_bytes=path.stat().st_size,
+        unknown_ops=sorted(counter.unknown),
+    )
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A `kB` figure of /proc/self/status in bytes, or None where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _rss_now() -> int:
+    """Current resident set size of this process, in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        return _proc_status_bytes("VmRSS") or _peak_rss()
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    # Not ru_maxrss on Linux: it keeps the high-water mark of the address space replaced by
+    # exec, i.e. of the (v)forking parent, so a child of a big process reports the parent's peak.
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def _measure_here(model: Path, feed: Path, warmup: int, runs: int) -> dict[str, Any]:
+    """Child side of `measure_host`: the quantize module's timing loop, plus memory."""
+    import onnxruntime  # noqa: F401 - the baseline includes the runtime, as on a device
+
+    from pipelines.onnx import quantize
+
+    baseline = _rss_now()
+    result = quantize._time_model(model, feed, warmup, runs)
+    result.update(baseline_rss_bytes=baseline, peak_rss_bytes=_peak_rss())
+    return result
+
+
+def _calibrate_here(reference: Path, reference_feed: Path, tiny: Path, tiny_feed: Path,
+                    warmup: int, runs: int, rounds: int) -> dict[str, Any]:
+    from pipelines.onnx import quantize
+
+    # Alternating rounds, median per graph: a burst of load from elsewhere on a shared host
+    # then hits one round of each graph rather than all of one graph's runs.
+    tiny_ms, reference_ms = [], []
+    for _ in range(rounds):
+        tiny_ms.append(quantize._time_model(tiny, tiny_feed, warmup, runs)["p50_ms"])
+        reference_ms.append(quantize._time_model(reference, reference_feed, warmup, runs)["p50_ms"])
+    return {"tiny_p50_ms": float(np.median(tiny_ms)), "reference_p50_ms": float(np.median(reference_ms))}
+
+
+def _run_child(args: list[str], cwd: Path, timeout: float, what: str) -> None:
+    """Run this module's entry point in a fresh single-threaded interpreter; raise on failure."""
+    from pipelines.onnx.quantize import _tail
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", _MODULE, *args], cwd=cwd, env=env, capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProfileError(f"{what} timed out after {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        raise ProfileError(f"{what} failed (exit {done.returncode}): {_tail(done.stderr)}")
+
+
+def _check_feed(feed: dict[str, np.ndarray]) -> None:
+    if not feed:
+        raise ValueError("the feed is empty")
+    batched = {k: np.shape(v) for k, v in feed.items() if np.ndim(v) and np.shape(v)[0] != 1}
+    if batched:
+        raise ValueError(f"the feed must hold one row; got shapes {batched}")
+
+
+def measure_host(
+    path: Path, feed: dict[str, np.ndarray], warmup: int = 50, runs: int = 500, *, timeout: float = 600.0
+) -> HostMeasurement:
+    """Time one-row inference on one thread in a fresh process, and report that process's memory.
+
+    `baseline_rss_bytes` is the child's resident memory after importing onnxruntime and before
+    the session exists; `peak_rss_bytes` its high-water mark after the timed runs.
+    """
+    from pipelines.onnx.quantize import _save_feed
+
+    if runs < 1 or warmup < 0:
+        raise ValueError("runs must be >= 1 and warmup >= 0")
+    _check_feed(feed)
+    with tempfile.TemporaryDirectory(prefix="finops-measure.") as tmp:
+        feed_path, result_path = Path(tmp) / "feed.npz", Path(tmp) / "result.json"
+        _save_feed(feed_path, feed)
+        _run_child(["measure", str(Path(path).resolve()), str(feed_path), str(result_path),
+                    "--warmup", str(warmup), "--runs", str(runs)], Path(tmp), timeout, f"measuring {Path(path).name}")
+        result = json.loads(result_path.read_text())
+    return HostMeasurement(
+        latency_p50_ms=result["p50_ms"], latency_p95_ms=result["p95_ms"],
+        peak_rss_bytes=result["peak_rss_bytes"], baseline_rss_bytes=result["baseline_rss_bytes"], threads=1,
+    )
+
+
+def _reference_models(folder: Path, width: int = 1024, depth: int = 2) -> tuple[Path, Path]:
+    """A chain of `depth` dense width x width MatMuls, and a one-Add graph, both batch 1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    # Scaled so activations stay near 1: no overflow, no denormals slowing the float units.
+    weights = [numpy_helper.from_array((rng.standard_normal((width, width)) / math.sqrt(width)).astype(np.float32),
+                                       f"w{i}") for i in range(depth)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(depth)]
+    graph = helper.make_graph(
+        nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(f"h{depth}", TensorProto.FLOAT, [1, width])], weights,
+    )
+    reference = folder / "reference.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(reference))
+
+    one = numpy_helper.from_array(np.ones((1, 1), np.float32), "one")
+    tiny_graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [one],
+    )
+    tiny = folder / "tiny.onnx"
+    onnx.save(helper.make_model(tiny_graph, opset_imports=[helper.make_opsetid("", 17)]), str(tiny))
+    return reference, tiny
+
+
+def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeout: float = 600.0) -> HostCalibration:
+    """Measure this host's single-thread GFLOPS on a batch-1 chain of two 1024x1024 MatMuls, and
+    the fixed cost of one `session.run` on a one-Add graph, in one fresh process.
+
+    GFLOPS are taken net of the fixed cost, so that `predict_ms(flops)` reproduces the reference.
+    Two layers (8 MiB of weights), not more: at 16 MiB the figure swung 18-29 GFLOPS between
+    runs on a shared host whose L3 other tenants use, at 8 MiB it held at ~40.
+    """
+    from pipelines.onnx.quantize import _save_feed
+
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ValueError("runs and rounds must be >= 1 and warmup >= 0")
+    with tempfile.TemporaryDirectory(prefix="finops-calibrate.") as tmp:
+        folder = Path(tmp)
+        reference, tiny = _reference_models(folder)
+        flops = profile_graph(reference).flops
+        rng = np.random.default_rng(1)
+        _save_feed(folder / "reference.npz", {"x": rng.standard_normal((1, 1024)).astype(np.float32)})
+        _save_feed(folder / "tiny.npz", {"x": np.ones((1, 1), np.float32)})
+        result_path = folder / "result.json"
+        _run_child(["calibrate", str(reference), str(folder / "reference.npz"), str(tiny), str(folder / "tiny.npz"),
+                    str(result_path), "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
+                   folder, timeout, "calibration")
+        result = json.loads(result_path.read_text())
+    overhead = result["tiny_p50_ms"]
+    compute_ms = max(result["reference_p50_ms"] - overhead, 1e-6)
+    return HostCalibration(gflops=flops / (compute_ms * 1e-3) / 1e9, overhead_ms=overhead)
+
+
+# -------------------------------------------------------------------------------------- child
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {_MODULE}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    measure = sub.add_parser("measure", help="time one model and report memory (internal: measure_host)")
+    measure.add_argument("model", type=Path)
+    measure.add_argument("feed", type=Path)
+    measure.add_argument("result", type=Path)
+    calibrate = sub.add_parser("calibrate", help="time the reference graphs (internal: calibrate_host)")
+    calibrate.add_argument("reference", type=Path)
+    calibrate.add_argument("reference_feed", type=Path)
+    calibrate.add_argument("tiny", type=Path)
+    calibrate.add_argument("tiny_feed", type=Path)
+    calibrate.add_argument("result", type=Path)
+    calibrate.add_argument("--rounds", type=int, default=3)
+    for p in (measure, calibrate):
+        p.add_argument("--warmup", type=int, default=50)
+        p.add_argument("--runs", type=int, default=500)
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        result = _measure_here(args.model, args.feed, args.warmup, args.runs)
+    else:
+        result = _calibrate_here(args.reference, args.reference_feed, args.tiny, args.tiny_feed,
+                                 args.warmup, args.runs, args.rounds)
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
