@@ -222,13 +222,13 @@ def build_release_dag(spec_path: Path):
             return "publish" if decision.outcome == "release" else None
 
         @task(**IO_RETRIES)
-        def publish(registered: dict, plan: dict, card: dict):
+        def publish(registered: dict, plan: dict, card: dict, cost: dict):
             from pipelines import release as stages
             from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
             return _stage("publish", lambda: stages.publish(
                 path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan),
-                ModelCard.model_validate(card)))
+                ModelCard.model_validate(card), cost))
 
         @task(**IO_RETRIES)
         def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list,
@@ -294,7 +294,7 @@ def build_release_dag(spec_path: Path):
         explanation = explain(data, plan, registered)
         card = model_card(data, trained, plan, registered, verdicts, explanation, cost)
         decision = decide(verdicts, cost, card, plan, registered)
-        published = publish(registered, plan, card)
+        published = publish(registered, plan, card, cost)
         if spec.approval.mode == "manual":
             approval = ReleaseApproval(
                 task_id="approve_release",

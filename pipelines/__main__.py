@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="print the latest release summary of a model")
     summary.add_argument("model")
     summary.add_argument("--json", action="store_true")
+    finops = commands.add_parser("finops-report", help="forecast a released model's spend for 30 days")
+    finops.add_argument("model")
+    finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
+    finops.add_argument("--json", action="store_true")
     schema = commands.add_parser("schema", help="write the JSON schema of model specs")
     schema.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -112,6 +116,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.model}: no release recorded yet", file=sys.stderr)
                 return 2
             print(result.model_dump_json() if args.json else _table(result))
+        elif args.command == "finops-report":
+            from datetime import date, datetime, timezone
+
+            from pipelines.finops.report import finops_report
+
+            try:
+                as_of = date.fromisoformat(args.as_of) if args.as_of else datetime.now(timezone.utc).date()
+            except ValueError:
+                print(f"error: --as-of: {args.as_of!r} is not an ISO date (YYYY-MM-DD)", file=sys.stderr)
+                return 2
+            try:
+                report = finops_report(args.model, as_of)
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            if args.json:
+                print(report.model_dump_json())
+            else:
+                from pipelines.settings import get_settings
+                from pipelines.storage import ObjectStore
+
+                settings = get_settings()
+                store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+                print(store.read_bytes(store.key_of(report.evidence["report.txt"])).decode())
+                print("\n".join(f"{name}: {uri}" for name, uri in report.evidence.items()))
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

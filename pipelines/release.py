@@ -273,7 +273,8 @@ def _redact(uri: str) -> str:
 
 
 def publish(spec_path: str | Path, registered: RegisteredVersion, plan: QuantizationPlan,
-            card: ModelCard | None = None, settings: Settings | None = None) -> PublishedArtifact:
+            card: ModelCard | None = None, cost: dict | None = None,
+            settings: Settings | None = None) -> PublishedArtifact:
     """Copy the chosen ONNX file (and its model card) to their content-addressed place in the
     store, verify the sha256 of what landed, and write the completion marker last."""
     ctx = context(spec_path, settings)
@@ -283,6 +284,8 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
     if card is not None:
         uploads["model_card.json"] = (card.json_uri, card.sha256)
         uploads["model_card.html"] = (card.html_uri, None)
+    if cost is not None:
+        uploads["focus.csv"] = (cost["evidence"]["focus.csv"], None)
     uploaded = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, (uri, expected) in uploads.items():
@@ -452,7 +455,7 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
     go = decision.outcome == "release" or (decision.outcome == "await_approval" and approval and approval.approved)
     published = committed = None
     if go:
-        published = timed("publish", publish, spec_path, registered, plan, card)
+        published = timed("publish", publish, spec_path, registered, plan, card, cost.to_xcom())
         committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
                           approval, cost.to_xcom())
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,

@@ -137,13 +137,15 @@ def test_model_card_is_published_and_referenced_by_checksum(small_spec, state):
     assert card_ref["checksum"] == f"sha256:{sha256_file(card_path)}"
     card = json.loads(open(card_path).read())
     assert card["model"]["artifact_sha256"] == summary.artifact_sha256
-    assert {v["gate"] for v in card["verdicts"]} == {"quality", "fairness", "quantization_parity", "drift"}
+    assert {v["gate"] for v in card["verdicts"]} == {"quality", "fairness", "quantization_parity", "drift",
+                                                    "edge_memory", "edge_latency", "budget"}
+    assert card["cost"]["diff"][0] == "Cost vs new: +" + f"{summary.cost['total_usd_per_month']:,.2f} USD/month"
     assert card["intended_use"] == "" and card["explainability"]["method"] == "permutation_importance"
     assert set(card["explainability"]["importances"]) == {"x1", "x2", "colour"}
     html_text = open(card_path.replace(".json", ".html")).read()
     assert "<title>Model card: small-model version 1</title>" in html_text
     assert [b["gate"] for b in doc["spec"]["evaluation"]["verdicts"]] == [
-        "quality", "fairness", "quantization_parity", "drift"]
+        "quality", "fairness", "quantization_parity", "drift", "edge_memory", "edge_latency", "budget"]
     versions = _mlflow(settings).get_model_version_by_alias("small-model", "champion")
     assert str(versions.version) == summary.model_version
     run = _mlflow(settings).get_run(summary.run_id)

@@ -60,7 +60,10 @@ def test_adult_income_release_dag_end_to_end(airflow_db, monkeypatch):
     assert str(mlflow_client.get_model_version_by_alias("adult-income", "champion").version) == version
     assert tags["release_status"] == "released"
     verdicts = {v["gate"]: v for v in doc["spec"]["evaluation"]["verdicts"]}
-    assert set(verdicts) == {"quality", "fairness", "quantization_parity", "drift"}
+    assert set(verdicts) == {"quality", "fairness", "quantization_parity", "drift", "edge_memory", "edge_latency",
+                             "budget"}
+    assert doc["spec"]["cost"]["budgetUsdPerMonth"] == 250.0
+    assert set(doc["spec"]["cost"]["groups"]) == {"android-tablets", "branch-kiosks"}
     assert all(v["passed"] for v in verdicts.values())
     assert "columns drifted" in verdicts["drift"]["reason"]  # Evidently ran on the census test file
     card = doc["spec"]["modelRef"]["modelCard"]
@@ -115,3 +118,44 @@ def test_a_rejected_release_is_a_successful_run_without_a_commit(airflow_db, mon
     assert version.tags["release_status"] == "rejected" and "fairness" in version.tags["release_reasons"]
     if (settings.state / "gitops.git").exists():
         assert "unfair-model" not in _git(settings.remote, "ls-tree", "-r", "--name-only", "main")
+
+
+def test_finops_report_dag_forecasts_and_alerts_on_a_breach(airflow_db, monkeypatch):
+    """Runs after the adult-income release above (same session state)."""
+    from datetime import date
+
+    from pipelines.finops.forecast import simulate_history
+    from pipelines.finops.report import history_path
+
+    settings = Settings()
+    summary_artifact = settings.state / "artifacts" / "releases" / "adult-income" / "latest.json"
+    assert summary_artifact.is_file(), "the release test must run first"
+    published = next((settings.state / "artifacts" / "models" / "adult-income").glob("*/focus.csv"))
+    assert published.read_text().startswith("BillingCurrency,ChargeCategory")
+
+    dag = _bag(monkeypatch).dags["edge_finops_report"]
+    run = dag.test()
+    states = _states(run)
+    assert states["forecast__adult-income"] == "success" and states["alert__adult-income"] == "skipped"
+    assert states["forecast__digit-recognizer"] in {"skipped", "success"}
+    report = run.get_task_instance("forecast__adult-income").xcom_pull(task_ids="forecast__adult-income")
+    assert report["simulated"] and not report["breach"]
+    assert report["evidence"]["forecast.png"].endswith("forecast.png")
+
+    # A fleet whose telemetry history spends far beyond the budget: forecast breach, alert, Asset event.
+    groups = {"android-tablets": {"devices": 5000, "inferences_per_device_per_day": 1000,
+                                  "bytes_per_device_per_day": 5e7, "cost_per_inference_usd": 1e-5,
+                                  "cost_per_gb_usd": 0.09}}
+    history = simulate_history(groups, 60, date(2026, 1, 1), seed=3, trend_per_day=0.01)
+    path = history_path(settings, "adult-income")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(path, index=False)
+    try:
+        run = dag.test()
+    finally:
+        path.unlink()
+    states = _states(run)
+    assert states["alert__adult-income"] == "success", states
+    report = run.get_task_instance("forecast__adult-income").xcom_pull(task_ids="forecast__adult-income")
+    assert report["breach"] and report["total_predicted_usd"] > report["monthly_budget_usd"]
+    assert not report["simulated"]

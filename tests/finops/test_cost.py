@@ -1,0 +1,135 @@
+"""Cost arithmetic against hand-computed figures; gates that fail with the numbers; the diff."""
+
+import pytest
+import yaml
+
+from pipelines.finops import cost
+from pipelines.finops.catalog import load_catalog, load_fleet
+from pipelines.specs import SpecError, parse_spec
+
+SPEC = {
+    "name": "tiny", "owner": "t@example.com",
+    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
+    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
+    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
+    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+    "targets": [{"name": "pis", "selector": {"matchLabels": {"kind": "pi"}}, "latencySloMs": 10}],
+    "resources": {"limits": {"memory": "16Mi"}},
+}
+FLEET = {
+    "prices": {"egressUsdPerGb": {"value": 0.1, "source": "test price"},
+               "electricityUsdPerKwh": {"value": 0.2, "source": "test price"},
+               "trainingUsdPerHour": {"value": 3.6, "source": "test price"}},
+    "groups": [{"name": "pi-fleet", "labels": {"kind": "pi", "site": "a"}, "deviceClass": "raspberry-pi-4",
+                "devices": 1000, "inferencesPerDevicePerDay": 1000, "otaUpdatesPerMonth": 2,
+                "telemetryBytesPerDevicePerDay": 1_000_000}],
+}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(FLEET))
+    catalog = load_catalog()
+    host = cost.HostFigures(gflops=23.8, overhead_ms=0.005, fp32_latency_p50_ms=1.0, fp32_latency_p95_ms=2.0,
+                            flops=1_000_000, memory_bytes=8 * 2**20, artifact_bytes=50_000_000, train_seconds=360)
+    return catalog, load_fleet(path, catalog), host
+
+
+def test_every_catalog_figure_has_a_source_and_phone_power_is_marked_assumed():
+    catalog = load_catalog()
+    assert {"raspberry-pi-4", "raspberry-pi-5", "coral-edge-tpu", "jetson-orin-nano", "rk3588"} <= set(catalog.classes)
+    assert catalog.classes["raspberry-pi-4"].gflops_fp32.value == 11.9
+    assert not catalog.classes["raspberry-pi-4"].gflops_fp32.assumption
+    assert catalog.classes["android-phone"].power_active_w.assumption
+
+
+def test_projection_matches_hand_computed_figures(setup):
+    catalog, fleet, host = setup
+    estimate = cost.estimate(parse_spec(SPEC), catalog, fleet, host, "fp32")
+    [group] = estimate.groups
+    # latency: 1.0 ms x 23.8 / 11.9 = 2.0 ms (above the floor 1e6 / 11.9e9 s = 0.084 ms)
+    assert group.latency_p50_ms == pytest.approx(2.0)
+    assert group.latency_p95_ms == pytest.approx(4.0)
+    # energy: 7.2 W x 2 ms = 0.0144 J; 1000 x 1000 x 30 = 3e7 inferences; 3e7 x 0.0144 / 3.6e6 = 0.12 kWh
+    assert group.energy_j_per_inference == pytest.approx(0.0144)
+    assert group.energy_kwh_per_month == pytest.approx(0.12)
+    assert group.energy_usd == pytest.approx(0.024)
+    # OTA: 50 MB x 1000 devices x 2 = 100 GB -> $10; telemetry: 1 MB x 1000 x 30 = 30 GB -> $3
+    assert group.ota_gb_per_month == pytest.approx(100.0) and group.ota_usd == pytest.approx(10.0)
+    assert group.telemetry_gb_per_month == pytest.approx(30.0) and group.telemetry_usd == pytest.approx(3.0)
+    # training: 0.1 h x $3.6 x 1 release (no schedule)
+    assert estimate.training_usd_per_month == pytest.approx(0.36)
+    assert estimate.total_usd_per_month == pytest.approx(0.024 + 10 + 3 + 0.36)
+    # int8 on a Pi 4 (speedup 1.0) costs the same time; the host's int8 timing is never used
+    assert cost.estimate(parse_spec(SPEC), catalog, fleet, host, "dynamic").groups[0].latency_p50_ms == \
+        pytest.approx(2.0)
+    assert "raspberry-pi-4.int8_speedup" in group.assumptions
+
+
+def test_gates_pass_then_fail_with_the_numbers(setup):
+    catalog, fleet, host = setup
+    spec = parse_spec(SPEC)
+    estimate = cost.estimate(spec, catalog, fleet, host, "fp32")
+    assert cost.budget_verdict(estimate).passed
+    assert cost.latency_verdict(spec, estimate).passed
+    assert cost.memory_verdict(spec, estimate, catalog).passed
+
+    tight = parse_spec({**SPEC, "finops": {**SPEC["finops"], "monthlyBudgetUsd": 5},
+                        "targets": [{**SPEC["targets"][0], "latencySloMs": 3}],
+                        "resources": {"limits": {"memory": "4Mi"}}})
+    estimate = cost.estimate(tight, catalog, fleet, host, "fp32")
+    budget = cost.budget_verdict(estimate)
+    assert not budget.passed and budget.observed["total_usd_per_month"] == pytest.approx(13.38, abs=0.01)
+    assert budget.reason.startswith("$13.38/month exceeds the $5.00 budget of cc-1/p")
+    latency = cost.latency_verdict(tight, estimate)
+    assert not latency.passed and latency.reason == "pis: p95 4.000 ms > SLO 3 ms on raspberry-pi-4"
+    memory = cost.memory_verdict(tight, estimate, catalog)
+    assert not memory.passed and memory.reason == "pis: 8.0 MiB > limits.memory 4Mi"
+
+
+def test_diff_against_the_deployed_brief(setup):
+    catalog, fleet, host = setup
+    spec = parse_spec(SPEC)
+    before = cost.estimate(spec, catalog, fleet, host, "fp32").brief()
+    first = cost.cost_diff(before, None, None)
+    assert first["baseline"] == "new" and first["groups"]["pis"]["status"] == "new"
+    smaller = host.model_copy(update={"artifact_bytes": 25_000_000})
+    after = cost.estimate(spec, catalog, fleet, smaller, "fp32").brief()
+    diff = cost.cost_diff(after, before, "4")
+    assert diff["baseline"] == "v4"
+    assert diff["deltaUsdPerMonth"] == pytest.approx(-5.0)
+    assert diff["groups"]["pis"]["deltaEgressGbPerMonth"] == pytest.approx(-50.0)
+    assert cost.diff_lines(diff)[0] == "Cost vs v4: -5.00 USD/month"
+
+
+def test_focus_rows_carry_the_columns_and_tags(setup):
+    catalog, fleet, host = setup
+    estimate = cost.estimate(parse_spec(SPEC), catalog, fleet, host, "fp32")
+    rows = cost.focus_rows(estimate, "7")
+    assert [r["ServiceName"] for r in rows] == ["Edge inference energy", "OTA model delivery", "Device telemetry",
+                                                 "Model training"]
+    assert all(set(r) == set(cost.FOCUS_COLUMNS) for r in rows)
+    assert sum(r["BilledCost"] for r in rows) == pytest.approx(estimate.total_usd_per_month, abs=1e-5)
+    assert '"finops.apexlogic.dev/cost-center": "cc-1"' in rows[0]["Tags"]
+    assert rows[1]["x_ModelVersion"] == "7" and rows[1]["ConsumedUnit"] == "GB"
+
+
+def test_unpriced_targets_and_bad_fleet_files_fail_clearly(setup, tmp_path):
+    catalog, fleet, host = setup
+    orphan = parse_spec({**SPEC, "targets": [{"name": "tvs", "selector": {"matchLabels": {"kind": "tv"}}}]})
+    with pytest.raises(ValueError, match=r"targets\[tvs\]: no fleet group has the labels \{'kind': 'tv'\}"):
+        cost.estimate(orphan, catalog, fleet, host, "fp32")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**FLEET, "groups": [{**FLEET["groups"][0], "deviceClass": "toaster"}]}))
+    with pytest.raises(SpecError, match=r"bad.yaml: groups\[0\].deviceClass: unknown device class 'toaster'"):
+        load_fleet(bad, catalog)
+    bad.write_text(yaml.safe_dump({**FLEET, "groups": [{**FLEET["groups"][0], "devices": -1}]}))
+    with pytest.raises(SpecError, match=r"bad.yaml: groups\[0\].devices: Input should be greater than or equal"):
+        load_fleet(bad, catalog)
+
+
+def test_release_cadence_from_the_schedule():
+    assert cost.releases_per_month(None) == 1
+    assert cost.releases_per_month("@daily") == 30
+    assert cost.releases_per_month("0 3 * * 1") == 5
