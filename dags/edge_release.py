@@ -149,22 +149,22 @@ def build_release_dag(spec_path: Path):
                 RegisteredVersion.model_validate(registered)))
 
         @task
-        def fairness_gate(data: dict, plan: dict, registered: dict):
+        def fairness_gate(data: dict, plan: dict, registered: dict, cost: dict):
             from pipelines.gates import stages
             from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
 
             return _stage("fairness_gate", lambda: stages.fairness_gate(
                 path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
-                RegisteredVersion.model_validate(registered)))
+                RegisteredVersion.model_validate(registered), stages.CostReport.model_validate(cost)))
 
         @task
-        def parity_gate(data: dict, plan: dict, registered: dict):
+        def parity_gate(data: dict, plan: dict, registered: dict, cost: dict):
             from pipelines.gates import stages
             from pipelines.records import DataCheck, QuantizationPlan, RegisteredVersion
 
             return _stage("parity_gate", lambda: stages.parity_gate(
                 path, DataCheck.model_validate(data), QuantizationPlan.model_validate(plan),
-                RegisteredVersion.model_validate(registered)))
+                RegisteredVersion.model_validate(registered), stages.CostReport.model_validate(cost)))
 
         @task
         def drift_gate(data: dict, registered: dict):
@@ -288,9 +288,9 @@ def build_release_dag(spec_path: Path):
         exported = export(data, trained)
         plan = quantize(data, exported)
         registered = register(data, trained, exported, plan)
-        verdicts = [quality_gate(data, plan, registered), fairness_gate(data, plan, registered),
-                    parity_gate(data, plan, registered), drift_gate(data, registered)]
         cost = edge_cost(data, trained, plan, registered)
+        verdicts = [quality_gate(data, plan, registered), fairness_gate(data, plan, registered, cost),
+                    parity_gate(data, plan, registered, cost), drift_gate(data, registered)]
         explanation = explain(data, plan, registered)
         card = model_card(data, trained, plan, registered, verdicts, explanation, cost)
         decision = decide(verdicts, cost, card, plan, registered)

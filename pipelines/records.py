@@ -142,6 +142,8 @@ class PublishedArtifact(Record):
     model_card_uri: str | None = None
     model_card_html_uri: str | None = None
     model_card_sha256: str | None = None
+    variants: dict[str, dict] = Field(default_factory=dict,
+                                      description="Other variants shipped to some device groups: uri, sha256, size.")
 
 
 class GitOpsCommit(Record):

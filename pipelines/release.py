@@ -49,8 +49,8 @@ from pipelines.storage import ObjectStore, StoreError, sha256_file
 
 log = logging.getLogger(__name__)
 
-STAGES = ("validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate",
-          "parity_gate", "drift_gate", "edge_cost", "explain", "model_card", "decide", "publish", "commit")
+STAGES = ("validate_data", "train", "export", "quantize", "register", "edge_cost", "quality_gate", "fairness_gate",
+          "parity_gate", "drift_gate", "explain", "model_card", "decide", "publish", "commit")
 
 
 def validate_data(spec_path: str | Path, settings: Settings | None = None) -> DataCheck:
@@ -286,6 +286,10 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
         uploads["model_card.html"] = (card.html_uri, None)
     if cost is not None:
         uploads["focus.csv"] = (cost["evidence"]["focus.csv"], None)
+    others = {c.variant: c for c in plan.candidates
+              if cost and c.variant in set(cost["group_variants"].values()) and c.variant != plan.chosen}
+    for variant, candidate in others.items():
+        uploads[f"variants/{variant}/model.onnx"] = (candidate.uri, candidate.sha256)
     uploaded = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, (uri, expected) in uploads.items():
@@ -308,6 +312,8 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
         model_card_uri=ctx.store.uri(f"{folder}/model_card.json") if card else None,
         model_card_html_uri=ctx.store.uri(f"{folder}/model_card.html") if card else None,
         model_card_sha256=card.sha256 if card else None,
+        variants={v: {"uri": ctx.store.uri(f"{folder}/variants/{v}/model.onnx"), "sha256": c.sha256,
+                      "size_bytes": c.size_bytes} for v, c in others.items()},
     )
 
 
@@ -347,6 +353,11 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
         model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
         cost=_cost_brief(cost),
+        group_variants={group: {"variant": variant, "sourceUri": published.variants[variant]["uri"],
+                                "sha256": published.variants[variant]["sha256"],
+                                "sizeBytes": published.variants[variant]["size_bytes"]}
+                        for group, variant in (cost or {}).get("group_variants", {}).items()
+                        if variant != plan.chosen},
     ))
     chosen = plan.chosen_candidate
     approved = f"Approved by: {approval.by} at {approval.at}{': ' + approval.comment if approval.comment else ''}\n" \
@@ -440,14 +451,14 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
     exported = timed("export", export, spec_path, data, trained)
     plan = timed("quantize", quantize, spec_path, data, exported)
     registered = timed("register", register, spec_path, data, trained, exported, plan, trigger)
+    cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
     verdicts = [
         timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
-        timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered),
-        timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered),
+        timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered, cost),
+        timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered, cost),
         timed("drift_gate", gates.drift_gate, spec_path, data, registered),
+        *cost.verdicts,
     ]
-    cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
-    verdicts += cost.verdicts
     explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
     card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation,
                  cost)

@@ -22,6 +22,14 @@ DAYS_PER_MONTH = 30
 INT8_VARIANTS = ("dynamic", "static")
 
 
+class VariantFigures(Record):
+    """One candidate variant as the projection needs it."""
+
+    flops: int
+    memory_bytes: int = Field(description="max(graph weights + peak activations, measured RSS growth)")
+    artifact_bytes: int
+
+
 class HostFigures(Record):
     """What was measured on the build host, the basis of every projection."""
 
@@ -29,10 +37,8 @@ class HostFigures(Record):
     overhead_ms: float
     fp32_latency_p50_ms: float
     fp32_latency_p95_ms: float
-    flops: int
-    memory_bytes: int = Field(description="max(graph weights + peak activations, measured RSS growth)")
-    artifact_bytes: int
     train_seconds: float
+    variants: dict[str, VariantFigures]
 
 
 class GroupCost(Record):
@@ -59,7 +65,7 @@ class GroupCost(Record):
 
 class CostEstimate(Record):
     model: str
-    variant: str
+    variant: str = Field(description="The base variant; groups may ship another (GroupCost.variant).")
     cost_center: str
     project: str
     host: HostFigures
@@ -70,12 +76,15 @@ class CostEstimate(Record):
     monthly_budget_usd: float
     prices: dict
 
+    def group_variants(self) -> dict[str, str]:
+        return {g.group: g.variant for g in self.groups}
+
     def brief(self) -> dict:
         """What the manifest carries, and what the next release diffs against."""
         return {
             "totalUsdPerMonth": round(self.total_usd_per_month, 2),
             "budgetUsdPerMonth": self.monthly_budget_usd,
-            "groups": {g.group: {"usdPerMonth": round(g.total_usd, 2),
+            "groups": {g.group: {"variant": g.variant, "usdPerMonth": round(g.total_usd, 2),
                                  "energyKwhPerDay": round(g.energy_kwh_per_month / DAYS_PER_MONTH, 4),
                                  "egressGbPerMonth": round(g.ota_gb_per_month + g.telemetry_gb_per_month, 4),
                                  "latencyP95Ms": round(g.latency_p95_ms, 4)} for g in self.groups},
@@ -101,12 +110,13 @@ def device_latency_ms(host_ms: float, host: HostFigures, device: DeviceClass, va
     speedup = device.int8_speedup.value if variant in INT8_VARIANTS else 1.0
     device_gflops = device.gflops_fp32.value * speedup
     scaled = host_ms * host.gflops / device.gflops_fp32.value / speedup
-    floor = host.flops / (device_gflops * 1e9) * 1e3
+    floor = host.variants[variant].flops / (device_gflops * 1e9) * 1e3
     return max(scaled, floor), floor
 
 
 def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet: Fleet, host: HostFigures,
-                variant: str, artifact_bytes: int) -> GroupCost:
+                variant: str) -> GroupCost:
+    artifact_bytes = host.variants[variant].artifact_bytes
     prices = fleet.prices
     p50 = p95 = energy_j = 0.0
     memory = 0
@@ -127,7 +137,7 @@ def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet:
         g_tel = group.telemetry_bytes_per_device_per_day * group.devices * DAYS_PER_MONTH / 1e9
         p50, p95 = max(p50, g_p50), max(p95, g_p95)
         energy_j = max(energy_j, g_energy)
-        memory = max(memory, host.memory_bytes)
+        memory = max(memory, host.variants[variant].memory_bytes)
         inferences += g_inferences
         energy_kwh += g_kwh
         ota_gb += g_ota
@@ -159,15 +169,38 @@ def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet:
     )
 
 
-def estimate(spec: ModelSpec, catalog: Catalog, fleet: Fleet, host: HostFigures, variant: str) -> CostEstimate:
-    """Project cost per device group of the spec, plus training, against the spec's budget."""
+def _choose(target, options: dict[str, GroupCost], base: str) -> tuple[GroupCost, str]:
+    """The variant a device group ships: the cheapest that meets its SLO (ties: the base, then
+    the smaller file); when none meets it, the fastest."""
+    slo = target.latency_slo_ms
+    meeting = [c for c in options.values() if slo is None or c.latency_p95_ms <= slo]
+    if meeting:
+        best = min(meeting, key=lambda c: (round(c.total_usd, 6), c.variant != base, c.inputs["artifact_bytes"]))
+        others = ", ".join(f"{c.variant} ${c.total_usd:,.2f}" for c in options.values() if c is not best)
+        why = f"cheapest within the SLO (${best.total_usd:,.2f}/month" + (f"; {others}" if others else "") + ")"
+    else:
+        best = min(options.values(), key=lambda c: c.latency_p95_ms)
+        why = f"no variant meets the {slo:g} ms SLO; the fastest ({best.latency_p95_ms:.3f} ms)"
+    return best, why
+
+
+def estimate(spec: ModelSpec, catalog: Catalog, fleet: Fleet, host: HostFigures, variant: str,
+             eligible: list[str] | None = None) -> CostEstimate:
+    """Project cost per device group of the spec, plus training, against the spec's budget.
+
+    `variant` is the base variant; with `eligible` variants (all within the accuracy budget)
+    each device group gets the one that meets its SLO at the lowest cost.
+    """
     groups = []
     for target in spec.targets:
         matched = [g for g in fleet.groups if g.selected_by(target.selector.match_labels)]
         if not matched:
             raise ValueError(f"targets[{target.name}]: no fleet group has the labels "
                              f"{target.selector.match_labels}: the fleet file cannot price it")
-        groups.append(_group_cost(target, matched, catalog, fleet, host, variant, host.artifact_bytes))
+        options = {v: _group_cost(target, matched, catalog, fleet, host, v)
+                   for v in dict.fromkeys([variant, *(eligible or [])])}
+        chosen, why = _choose(target, options, variant)
+        groups.append(chosen.model_copy(update={"inputs": {**chosen.inputs, "variant_choice": why}}))
     per_month = releases_per_month(spec.schedule)
     training = host.train_seconds / 3600 * fleet.prices.training_usd_per_hour.value * per_month
     return CostEstimate(
@@ -247,8 +280,9 @@ def cost_diff(candidate: dict, deployed: dict | None, deployed_version: str | No
         if before is None:
             groups[name] = {"status": "new", **values}
             continue
-        groups[name] = {"status": "changed", **{f"delta{k[0].upper()}{k[1:]}": round(values[k] - before.get(k, 0), 4)
-                                                for k in values}}
+        groups[name] = {"status": "changed", "variant": values["variant"], "previousVariant": before.get("variant"),
+                        **{f"delta{k[0].upper()}{k[1:]}": round(values[k] - before.get(k, 0), 4)
+                           for k in values if k != "variant"}}
     for name in deployed.get("groups", {}):
         if name not in candidate["groups"]:
             groups[name] = {"status": "removed"}
@@ -261,15 +295,17 @@ def diff_lines(diff: dict) -> list[str]:
     lines = [f"Cost vs {diff['baseline']}: {diff['deltaUsdPerMonth']:+,.2f} USD/month"]
     for name, values in diff["groups"].items():
         if values["status"] == "new":
-            lines.append(f"  + {name}: new, {values['usdPerMonth']:,.2f} USD/month, "
+            lines.append(f"  + {name}: new, {values['variant']}, {values['usdPerMonth']:,.2f} USD/month, "
                          f"{values['energyKwhPerDay']:.3f} kWh/day, {values['egressGbPerMonth']:.2f} GB/month egress, "
                          f"p95 {values['latencyP95Ms']:.3f} ms")
         elif values["status"] == "removed":
             lines.append(f"  - {name}: no longer targeted")
         else:
+            variant = (f", {values['previousVariant']} -> {values['variant']}"
+                       if values.get("previousVariant") not in (None, values["variant"]) else "")
             lines.append(f"  ~ {name}: {values['deltaUsdPerMonth']:+,.2f} USD/month, "
                          f"{values['deltaEnergyKwhPerDay']:+.4f} kWh/day, {values['deltaEgressGbPerMonth']:+.3f} GB/month, "
-                         f"p95 {values['deltaLatencyP95Ms']:+.4f} ms")
+                         f"p95 {values['deltaLatencyP95Ms']:+.4f} ms{variant}")
     return lines
 
 

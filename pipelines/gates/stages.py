@@ -35,6 +35,22 @@ log = logging.getLogger(__name__)
 GATE_STAGES = ("quality_gate", "fairness_gate", "parity_gate", "drift_gate")
 
 
+class CostReport(Record):
+    """The cost estimate, its gates, its diff against the champion, and the variant each
+    device group ships."""
+
+    estimate: dict
+    verdicts: list[GateVerdict]
+    diff: dict
+    group_variants: dict[str, str]
+    evidence: dict[str, str] = {}
+
+    def variants_in_use(self) -> list[str]:
+        return sorted(set(self.group_variants.values()))
+
+
+
+
 def _evidence_key(ctx: Context, data: DataCheck, gate: str, name: str) -> str:
     return ctx.run_key(data.release_key, f"evidence/{gate}/{name}")
 
@@ -52,12 +68,18 @@ def _publish_evidence(ctx: Context, data: DataCheck, registered: RegisteredVersi
     return verdict
 
 
-def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan) -> dict:
-    """Test split, and class probabilities of the shipped variant and of fp32 on it."""
+def _shipped(plan: QuantizationPlan, cost: CostReport | None) -> list[str]:
+    """Every variant that ships to some device group (the base one first)."""
+    return list(dict.fromkeys([plan.chosen, *(cost.variants_in_use() if cost else [])]))
+
+
+def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan, variants: list[str] | None = None) -> dict:
+    """Test split, and class probabilities of fp32 and of the shipped variants on it."""
     from pipelines.onnx import export as onnx_export
 
     parts = splits(ctx, data)
-    paths = {c.variant: ctx.fetch(c.uri) for c in plan.candidates if c.variant in ("fp32", plan.chosen)}
+    wanted = {"fp32", plan.chosen, *(variants or [])}
+    paths = {c.variant: ctx.fetch(c.uri) for c in plan.candidates if c.variant in wanted}
     proba = {variant: onnx_export.predict_proba(path, parts["x_test"]) for variant, path in paths.items()}
     return {**parts, "paths": paths, "proba": proba, "n_classes": len(parts["classes"])}
 
@@ -143,9 +165,24 @@ def _group_reports(ctx: Context, ev: dict, variants: list[str]) -> dict[str, dic
                             ev["n_classes"]) for v in variants}
 
 
+def _combined(verdicts: dict[str, GateVerdict], base: str) -> GateVerdict:
+    """One verdict over every shipped variant: passed only if each passed; figures of the
+    other variants prefixed with their name."""
+    verdict = verdicts[base]
+    if len(verdicts) == 1:
+        return verdict
+    observed = dict(verdict.observed)
+    for variant, other in verdicts.items():
+        if variant != base:
+            observed.update({f"{variant}.{key}": value for key, value in other.observed.items()})
+    failed = [f"{v}: {x.reason}" for v, x in verdicts.items() if not x.passed]
+    reason = "; ".join(failed) if failed else "; ".join(f"{v}: {x.reason}" for v, x in verdicts.items())
+    return verdict.model_copy(update={"passed": not failed, "observed": observed, "reason": reason})
+
+
 def fairness_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
-                  settings: Settings | None = None) -> GateVerdict:
-    """Fairlearn group metrics of the shipped variant; thresholds from responsibleAI.fairness."""
+                  cost: CostReport | None = None, settings: Settings | None = None) -> GateVerdict:
+    """Fairlearn group metrics of every shipped variant; thresholds from responsibleAI.fairness."""
     from pipelines.gates import waived
     from pipelines.gates.fairness import fairness_verdict, group_table, plot_groups
 
@@ -155,12 +192,15 @@ def fairness_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan
     if "fairness" in ctx.spec.gates.waive:
         return ctx.save_record(data.release_key, "gates/fairness.json",
                                waived("fairness", ctx.spec.gates.waive["fairness"]))
-    ev = _evaluation(ctx, data, plan)
-    report = _group_reports(ctx, ev, [plan.chosen])[plan.chosen]
-    verdict = fairness_verdict(report, ctx.spec.responsible_ai.fairness, {}, plan.chosen)
+    shipped = _shipped(plan, cost)
+    ev = _evaluation(ctx, data, plan, shipped)
+    reports = _group_reports(ctx, ev, shipped)
+    verdict = _combined({v: fairness_verdict(reports[v], ctx.spec.responsible_ai.fairness, {}, v)
+                         for v in shipped}, plan.chosen)
+    report = reports[plan.chosen]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "fairness.json").write_text(json.dumps(report, indent=2))
+        (folder / "fairness.json").write_text(json.dumps(report if len(shipped) == 1 else reports, indent=2))
         group_table(report).to_csv(folder / "fairness_by_group.csv", index=False)
         plot_groups(report, folder / "fairness_by_group.png",
                     f"{ctx.spec.name} v{registered.version} ({plan.chosen}): metrics by group")
@@ -169,8 +209,8 @@ def fairness_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan
 
 
 def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
-                settings: Settings | None = None) -> GateVerdict:
-    """The shipped variant vs fp32: overall accuracy and every group gap."""
+                cost: CostReport | None = None, settings: Settings | None = None) -> GateVerdict:
+    """Every shipped variant vs fp32: overall accuracy and every group gap."""
     from pipelines.gates import waived
     from pipelines.gates.parity import parity_verdict
 
@@ -180,13 +220,15 @@ def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, 
     if "quantization_parity" in ctx.spec.gates.waive:
         return ctx.save_record(data.release_key, "gates/quantization_parity.json",
                                waived("quantization_parity", ctx.spec.gates.waive["quantization_parity"]))
-    ev = _evaluation(ctx, data, plan)
-    variants = sorted({"fp32", plan.chosen})
+    shipped = _shipped(plan, cost)
+    ev = _evaluation(ctx, data, plan, shipped)
+    variants = sorted({"fp32", *shipped})
     reports = _group_reports(ctx, ev, variants) if ctx.spec.data.sensitive_features else {v: {} for v in variants}
     accuracy = {v: float(np.mean(ev["proba"][v].argmax(axis=1) == ev["y_test"])) for v in variants}
-    verdict = parity_verdict(plan.chosen, accuracy["fp32"], accuracy[plan.chosen], reports["fp32"],
-                             reports[plan.chosen], ctx.spec.export.accuracy_budget,
-                             ctx.spec.gates.quantization_fairness_change)
+    verdict = _combined({v: parity_verdict(v, accuracy["fp32"], accuracy[v], reports["fp32"], reports[v],
+                                           ctx.spec.export.accuracy_budget,
+                                           ctx.spec.gates.quantization_fairness_change) for v in shipped},
+                        plan.chosen)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "quantization_parity.json"
         path.write_text(json.dumps({"accuracy": accuracy, "groups": reports}, indent=2))
@@ -361,15 +403,6 @@ def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], car
 
 
 # -- edge cost (FinOps) ------------------------------------------------------------------------------
-class CostReport(Record):
-    """The cost estimate of the shipped variant, its gates and its diff against the champion."""
-
-    estimate: dict
-    verdicts: list[GateVerdict]
-    diff: dict
-    evidence: dict[str, str] = {}
-
-
 def _host_calibration(ctx: Context):
     """The build host's calibrated throughput, measured once per worker and kept in scratch."""
     import platform
@@ -409,20 +442,27 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     catalog = load_catalog()
     fleet = load_fleet(ctx.settings.fleet_path, catalog)
     fp32 = next(c for c in plan.candidates if c.variant == "fp32")
-    path = ctx.fetch(chosen.uri)
-    graph = profile_graph(path)
     parts = splits(ctx, data)
-    feed = onnx_export.feeds(onnx_export.session(path), parts["x_test"].iloc[:1])
-    measured = measure_host(path, feed)
+    eligible = [c for c in plan.candidates if c.eligible]
+    variants, measurements = {}, {}
+    for candidate in eligible:
+        path = ctx.fetch(candidate.uri)
+        graph = profile_graph(path)
+        feed = onnx_export.feeds(onnx_export.session(path), parts["x_test"].iloc[:1])
+        measured = measure_host(path, feed)
+        measurements[candidate.variant] = {"graph": graph.model_dump(mode="json"),
+                                           "host": measured.model_dump(mode="json")}
+        variants[candidate.variant] = cost.VariantFigures(
+            flops=graph.flops, artifact_bytes=candidate.size_bytes,
+            memory_bytes=max(graph.weight_bytes + graph.peak_activation_bytes,
+                             measured.peak_rss_bytes - measured.baseline_rss_bytes))
     calibration = _host_calibration(ctx)
     host = cost.HostFigures(
         gflops=calibration.gflops, overhead_ms=calibration.overhead_ms,
-        fp32_latency_p50_ms=fp32.latency_p50_ms, fp32_latency_p95_ms=fp32.latency_p95_ms, flops=graph.flops,
-        memory_bytes=max(graph.weight_bytes + graph.peak_activation_bytes,
-                         measured.peak_rss_bytes - measured.baseline_rss_bytes),
-        artifact_bytes=chosen.size_bytes, train_seconds=trained.train_seconds)
+        fp32_latency_p50_ms=fp32.latency_p50_ms, fp32_latency_p95_ms=fp32.latency_p95_ms,
+        train_seconds=trained.train_seconds, variants=variants)
     try:
-        estimate = cost.estimate(ctx.spec, catalog, fleet, host, plan.chosen)
+        estimate = cost.estimate(ctx.spec, catalog, fleet, host, plan.chosen, [c.variant for c in eligible])
     except ValueError as error:
         from pipelines.context import ReleaseError
 
@@ -434,9 +474,7 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "cost.json").write_text(json.dumps({"estimate": estimate.model_dump(mode="json"),
-                                                      "graph": graph.model_dump(mode="json"),
-                                                      "host_measurement": measured.model_dump(mode="json"),
-                                                      "diff": diff}, indent=2))
+                                                      "measurements": measurements, "diff": diff}, indent=2))
         import csv
 
         with open(folder / "focus.csv", "w", newline="") as handle:
@@ -453,6 +491,7 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
                                        "cost.delta_usd_per_month": diff["deltaUsdPerMonth"]},
                               tags={"cost.diff": "\n".join(cost.diff_lines(diff))})
     verdicts = [v.model_copy(update={"evidence": {"cost.json": evidence["cost.json"]}}) for v in verdicts]
-    report = CostReport(estimate=estimate.model_dump(mode="json"), verdicts=verdicts, diff=diff, evidence=evidence)
+    report = CostReport(estimate=estimate.model_dump(mode="json"), verdicts=verdicts, diff=diff,
+                        group_variants=estimate.group_variants(), evidence=evidence)
     ctx.save_record(data.release_key, "cost.json", report)
     return ctx.save_record(data.release_key, name, report)

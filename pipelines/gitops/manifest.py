@@ -52,6 +52,10 @@ class ManifestInputs(Record):
     cost: dict | None = None
     model_card_uri: str | None = None
     model_card_sha256: str | None = None
+    group_variants: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Device group -> {variant, sourceUri, sha256, sizeBytes} where it ships another variant.",
+    )
 
     @field_validator("sha256")
     @classmethod
@@ -194,7 +198,7 @@ def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     }
 
 
-def _overlay(spec: ModelSpec, group_index: int) -> dict:
+def _overlay(spec: ModelSpec, group_index: int, inputs: ManifestInputs | None = None) -> dict:
     group = spec.targets[group_index]
     # JSON6902 rather than a strategic-merge patch: kustomize has no schema for this kind,
     # and `op: add` states exactly which fields the overlay owns.
@@ -221,6 +225,13 @@ def _overlay(spec: ModelSpec, group_index: int) -> dict:
         operations.append(
             {"op": "add", "path": "/spec/slo", "value": {"latencyP95Ms": _number(group.latency_slo_ms)}}
         )
+    override = (inputs.group_variants if inputs else {}).get(group.name)
+    if override:
+        # This group ships another quantization variant than the base (its devices run it
+        # cheaper within the SLO): the overlay owns the artifact reference for the group.
+        for key, value in (("variant", override["variant"]), ("sourceUri", override["sourceUri"]),
+                           ("checksum", f"sha256:{override['sha256']}"), ("sizeBytes", override["sizeBytes"])):
+            operations.append({"op": "replace", "path": f"/spec/modelRef/{key}", "value": value})
     return _kustomization(
         resources=["../../base"],
         nameSuffix=f"-{group.name}",
@@ -249,7 +260,7 @@ def render_release_files(spec: ModelSpec, inputs: ManifestInputs) -> dict[str, s
         f"{app}/base/{MANIFEST_FILE}": _dump(_base_manifest(spec, inputs)),
     }
     for index, group in enumerate(spec.targets):
-        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = _dump(_overlay(spec, index))
+        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = _dump(_overlay(spec, index, inputs))
     return dict(sorted(files.items()))
 
 

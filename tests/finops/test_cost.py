@@ -31,8 +31,10 @@ def setup(tmp_path):
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(FLEET))
     catalog = load_catalog()
+    figures = cost.VariantFigures(flops=1_000_000, memory_bytes=8 * 2**20, artifact_bytes=50_000_000)
     host = cost.HostFigures(gflops=23.8, overhead_ms=0.005, fp32_latency_p50_ms=1.0, fp32_latency_p95_ms=2.0,
-                            flops=1_000_000, memory_bytes=8 * 2**20, artifact_bytes=50_000_000, train_seconds=360)
+                            train_seconds=360, variants={"fp32": figures, "dynamic": figures.model_copy(
+                                update={"artifact_bytes": 12_500_000, "memory_bytes": 4 * 2**20})})
     return catalog, load_fleet(path, catalog), host
 
 
@@ -67,6 +69,20 @@ def test_projection_matches_hand_computed_figures(setup):
     assert "raspberry-pi-4.int8_speedup" in group.assumptions
 
 
+def test_each_group_ships_the_cheapest_variant_within_its_slo(setup):
+    catalog, fleet, host = setup
+    spec = parse_spec(SPEC)
+    estimate = cost.estimate(spec, catalog, fleet, host, "fp32", ["fp32", "dynamic"])
+    [group] = estimate.groups
+    # On a Pi 4 int8 runs no faster (speedup 1.0) but the file is 4x smaller: OTA 25 GB instead of 100 GB.
+    assert group.variant == "dynamic" and group.ota_usd == pytest.approx(2.5)
+    assert group.inputs["variant_choice"].startswith("cheapest within the SLO ($5.52/month; fp32 $13.02")
+    assert estimate.group_variants() == {"pis": "dynamic"}
+    slow = parse_spec({**SPEC, "targets": [{**SPEC["targets"][0], "latencySloMs": 1}]})
+    [fastest] = cost.estimate(slow, catalog, fleet, host, "fp32", ["fp32", "dynamic"]).groups
+    assert fastest.inputs["variant_choice"].startswith("no variant meets the 1 ms SLO")
+
+
 def test_gates_pass_then_fail_with_the_numbers(setup):
     catalog, fleet, host = setup
     spec = parse_spec(SPEC)
@@ -94,7 +110,8 @@ def test_diff_against_the_deployed_brief(setup):
     before = cost.estimate(spec, catalog, fleet, host, "fp32").brief()
     first = cost.cost_diff(before, None, None)
     assert first["baseline"] == "new" and first["groups"]["pis"]["status"] == "new"
-    smaller = host.model_copy(update={"artifact_bytes": 25_000_000})
+    smaller = host.model_copy(update={"variants": {"fp32": host.variants["fp32"].model_copy(
+        update={"artifact_bytes": 25_000_000})}})
     after = cost.estimate(spec, catalog, fleet, smaller, "fp32").brief()
     diff = cost.cost_diff(after, before, "4")
     assert diff["baseline"] == "v4"

@@ -226,3 +226,16 @@ def test_overlay_without_latency_slo_has_no_slo(tmp_path: Path) -> None:
     (doc,) = kustomize(tmp_path / "apps" / spec.name / "overlays" / group)
     assert "slo" not in doc["spec"]
     assert doc["spec"]["targetDevices"]["group"] == group
+
+
+def test_a_group_shipping_another_variant_overrides_only_its_artifact(tmp_path: Path) -> None:
+    other = "fedcba9876543210" * 4
+    inputs = make_inputs(variant="fp32", group_variants={"branch-kiosks": {
+        "variant": "dynamic", "sourceUri": "s3://edge-models/adult-income/variants/dynamic/model.onnx",
+        "sha256": other, "sizeBytes": 12000}})
+    write_tree(tmp_path, render_release_files(spec_named("adult-income"), inputs))
+    [kiosk] = kustomize(tmp_path / "apps/adult-income/overlays/branch-kiosks")
+    [tablet] = kustomize(tmp_path / "apps/adult-income/overlays/android-tablets")
+    assert kiosk["spec"]["modelRef"]["variant"] == "dynamic"
+    assert manifest_checksum(kiosk) == other and kiosk["spec"]["modelRef"]["sizeBytes"] == 12000
+    assert tablet["spec"]["modelRef"]["variant"] == "fp32" and manifest_checksum(tablet) == SHA
