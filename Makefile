@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo test schema clean-state
+.PHONY: venv browser demo test bench finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ browser:
 test: venv browser
 	$(VENV)/bin/ruff check pipelines dags tests
 	$(PY) -m pytest
+
+# Benchmarks print figures and write JSON under the state folder; they are not tests.
+bench: venv
+	$(PY) bench/estimator_accuracy.py
+
+# The 30-day spend forecast of a released model (MODEL=adult-income by default).
+MODEL ?= adult-income
+finops-report: venv
+	$(PY) -m pipelines finops-report $(MODEL)
 
 schema: venv
 	$(PY) -m pipelines schema --output model_specs/model-spec.schema.json
