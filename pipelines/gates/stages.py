@@ -165,6 +165,17 @@ def _group_reports(ctx: Context, ev: dict, variants: list[str]) -> dict[str, dic
                             ev["n_classes"]) for v in variants}
 
 
+def _gate_start(spec_path: str | Path, data: DataCheck, gate: str,
+                settings: Settings | None) -> tuple[Context, GateVerdict | None]:
+    """A gate's context, and its verdict when it is already stored or waived by the spec."""
+    from pipelines.gates import waived
+
+    ctx, cached = resume(spec_path, data, f"gates/{gate}.json", GateVerdict, settings)
+    if cached is None and gate in ctx.spec.gates.waive:
+        cached = ctx.save_record(data.release_key, f"gates/{gate}.json", waived(gate, ctx.spec.gates.waive[gate]))
+    return ctx, cached
+
+
 def _combined(verdicts: dict[str, GateVerdict], base: str) -> GateVerdict:
     """One verdict over every shipped variant: passed only if each passed; figures of the
     other variants prefixed with their name."""
@@ -183,15 +194,11 @@ def _combined(verdicts: dict[str, GateVerdict], base: str) -> GateVerdict:
 def fairness_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
                   cost: CostReport | None = None, settings: Settings | None = None) -> GateVerdict:
     """Fairlearn group metrics of every shipped variant; thresholds from responsibleAI.fairness."""
-    from pipelines.gates import waived
     from pipelines.gates.fairness import fairness_verdict, group_table, plot_groups
 
-    ctx, cached = resume(spec_path, data, "gates/fairness.json", GateVerdict, settings)
-    if cached is not None:
-        return cached
-    if "fairness" in ctx.spec.gates.waive:
-        return ctx.save_record(data.release_key, "gates/fairness.json",
-                               waived("fairness", ctx.spec.gates.waive["fairness"]))
+    ctx, done = _gate_start(spec_path, data, "fairness", settings)
+    if done is not None:
+        return done
     shipped = _shipped(plan, cost)
     ev = _evaluation(ctx, data, plan, shipped)
     reports = _group_reports(ctx, ev, shipped)
@@ -211,15 +218,11 @@ def fairness_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan
 def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
                 cost: CostReport | None = None, settings: Settings | None = None) -> GateVerdict:
     """Every shipped variant vs fp32: overall accuracy and every group gap."""
-    from pipelines.gates import waived
     from pipelines.gates.parity import parity_verdict
 
-    ctx, cached = resume(spec_path, data, "gates/quantization_parity.json", GateVerdict, settings)
-    if cached is not None:
-        return cached
-    if "quantization_parity" in ctx.spec.gates.waive:
-        return ctx.save_record(data.release_key, "gates/quantization_parity.json",
-                               waived("quantization_parity", ctx.spec.gates.waive["quantization_parity"]))
+    ctx, done = _gate_start(spec_path, data, "quantization_parity", settings)
+    if done is not None:
+        return done
     shipped = _shipped(plan, cost)
     ev = _evaluation(ctx, data, plan, shipped)
     variants = sorted({"fp32", *shipped})
