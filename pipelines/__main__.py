@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="print the latest release summary of a model")
     summary.add_argument("model")
     summary.add_argument("--json", action="store_true")
+    back = commands.add_parser("rollback", help="put a model's previous release back (a GitOps commit)")
+    back.add_argument("model")
+    back.add_argument("--to", default=None, help="version (3 or v3) or commit sha; default: the previous version")
+    back.add_argument("--reason", required=True, help="why (recorded in the commit and in MLflow)")
+    back.add_argument("--by", default=None, help="who (default: the current user)")
     finops = commands.add_parser("finops-report", help="forecast a released model's spend for 30 days")
     finops.add_argument("model")
     finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
@@ -116,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.model}: no release recorded yet", file=sys.stderr)
                 return 2
             print(result.model_dump_json() if args.json else _table(result))
+        elif args.command == "rollback":
+            import getpass
+
+            from pipelines.gitops.rollback import RollbackError
+            from pipelines.release import rollback_release
+
+            try:
+                result = rollback_release(args.model, args.to, args.reason, args.by or getpass.getuser())
+            except RollbackError as error:
+                print(f"error: {args.model}: {error}", file=sys.stderr)
+                return 2
+            print(f"{result.model}: version {result.from_version} -> {result.to_version}, commit {result.commit}")
         elif args.command == "finops-report":
             from datetime import date, datetime, timezone
 

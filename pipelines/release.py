@@ -345,6 +345,11 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
 
     ctx = context(spec_path, settings)
     spec, settings = ctx.spec, ctx.settings
+    tags = registry.client(settings.tracking_uri).get_model_version(spec.name, registered.version).tags
+    if tags.get("release_status") == "rolled_back":
+        raise ReleaseError(
+            f"{spec.name} version {registered.version} was rolled back by {tags.get('rolled_back_by')} "
+            f"({tags.get('rollback_reason')}); it is not committed again. Release a new version.")
     author = (settings.git_author_name, settings.git_author_email)
     repo.ensure_remote(settings.remote, settings.gitops_branch, author)
     files = manifest.render_release_files(spec, manifest.ManifestInputs(
@@ -472,3 +477,21 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
                      approval if decision.outcome == "await_approval" else None, timings, trigger, cost.to_xcom(),
                      settings)
+
+
+def rollback_release(model: str, target: str | None, reason: str, by: str, settings: Settings | None = None):
+    """Put a model's previous release back: a GitOps commit saying who and why, MLflow's
+    `champion` alias on the restored version, the rolled-back version tagged so it is not
+    committed again by a re-run of its release."""
+    from pipelines import registry
+    from pipelines.gitops.rollback import rollback
+
+    settings = settings or get_settings()
+    result = rollback(settings.remote, settings.gitops_branch, model, target, reason, by,
+                      (settings.git_author_name, settings.git_author_email), settings.work_dir / "gitops")
+    registry.mark_version(settings.tracking_uri, model, result.from_version,
+                          {"release_status": "rolled_back", "rolled_back_by": by, "rollback_reason": reason,
+                           "rollback_commit": result.commit})
+    registry.mark_version(settings.tracking_uri, model, result.to_version, {"release_status": "released"},
+                          alias=registry.CHAMPION_ALIAS)
+    return result

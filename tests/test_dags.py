@@ -27,6 +27,16 @@ def test_dagbag_has_no_import_errors_and_one_dag_per_spec():
     assert {f"edge_release__{s}" for s in specs} <= set(bag.dag_ids)
 
 
+def test_operations_dags_are_there():
+    bag = _bag()
+    assert {"edge_rollback", "edge_finops_report"} <= set(bag.dag_ids)
+    rollback = bag.dags["edge_rollback"]
+    assert type(rollback.timetable).__name__ == "NullTimetable"  # manual only
+    assert set(rollback.params) == {"model", "target", "reason"}
+    finops = bag.dags["edge_finops_report"]
+    assert {t.task_id for t in finops.tasks} >= {"forecast__adult-income", "alert__adult-income"}
+
+
 def test_release_dag_shape():
     dag = _bag().dags["edge_release__adult-income"]
     assert [t.task_id for t in dag.topological_sort()][:1] == ["validate_data"]

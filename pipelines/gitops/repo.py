@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from pipelines.gitops.crd import README, skeleton_files  # noqa: F401 (README: re-exported)
 from pipelines.records import GitOpsCommit
 
 PUSH_ATTEMPTS = 6  # the first push and up to 5 retries
@@ -38,40 +39,6 @@ _RACE_MARKERS = (
     "incorrect old value",
     "failed to update ref",
 )
-
-README = """\
-# Edge model deployments (GitOps)
-
-This repository is the desired state of machine-learning models deployed to edge devices
-(phones, tablets, kiosks). The release pipeline writes it; a GitOps controller (Flux or
-Argo CD) applies it. Nobody deploys by hand: a change here is a deployment.
-
-## Layout
-
-- `apps/<model>/` - one folder per model, owned by that model's releases:
-  - `base/` - the `MobileAIModelDeployment`: artifact URI, sha256 checksum, resources,
-    responsible-AI thresholds and the evaluation evidence. It targets no devices.
-  - `overlays/<device-group>/` - one kustomize overlay per device group, adding the device
-    selector and the group's latency objective.
-  - `kustomization.yaml` - all overlays of the model.
-- `clusters/` - entry points per fleet / cluster, including apps.
-- `crds/` - the custom resource definitions the controllers install.
-
-Render any folder offline with `kubectl kustomize apps/<model>/overlays/<device-group>`.
-
-## Rollback
-
-Every release is one commit. To roll a model back, revert that commit (`git revert <sha>`)
-and push; the controller converges the devices to the previous manifest.
-"""
-
-SKELETON = {
-    "README.md": README,
-    "apps/.gitkeep": "",
-    "clusters/.gitkeep": "",
-    "crds/.gitkeep": "",
-}
-
 
 class GitError(RuntimeError):
     """A git command failed; the message has credentials removed."""
@@ -170,7 +137,7 @@ def ensure_remote(remote: str, branch: str, author: tuple[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix="gitops-skeleton-") as tmp:
         clone = Path(tmp)
         _git("init", "-q", "-b", branch, str(clone))
-        for rel, text in SKELETON.items():
+        for rel, text in skeleton_files().items():
             target = clone / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)

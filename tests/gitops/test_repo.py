@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.gitops import manifest, repo
+from pipelines.gitops.crd import skeleton_files
 from pipelines.gitops.repo import GitError, commit_release, ensure_remote, log, read_file, redact
 from pipelines.specs import load_spec
 
@@ -42,8 +43,8 @@ def test_ensure_remote_creates_bare_repo_with_skeleton(remote: str, tmp_path: Pa
     work = tmp_path / "work"
     readme = read_file(remote, BRANCH, "README.md", work)
     assert readme is not None and "apps/" in readme and "git revert" in readme
-    for keep in ("apps/.gitkeep", "clusters/.gitkeep", "crds/.gitkeep"):
-        assert read_file(remote, BRANCH, keep, work) == ""
+    for path, text in skeleton_files().items():
+        assert read_file(remote, BRANCH, path, work) == text
     assert read_file(remote, BRANCH, "apps/none.yaml", work) is None
     ensure_remote(remote, BRANCH, AUTHOR)  # idempotent: no second skeleton commit
     history = log(remote, BRANCH, work)
@@ -58,7 +59,7 @@ def test_ensure_remote_fills_an_existing_empty_repo(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q", "--bare", "-b", "trunk", str(path)], check=True)
     ensure_remote(str(path), "release", AUTHOR)
     assert git("symbolic-ref", "HEAD", cwd=path) == "refs/heads/release"
-    assert read_file(str(path), "release", "crds/.gitkeep", tmp_path / "work") == ""
+    assert read_file(str(path), "release", "apps/.gitkeep", tmp_path / "work") == ""
 
 
 def test_commit_then_same_files_again_creates_nothing(remote: str, tmp_path: Path) -> None:
@@ -232,8 +233,7 @@ def test_stale_files_of_the_model_go_and_other_models_stay(remote: str, tmp_path
     ]
     tree = git("ls-tree", "-r", "--name-only", BRANCH, cwd=Path(remote)).splitlines()
     assert sorted(tree) == sorted(
-        ["README.md", "apps/.gitkeep", "clusters/.gitkeep", "crds/.gitkeep",
-         *new, *app_files("model-b")]
+        [*skeleton_files(), *new, *app_files("model-b")]
     )
     assert read_file(remote, BRANCH, "apps/model-a/overlays/retired/kustomization.yaml",
                      work) is None

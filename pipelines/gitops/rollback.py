@@ -1,0 +1,111 @@
+"""Rollback: a commit that puts a model's previous release back, saying who and why.
+
+The files of `apps/<model>/` are restored exactly as the target release committed them, with
+two annotations added to the base manifest (`apexlogic.dev/rollback: "true"` and the version
+rolled back from), so edge agents accept a version lower than the one they run. In MLflow the
+alias `champion` moves to the target and the rolled-back version is tagged, so the same
+release is not committed again by a re-run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from pipelines.gitops import repo
+from pipelines.gitops.manifest import MANIFEST_FILE, _dump
+from pipelines.records import Record
+
+ROLLBACK_ANNOTATION = "apexlogic.dev/rollback"
+ROLLBACK_FROM_ANNOTATION = "apexlogic.dev/rollback-from-version"
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+class RollbackError(ValueError):
+    """The rollback cannot be done as asked (unknown model, version or commit)."""
+
+
+class Rollback(Record):
+    model: str
+    from_version: str
+    to_version: str
+    target_commit: str
+    commit: str
+    created: bool
+
+
+def _base_path(model: str) -> str:
+    return f"apps/{model}/base/{MANIFEST_FILE}"
+
+
+def release_history(remote: str, branch: str, model: str, work_dir: Path) -> list[dict]:
+    """Commits that changed the model's base manifest, newest first, with the version each set."""
+    remote = repo._resolve(remote)
+    clone = repo._clone_dir(remote, Path(work_dir))
+    with repo._locked(clone):
+        clone = repo._open_clone(remote, Path(work_dir))
+        repo._fetch(clone, branch)
+        shas = repo._git("log", "--format=%H", f"refs/remotes/origin/{branch}", "--", _base_path(model),
+                         cwd=clone).stdout.split()
+        history = []
+        for sha in shas:
+            text = repo._git("show", f"{sha}:{_base_path(model)}", cwd=clone, check=False).stdout
+            if not text:
+                continue  # the commit deleted the model
+            doc = yaml.safe_load(text)
+            history.append({"commit": sha, "version": str(doc["spec"]["modelRef"]["version"]),
+                            "checksum": doc["spec"]["modelRef"]["checksum"]})
+        return history
+
+
+def _files_at(remote: str, commit: str, model: str, work_dir: Path) -> dict[str, str]:
+    remote = repo._resolve(remote)
+    clone = repo._clone_dir(remote, Path(work_dir))
+    with repo._locked(clone):
+        clone = repo._open_clone(remote, Path(work_dir))
+        names = repo._git("ls-tree", "-r", "--name-only", commit, "--", f"apps/{model}/", cwd=clone).stdout.split()
+        return {name: repo._git("show", f"{commit}:{name}", cwd=clone).stdout for name in names}
+
+
+def choose_target(history: list[dict], target: str | None) -> dict:
+    """The release to go back to: the newest with another version than the current one, or
+    the one named by version (`3`, `v3`) or commit sha."""
+    if not history:
+        raise RollbackError("the model has no release in the GitOps repository")
+    current = history[0]
+    if not target:
+        for entry in history[1:]:
+            if entry["version"] != current["version"]:
+                return entry
+        raise RollbackError(f"version {current['version']} is the only release: nothing to roll back to")
+    wanted = target.strip().lower().removeprefix("v")
+    for entry in history:
+        if entry["version"] == wanted or (_SHA.match(wanted) and entry["commit"].startswith(wanted)):
+            if entry["checksum"] == current["checksum"]:
+                raise RollbackError(f"version {entry['version']} is what the repository deploys now")
+            return entry
+    known = ", ".join(f"v{e['version']} ({e['commit'][:8]})" for e in history)
+    raise RollbackError(f"no release {target!r} of this model; known: {known}")
+
+
+def rollback(remote: str, branch: str, model: str, target: str | None, reason: str, by: str,
+             author: tuple[str, str], work_dir: Path) -> Rollback:
+    """Commit the target release's files again, marked as a rollback, with who and why."""
+    if len(reason.strip()) < 5:
+        raise RollbackError("a rollback needs a reason (at least 5 characters)")
+    history = release_history(remote, branch, model, work_dir)
+    current = history[0] if history else None
+    chosen = choose_target(history, target)
+    files = _files_at(remote, chosen["commit"], model, work_dir)
+    base = yaml.safe_load(files[_base_path(model)])
+    base["metadata"].setdefault("annotations", {}).update(
+        {ROLLBACK_ANNOTATION: "true", ROLLBACK_FROM_ANNOTATION: current["version"]})
+    files[_base_path(model)] = _dump(base)
+    message = (f"rollback({model}): version {current['version']} -> {chosen['version']}\n\n"
+               f"Rolled back by: {by}\nReason: {' '.join(reason.split())}\n"
+               f"Restores the files of {chosen['commit']} (version {chosen['version']}, {chosen['checksum']}).\n")
+    result = repo.commit_release(remote, branch, model, files, message, author, work_dir)
+    return Rollback(model=model, from_version=current["version"], to_version=chosen["version"],
+                    target_commit=chosen["commit"], commit=result.commit, created=result.created)

@@ -1,0 +1,37 @@
+"""The rollback DAG, started with its Params as from the trigger form."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import ROOT, tabular_frame, write_spec
+from pipelines.__main__ import main
+from pipelines.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_rollback_dag_restores_the_previous_version(airflow_db, monkeypatch, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    spec = write_spec(tmp_path, "rollback-model", "data.csv")
+    assert main(["release", str(spec)]) == 0
+    doc = yaml.safe_load(spec.read_text())
+    doc["description"] = "second release"
+    spec.write_text(yaml.safe_dump(doc))
+    assert main(["release", str(spec)]) == 0
+
+    monkeypatch.setenv("EDGE_SPECS_DIR", str(tmp_path))
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["edge_rollback"]
+    assert dag.params["model"] == "rollback-model"
+    run = dag.test(run_conf={"model": "rollback-model", "target": "", "reason": "canary error rate 4%"})
+    assert str(getattr(run.state, "value", run.state)) == "success"
+    remote = Settings().remote
+    show = ["git", "--git-dir", remote, "show", "main:apps/rollback-model/base/mobileaimodeldeployment.yaml"]
+    restored = yaml.safe_load(subprocess.run(show, capture_output=True, text=True, check=True).stdout)
+    assert restored["spec"]["modelRef"]["version"] == "1"
+    message = subprocess.run(["git", "--git-dir", remote, "log", "-1", "--format=%B", "main"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "Reason: canary error rate 4%" in message and "Rolled back by:" in message
