@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import tabular_frame, write_spec
+
 from pipelines import registry
 from pipelines.__main__ import main
 from pipelines.gitops.rollback import RollbackError, choose_target

@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import ROOT, tabular_frame, write_spec
+
 from pipelines.__main__ import main
 from pipelines.settings import Settings
 
