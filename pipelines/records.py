@@ -139,6 +139,7 @@ class PublishedArtifact(Record):
     sha256: str
     size_bytes: int
     uploaded: bool
+    signature_uri: str | None = None
     model_card_uri: str | None = None
     model_card_html_uri: str | None = None
     model_card_sha256: str | None = None

@@ -290,6 +290,9 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
               if cost and c.variant in set(cost["group_variants"].values()) and c.variant != plan.chosen}
     for variant, candidate in others.items():
         uploads[f"variants/{variant}/model.onnx"] = (candidate.uri, candidate.sha256)
+    from pipelines.gitops.signing import sign_artifact, verify_artifact
+
+    private_key, public_key = ctx.settings.signing_keys()
     uploaded = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, (uri, expected) in uploads.items():
@@ -297,10 +300,20 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
             if not ctx.store.exists(key):
                 ctx.store.put_file(ctx.fetch(uri), key)
                 uploaded = True
-            if expected is not None:
-                digest = sha256_file(ctx.store.get_file(key, Path(tmp) / name))
-                if digest != expected:
-                    raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {expected}")
+            if expected is None:
+                continue
+            copy = ctx.store.get_file(key, Path(tmp) / name)
+            digest = sha256_file(copy)
+            if digest != expected:
+                raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {expected}")
+            if name.endswith(".onnx"):
+                # Sign what landed in the store, then verify the stored bundle against the stored
+                # bytes with the public key, as a device will.
+                if not ctx.store.exists(f"{key}.sig"):
+                    bundle = sign_artifact(copy, Path(tmp) / f"{name}.sig", private_key)
+                    ctx.store.put_file(bundle, f"{key}.sig")
+                verify_artifact(copy, ctx.store.get_file(f"{key}.sig", Path(tmp) / f"{name}.sig.stored"),
+                                public_key)
         size = (Path(tmp) / "model.onnx").stat().st_size
     # The marker goes last: a reader that sees it knows the artifact is complete.
     ctx.store.put_bytes(json.dumps({"model": ctx.spec.name, "version": registered.version,
@@ -309,11 +322,14 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
                                    sort_keys=True).encode(), f"{folder}/model.json")
     return PublishedArtifact(
         uri=ctx.store.uri(f"{folder}/model.onnx"), sha256=chosen.sha256, size_bytes=size, uploaded=uploaded,
+        signature_uri=ctx.store.uri(f"{folder}/model.onnx.sig"),
         model_card_uri=ctx.store.uri(f"{folder}/model_card.json") if card else None,
         model_card_html_uri=ctx.store.uri(f"{folder}/model_card.html") if card else None,
         model_card_sha256=card.sha256 if card else None,
         variants={v: {"uri": ctx.store.uri(f"{folder}/variants/{v}/model.onnx"), "sha256": c.sha256,
-                      "size_bytes": c.size_bytes} for v, c in others.items()},
+                      "size_bytes": c.size_bytes,
+                      "signature_uri": ctx.store.uri(f"{folder}/variants/{v}/model.onnx.sig")}
+                  for v, c in others.items()},
     )
 
 
@@ -356,11 +372,13 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         model_version=registered.version, mlflow_run_id=registered.run_id, release_key=data.release_key,
         source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
         variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
+        signature_uri=published.signature_uri,
         model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
         cost=_cost_brief(cost),
         group_variants={group: {"variant": variant, "sourceUri": published.variants[variant]["uri"],
                                 "sha256": published.variants[variant]["sha256"],
-                                "sizeBytes": published.variants[variant]["size_bytes"]}
+                                "sizeBytes": published.variants[variant]["size_bytes"],
+                                "signatureUri": published.variants[variant]["signature_uri"]}
                         for group, variant in (cost or {}).get("group_variants", {}).items()
                         if variant != plan.chosen},
     ))

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO).")
     gitops_remote: str | None = Field(None, description="Any Git URL. Default: a bare repo in the state folder.")
     fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
+    signing_key: Path | None = Field(None, description="Private key (PEM) that signs artifacts. Default: demo keys.")
+    signing_public_key: Path | None = Field(None, description="Public key (PEM) that verifies them.")
     gitops_branch: str = "main"
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
@@ -55,6 +57,16 @@ class Settings(BaseSettings):
     @property
     def fleet_path(self) -> Path:
         return self.fleet_file or PROJECT_ROOT / "model_specs" / "fleet" / "fleet.yaml"
+
+    def signing_keys(self) -> tuple[Path, Path]:
+        """(private, public) key files; a demo pair under the state folder when none is configured."""
+        if self.signing_key:
+            if not self.signing_public_key:
+                raise ValueError("EDGE_SIGNING_KEY is set but EDGE_SIGNING_PUBLIC_KEY is not")
+            return self.signing_key, self.signing_public_key
+        from pipelines.gitops.signing import ensure_demo_keys
+
+        return ensure_demo_keys(self.state / "keys")
 
     @property
     def work_dir(self) -> Path:

@@ -85,7 +85,7 @@ class CostEstimate(Record):
             "totalUsdPerMonth": round(self.total_usd_per_month, 2),
             "budgetUsdPerMonth": self.monthly_budget_usd,
             "groups": {g.group: {"variant": g.variant, "usdPerMonth": round(g.total_usd, 2),
-                                 "energyKwhPerDay": round(g.energy_kwh_per_month / DAYS_PER_MONTH, 6),
+                                 "energyWhPerDay": round(g.energy_kwh_per_month * 1000 / DAYS_PER_MONTH, 3),
                                  "egressGbPerMonth": round(g.ota_gb_per_month + g.telemetry_gb_per_month, 4),
                                  "latencyP95Ms": round(g.latency_p95_ms, 4)} for g in self.groups},
         }
@@ -296,7 +296,7 @@ def diff_lines(diff: dict) -> list[str]:
     for name, values in diff["groups"].items():
         if values["status"] == "new":
             lines.append(f"  + {name}: new, {values['variant']}, {values['usdPerMonth']:,.2f} USD/month, "
-                         f"{values['energyKwhPerDay']:.4g} kWh/day, {values['egressGbPerMonth']:.2f} GB/month egress, "
+                         f"{values['energyWhPerDay']:.3f} Wh/day, {values['egressGbPerMonth']:.2f} GB/month egress, "
                          f"p95 {values['latencyP95Ms']:.3f} ms")
         elif values["status"] == "removed":
             lines.append(f"  - {name}: no longer targeted")
@@ -304,7 +304,7 @@ def diff_lines(diff: dict) -> list[str]:
             variant = (f", {values['previousVariant']} -> {values['variant']}"
                        if values.get("previousVariant") not in (None, values["variant"]) else "")
             lines.append(f"  ~ {name}: {values['deltaUsdPerMonth']:+,.2f} USD/month, "
-                         f"{values['deltaEnergyKwhPerDay']:+.4g} kWh/day, {values['deltaEgressGbPerMonth']:+.3f} GB/month, "
+                         f"{values['deltaEnergyWhPerDay']:+.3f} Wh/day, {values['deltaEgressGbPerMonth']:+.3f} GB/month, "
                          f"p95 {values['deltaLatencyP95Ms']:+.4f} ms{variant}")
     return lines
 

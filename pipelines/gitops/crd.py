@@ -144,7 +144,7 @@ def _cost() -> dict:
         {
             "variant": _string(enum=_VARIANTS),
             "usdPerMonth": money,
-            "energyKwhPerDay": money,
+            "energyWhPerDay": money,
             "egressGbPerMonth": money,
             "latencyP95Ms": money,
         }

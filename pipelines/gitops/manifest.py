@@ -47,7 +47,7 @@ class ManifestInputs(Record):
     signature_uri: str | None = None
     metrics: dict[str, float]
     verdicts: list[dict] = Field(
-        default_factory=list, description="Brief gate verdicts: name, passed, reason."
+        default_factory=list, description="Brief gate verdicts: gate, passed, waived, reason."
     )
     cost: dict | None = None
     model_card_uri: str | None = None
@@ -232,6 +232,9 @@ def _overlay(spec: ModelSpec, group_index: int, inputs: ManifestInputs | None = 
         for key, value in (("variant", override["variant"]), ("sourceUri", override["sourceUri"]),
                            ("checksum", f"sha256:{override['sha256']}"), ("sizeBytes", override["sizeBytes"])):
             operations.append({"op": "replace", "path": f"/spec/modelRef/{key}", "value": value})
+        if override.get("signatureUri"):
+            operations.append({"op": "replace", "path": "/spec/modelRef/signatureRef",
+                               "value": {"uri": override["signatureUri"]}})
     return _kustomization(
         resources=["../../base"],
         nameSuffix=f"-{group.name}",

@@ -43,7 +43,7 @@ def full_inputs(name: str):
             "budgetUsdPerMonth": 250,
             "groups": {
                 t.name: {"variant": "dynamic" if t.name == other else "fp32", "usdPerMonth": 6.17,
-                         "energyKwhPerDay": 0.000123, "egressGbPerMonth": 0.5, "latencyP95Ms": 3.2}
+                         "energyWhPerDay": 0.123, "egressGbPerMonth": 0.5, "latencyP95Ms": 3.2}
                 for t in spec.targets
             },
         },

@@ -53,9 +53,21 @@ def test_adult_income_release_dag_end_to_end(airflow_db, monkeypatch):
     tags = mlflow_client.get_model_version("adult-income", version).tags
     assert tags["artifact_sha256"] == checksum and tags["trigger"].startswith("manual")
     assert {"data_sha256", "spec_sha256", "code_digest", "code_revision", "version.onnxruntime"} <= set(tags)
+    import shutil
+
+    from pipelines.gitops.crd import validate_object
+
+    checkout = settings.state / "checkout"
+    subprocess.run(["git", "clone", "-q", settings.remote, str(checkout)], check=True)
+    assert (checkout / "crds" / "mobileaimodeldeployments.apexlogic.dev.yaml").is_file()
     for overlay in ("android-tablets", "branch-kiosks"):
-        assert f"apps/adult-income/overlays/{overlay}/kustomization.yaml" in _git(
-            settings.remote, "ls-tree", "-r", "--name-only", "main")
+        rendered = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize",
+                                   str(checkout / "apps/adult-income/overlays" / overlay)],
+                                  capture_output=True, text=True, check=True).stdout
+        [obj] = [d for d in __import__("yaml").safe_load_all(rendered) if d]
+        assert validate_object(obj) == [], overlay
+        assert obj["spec"]["modelRef"]["signatureRef"]["uri"].endswith(".onnx.sig")
+    shutil.rmtree(checkout)
 
     assert str(mlflow_client.get_model_version_by_alias("adult-income", "champion").version) == version
     assert tags["release_status"] == "released"
