@@ -16,7 +16,8 @@ from pipelines.specs import SpecError
 
 def _table(summary) -> str:
     """The release summary as a readable table."""
-    status = {"released": "RELEASED", "rejected": "REJECTED: nothing was committed",
+    status = {"released": "RELEASED", "in_review": "IN REVIEW: committed to a review branch",
+              "rejected": "REJECTED: nothing was committed",
               "awaiting_approval": "WAITING FOR APPROVAL: nothing committed yet"}[summary.status]
     lines = [
         f"Release of {summary.model}: {status}",

@@ -158,7 +158,7 @@ class GitOpsCommit(Record):
 class ReleaseSummary(Record):
     model: str
     model_version: str
-    status: Literal["released", "rejected", "awaiting_approval"]
+    status: Literal["released", "in_review", "rejected", "awaiting_approval"]
     reasons: list[str] = Field(default_factory=list, description="Why a release was not committed.")
     release_key: str
     run_id: str

@@ -394,12 +394,48 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         f"Why: {plan.reason}\n" + (f"Gates:\n{_verdict_lines(verdicts)}" if verdicts else "") + approved
         + ("\n" + "\n".join(_cost_diff_lines(cost)) + "\n" if cost else "")
     )
-    result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
-                                 settings.work_dir / "gitops")
+    files[f"apps/{spec.name}/RELEASE.md"] = _release_notes(spec, registered, published, plan, verdicts, approval, cost)
+    review = [t.name for t in spec.targets if t.requires_review]
+    if review:
+        # A device group that requires review puts the whole release on a review branch: the
+        # base manifest is shared by every group, so no group can move without the others.
+        result = repo.propose_release(settings.remote, settings.gitops_branch,
+                                      f"release/{spec.name}/{registered.version}", spec.name, files, message,
+                                      author, settings.work_dir / "gitops")
+        if result.branch != settings.gitops_branch:
+            registry.mark_version(settings.tracking_uri, spec.name, registered.version,
+                                  {"release_status": "in_review", "gitops_review_branch": result.branch,
+                                   "gitops_commit": result.commit})
+            return result
+    else:
+        result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
+                                     settings.work_dir / "gitops")
     registry.mark_version(settings.tracking_uri, spec.name, registered.version,
                           {"release_status": "released", "gitops_commit": result.commit},
                           alias=registry.CHAMPION_ALIAS)
     return result
+
+
+def _release_notes(spec, registered: RegisteredVersion, published: PublishedArtifact, plan: QuantizationPlan,
+                   verdicts: list[GateVerdict], approval: Approval | None, cost: dict | None) -> str:
+    """apps/<model>/RELEASE.md: what this release is and why it may ship (also the description
+    of its pull request when a device group requires review)."""
+    review = [t.name for t in spec.targets if t.requires_review]
+    lines = [f"# {spec.name} version {registered.version}", "",
+             f"Variant **{plan.chosen}**, `sha256:{published.sha256}`, {published.size_bytes:,} bytes.",
+             f"MLflow run `{registered.run_id}`. Artifact: {published.uri}",
+             f"Model card: {published.model_card_html_uri or 'none'}", ""]
+    if review:
+        lines += [f"Device groups that require review: {', '.join(review)}. Merge this branch to release.", ""]
+    lines += ["| gate | result | reason |", "|---|---|---|"]
+    lines += [f"| {v.gate} | {'waived' if v.waived else 'pass' if v.passed else 'FAIL'} | "
+              f"{v.reason.replace('|', '/')} |" for v in verdicts]
+    if cost:
+        lines += ["", "```", *_cost_diff_lines(cost), "```"]
+    lines += ["", f"Quantization: {plan.reason}"]
+    if approval:
+        lines += ["", f"Approved by {approval.by} at {approval.at}."]
+    return "\n".join(lines) + "\n"
 
 
 def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
@@ -412,7 +448,10 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     from pipelines import registry
 
     ctx = context(spec_path, settings)
-    if committed is not None:
+    if committed is not None and committed.branch.startswith("release/"):
+        status = "in_review"
+        reasons = [f"review: committed to branch {committed.branch}; merging it releases to the fleet"]
+    elif committed is not None:
         status, reasons = "released", []
     elif decision.outcome == "reject":
         status, reasons = "rejected", decision.reasons
@@ -422,7 +461,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
                    + (f": {approval.comment}" if approval.comment else "")]
     else:
         status, reasons = "awaiting_approval", ["approval: waiting for a person (the spec asks for manual approval)"]
-    if status != "released":
+    if status not in ("released", "in_review"):
         registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
                               {"release_status": status, "release_reasons": " | ".join(reasons)})
         log.warning("%s v%s %s: %s", ctx.spec.name, registered.version, status.upper(), "; ".join(reasons))

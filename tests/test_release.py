@@ -164,3 +164,22 @@ def test_manual_approval_on_the_command_line(tmp_path, state, capsys):
     approved = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert approved["status"] == "released" and approved["approval"]["by"] == "ana"
     assert "Approved by: ana" in _git(Settings().remote, "log", "-1", "--format=%B", "main")
+
+
+def test_a_group_that_requires_review_puts_the_release_on_a_review_branch(tmp_path, state):
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    spec = write_spec(tmp_path, "reviewed-model", "data.csv", targets=[{
+        "name": "phones", "requiresReview": True,
+        "selector": {"matchLabels": {"apexlogic.dev/device-class": "android-phone"}}}])
+    summary = release.run_release(spec)
+    assert summary.status == "in_review"
+    assert "release/reviewed-model/1" in summary.reasons[0]
+    settings = Settings()
+    assert "reviewed-model" not in _git(settings.remote, "ls-tree", "-r", "--name-only", "main")
+    notes = _git(settings.remote, "show", "release/reviewed-model/1:apps/reviewed-model/RELEASE.md")
+    assert notes.startswith("# reviewed-model version 1")
+    assert "Device groups that require review: phones" in notes and "| budget | pass |" in notes
+    version = _mlflow(settings).get_model_version("reviewed-model", "1")
+    assert version.tags["release_status"] == "in_review" and "champion" not in version.aliases
+    again = release.run_release(spec)
+    assert again.gitops_commit == summary.gitops_commit and not again.gitops_commit_created

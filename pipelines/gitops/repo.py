@@ -345,3 +345,45 @@ def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> li
         sha, subject, body = (entry.split("\x1f", 2) + ["", ""])[:3]
         commits.append({"sha": sha.strip(), "subject": subject, "body": body.strip()})
     return commits
+
+
+def propose_release(
+    remote: str,
+    branch: str,
+    review_branch: str,
+    model: str,
+    files: dict[str, str],
+    message: str,
+    author: tuple[str, str],
+    work_dir: Path,
+) -> GitOpsCommit:
+    """Commit the release to `review_branch` (from the tip of `branch`) for a person to merge.
+
+    Nothing changes on `branch`. The review branch belongs to this release, so it is
+    (re)written with a forced push; when it already holds exactly these files, or `branch`
+    already does, no commit is made.
+    """
+    _check_paths(model, files)
+    shown, remote = remote, _resolve(remote)
+    if not _remote_has_branch(remote, branch):
+        raise GitError(redact(f"{remote} has no branch {branch!r}; call ensure_remote first"))
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        clone = _open_clone(remote, Path(work_dir))
+        _sync(clone, branch)
+        changed = _apply(clone, model, files)
+        if not changed:
+            return _record(shown, branch, _head(clone), [], created=False)
+        if _remote_has_branch(remote, review_branch):
+            _git("fetch", "-q", "origin", f"+refs/heads/{review_branch}:refs/remotes/origin/{review_branch}",
+                 cwd=clone)
+            same = _git("diff", "--quiet", f"refs/remotes/origin/{review_branch}", "--", f"apps/{model}/",
+                        cwd=clone, check=False).returncode == 0
+            if same:
+                head = _git("rev-parse", f"refs/remotes/origin/{review_branch}", cwd=clone).stdout.strip()
+                return _record(shown, review_branch, head, [], created=False)
+        _git("commit", "-q", "--no-verify", "-F", "-", cwd=clone, input=message, env=_author_env(author))
+        result = _git("push", "-q", "--force", "origin", f"HEAD:refs/heads/{review_branch}", cwd=clone, check=False)
+        if result.returncode != 0:
+            raise GitError(redact(f"git push to origin/{review_branch} failed: {result.stderr.strip()[-2000:]}"))
+        return _record(shown, review_branch, _head(clone), changed, created=True)
