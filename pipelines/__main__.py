@@ -64,6 +64,54 @@ def _table(summary) -> str:
     return "\n".join(lines)
 
 
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k=v` as a dict; ValueError (one line) on bad syntax or a repeated key."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or any(c.isspace() for c in key + value):
+            raise ValueError(f"{item!r} is not key=value")
+        if key in labels:
+            raise ValueError(f"label {key!r} is given twice")
+        labels[key] = value
+    return labels
+
+
+def _edge_agent(args) -> int:
+    """Poll once (exit 1 if a model failed) or forever every --interval seconds."""
+    import time
+
+    from pipelines.edge.agent import EdgeAgent
+    from pipelines.edge.desired import GitSource
+    from pipelines.settings import get_settings
+
+    try:
+        labels = parse_labels(args.labels)
+    except ValueError as error:
+        print(f"error: --labels: {error}", file=sys.stderr)
+        return 2
+    if args.interval is not None and args.interval <= 0:
+        print("error: --interval must be positive", file=sys.stderr)
+        return 2
+    settings = get_settings()
+    state = args.state or settings.state / "agents" / args.device_id
+    public_key = settings.signing_public_key or settings.signing_keys()[1]
+    agent = EdgeAgent(args.device_id, labels, state, GitSource(settings.remote, settings.gitops_branch,
+                                                               state / "gitops"),
+                      public_key, settings.store_url, settings.s3_endpoint_url)
+    try:
+        while True:
+            results = agent.poll_once()
+            for result in results:
+                print(result.line(), flush=True)
+            if args.interval is None:
+                return 1 if any(r.state == "failed" for r in results) else 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description="Edge AI release pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     finops.add_argument("--json", action="store_true")
     schema = commands.add_parser("schema", help="write the JSON schema of model specs")
     schema.add_argument("--output", type=Path, default=None)
+    agent = commands.add_parser("edge-agent", help="reconcile one device with the GitOps repository")
+    agent.add_argument("--device-id", required=True)
+    agent.add_argument("--labels", required=True, help="the device's labels: k=v,k=v")
+    agent.add_argument("--state", type=Path, default=None,
+                       help="the device's folder (default: <state>/agents/<device-id>)")
+    when = agent.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="poll once and exit (the default)")
+    when.add_argument("--interval", type=float, default=None, metavar="S", help="poll every S seconds")
+    fleet = commands.add_parser("fleet", help="simulate a fleet of edge agents")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    simulate = fleet_commands.add_parser("simulate", help="run N agents for R rounds and print convergence")
+    simulate.add_argument("--devices", type=int, required=True)
+    simulate.add_argument("--rounds", type=int, default=3)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--git", choices=["auto", "per-device", "shared"], default="auto",
+                          help="a clone per device, or one fetch per round shared by all (auto: by fleet size)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -159,6 +223,18 @@ def main(argv: list[str] | None = None) -> int:
                 store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
                 print(store.read_bytes(store.key_of(report.evidence["report.txt"])).decode())
                 print("\n".join(f"{name}: {uri}" for name, uri in report.evidence.items()))
+        elif args.command == "edge-agent":
+            return _edge_agent(args)
+        elif args.command == "fleet":
+            from pipelines.edge.simulator import format_convergence
+            from pipelines.edge.simulator import simulate as simulate_fleet
+            from pipelines.settings import get_settings
+
+            if args.devices < 1 or args.rounds < 1:
+                print("error: --devices and --rounds must be at least 1", file=sys.stderr)
+                return 2
+            print(format_convergence(simulate_fleet(args.devices, args.rounds, get_settings(), seed=args.seed,
+                                                    git=args.git)))
         elif args.command == "schema":
             from pipelines.specs import json_schema
 
