@@ -56,6 +56,7 @@ test: venv browser
 # Benchmarks print figures and write JSON under the state folder; they are not tests.
 bench: venv
 	$(PY) bench/estimator_accuracy.py
+	$(PY) bench/fleet_convergence.py
 
 # The 30-day spend forecast of a released model (MODEL=adult-income by default).
 MODEL ?= adult-income

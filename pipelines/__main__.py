@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     simulate = fleet_commands.add_parser("simulate", help="run N agents for R rounds and print convergence")
     simulate.add_argument("--devices", type=int, required=True)
     simulate.add_argument("--rounds", type=int, default=3)
+    simulate.add_argument("--keep", action="store_true",
+                          help="continue with the devices of the last simulation (they keep what they run)")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--git", choices=["auto", "per-device", "shared"], default="auto",
                           help="a clone per device, or one fetch per round shared by all (auto: by fleet size)")
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: --devices and --rounds must be at least 1", file=sys.stderr)
                 return 2
             print(format_convergence(simulate_fleet(args.devices, args.rounds, get_settings(), seed=args.seed,
-                                                    git=args.git)))
+                                                    git=args.git, keep=args.keep)))
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

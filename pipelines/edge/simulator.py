@@ -69,7 +69,7 @@ class Fleet:
     """N agents on the settings' GitOps remote and artifact store; `poll_round()` runs one round."""
 
     def __init__(self, devices: int, settings: Settings, seed: int = 0, fleet_path: Path | None = None,
-                 git: GitMode = "auto"):
+                 git: GitMode = "auto", keep: bool = False):
         from pipelines.finops.catalog import load_catalog, load_fleet
 
         if devices < 1:
@@ -78,8 +78,10 @@ class Fleet:
         self.settings = settings
         self.git_mode = git if git != "auto" else ("per-device" if devices <= PER_DEVICE_GIT_LIMIT else "shared")
         self.root = settings.state / "fleet"
-        # The simulator owns this folder: a previous run's devices would start converged.
-        shutil.rmtree(self.root, ignore_errors=True)
+        # The simulator owns this folder: a previous run's devices would start converged, which
+        # is what `keep` asks for (the same devices see the next release or a rollback).
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
         public_key = settings.signing_public_key or settings.signing_keys()[1]
         self._shared: GitSource | None = None
         self._round_source = _RoundSource()
@@ -170,9 +172,10 @@ class Fleet:
 
 
 def simulate(devices: int, rounds: int, settings: Settings, seed: int = 0, fleet_path: Path | None = None,
-             git: GitMode = "auto") -> dict:
-    """Run `rounds` polls of `devices` fresh agents; convergence per round and per model."""
-    fleet = Fleet(devices, settings, seed, fleet_path, git)
+             git: GitMode = "auto", keep: bool = False) -> dict:
+    """Run `rounds` polls of `devices` agents (fresh, or those of the last run with `keep`);
+    convergence per round and per model."""
+    fleet = Fleet(devices, settings, seed, fleet_path, git, keep)
     for _ in range(rounds):
         fleet.poll_round()
     return fleet.result()

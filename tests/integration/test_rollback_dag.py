@@ -23,6 +23,11 @@ def test_rollback_dag_restores_the_previous_version(airflow_db, monkeypatch, tmp
     spec.write_text(yaml.safe_dump(doc))
     assert main(["release", str(spec)]) == 0
 
+    from pipelines.edge.simulator import simulate
+
+    before = simulate(12, 2, Settings(), seed=1)["rounds"][-1]["models"]["rollback-model"]
+    assert set(before["versions"]) == {"2"} and before["on_desired"] == before["selected"] > 0
+
     monkeypatch.setenv("EDGE_SPECS_DIR", str(tmp_path))
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["edge_rollback"]
     assert dag.params["model"] == "rollback-model"
@@ -35,3 +40,9 @@ def test_rollback_dag_restores_the_previous_version(airflow_db, monkeypatch, tmp
     message = subprocess.run(["git", "--git-dir", remote, "log", "-1", "--format=%B", "main"],
                              capture_output=True, text=True, check=True).stdout
     assert "Reason: canary error rate 4%" in message and "Rolled back by:" in message
+
+    # The same devices reconcile the rollback: they run version 1 again.
+    result = simulate(12, 2, Settings(), seed=1, keep=True)
+    final = result["rounds"][-1]["models"]["rollback-model"]
+    assert final["selected"] > 0 and final["on_desired"] == final["selected"], final
+    assert set(final["versions"]) == {"1"}, final
