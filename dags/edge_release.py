@@ -14,6 +14,7 @@ Git faults are retried.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime, timedelta
@@ -41,6 +42,38 @@ def _stage(name: str, call):
         raise AirflowFailException(str(error)) from None
     get_current_context()["ti"].xcom_push(key="seconds", value=round(time.perf_counter() - start, 3))
     return record.to_xcom()
+
+
+SIGNING_CONNECTION = "edge_signing"
+
+
+@contextlib.contextmanager
+def _signing_settings():
+    """Settings whose signing keys come from the Airflow connection `edge_signing` when it
+    exists (private key PEM as its password, public key PEM as extra `public_key`), written
+    to private temporary files removed after use; otherwise the environment's settings."""
+    import shutil
+    import tempfile
+
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import Connection
+
+    from pipelines.settings import get_settings
+
+    try:
+        connection = Connection.get(SIGNING_CONNECTION)
+    except AirflowNotFoundException:
+        yield get_settings()
+        return
+    folder = Path(tempfile.mkdtemp(prefix="edge-signing-"))
+    try:
+        private, public = folder / "signing.key", folder / "signing.pub"
+        private.touch(mode=0o600)
+        private.write_text(connection.password or "")
+        public.write_text(connection.extra_dejson.get("public_key", ""))
+        yield get_settings().model_copy(update={"signing_key": private, "signing_public_key": public})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _trigger() -> str:
@@ -226,9 +259,10 @@ def build_release_dag(spec_path: Path):
             from pipelines import release as stages
             from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
-            return _stage("publish", lambda: stages.publish(
-                path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan),
-                ModelCard.model_validate(card), cost))
+            with _signing_settings() as settings:
+                return _stage("publish", lambda: stages.publish(
+                    path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan),
+                    ModelCard.model_validate(card), cost, settings=settings))
 
         @task(**IO_RETRIES)
         def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list,

@@ -4,6 +4,8 @@ One pytest session: the first `dag.test()` pays for Airflow's in-process API (~1
 """
 
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, tabular_frame, write_spec
@@ -171,3 +173,26 @@ def test_finops_report_dag_forecasts_and_alerts_on_a_breach(airflow_db, monkeypa
     report = run.get_task_instance("forecast__adult-income").xcom_pull(task_ids="forecast__adult-income")
     assert report["breach"] and report["total_predicted_usd"] > report["monthly_budget_usd"]
     assert not report["simulated"]
+
+
+def test_signing_keys_from_an_airflow_connection(airflow_db, monkeypatch, tmp_path):
+    import json
+
+    import pytest as _pytest
+
+    from pipelines.gitops.signing import SignatureError, generate_key_pair, verify_artifact
+
+    generate_key_pair(tmp_path / "conn.key", tmp_path / "conn.pub")
+    monkeypatch.setenv("AIRFLOW_CONN_EDGE_SIGNING", json.dumps({
+        "conn_type": "generic", "password": (tmp_path / "conn.key").read_text(),
+        "extra": {"public_key": (tmp_path / "conn.pub").read_text()}}))
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    write_spec(tmp_path, "conn-signed", "data.csv")
+    run = _bag(monkeypatch, tmp_path).dags["edge_release__conn-signed"].test()
+    assert str(getattr(run.state, "value", run.state)) == "success", _states(run)
+    settings = Settings()
+    [artifact] = (settings.state / "artifacts" / "models" / "conn-signed").glob("*/model.onnx")
+    verify_artifact(artifact, artifact.with_name("model.onnx.sig"), tmp_path / "conn.pub")
+    with _pytest.raises(SignatureError):
+        verify_artifact(artifact, artifact.with_name("model.onnx.sig"), settings.signing_keys()[1])
+    assert not list(Path(tempfile.gettempdir()).glob("edge-signing-*")), "key files were left behind"
