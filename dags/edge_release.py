@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, Param, dag, get_current_context, task
+from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from pipelines.specs import SpecError, discover_specs, load_spec
 
@@ -76,12 +77,37 @@ def _signing_settings():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def drift_asset(model: str) -> Asset:
+    """Raised by drift monitoring (or any alerting system, through the REST API) to retrain."""
+    return Asset(f"edge-drift://{model}")
+
+
+def _schedule(spec):
+    """The spec's cron OR a drift event for the model; a spec without a schedule: drift only."""
+    if spec.schedule is None:
+        return [drift_asset(spec.name)]
+    presets = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
+               "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *"}
+    if spec.schedule == "@once":
+        return spec.schedule
+    cron = presets.get(spec.schedule, spec.schedule)
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[drift_asset(spec.name)])
+
+
 def _trigger() -> str:
+    """What started the run, as recorded in MLflow: a person (with the reason), the schedule,
+    or drift events (with their figures)."""
+    import json
+
     context = get_current_context()
     run = context["dag_run"]
     reason = (context["params"].get("reason") or "").strip()
-    run_type = getattr(run.run_type, "value", run.run_type)
-    return f"{run_type}: {reason}" if reason else str(run_type)
+    run_type = str(getattr(run.run_type, "value", run.run_type))
+    if run_type == "asset_triggered":
+        events = [e for evs in (context.get("triggering_asset_events") or {}).values() for e in evs]
+        extras = [dict(getattr(e, "extra", {}) or {}) for e in events]
+        return f"asset_triggered: {json.dumps(extras, sort_keys=True, default=str)[:400]}"
+    return f"{run_type}: {reason}" if reason else run_type
 
 
 class ReleaseApproval(ApprovalOperator):
@@ -123,7 +149,7 @@ def build_release_dag(spec_path: Path):
     @dag(
         dag_id=f"edge_release__{spec.name}",
         description=f"Release {spec.name} to edge devices ({spec.training.framework})",
-        schedule=spec.schedule,
+        schedule=_schedule(spec),
         start_date=datetime(2026, 1, 1),
         catchup=False,
         max_active_runs=1,

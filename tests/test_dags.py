@@ -52,7 +52,10 @@ def test_release_dag_shape():
     assert dag.get_task("commit").retries == 3 and dag.get_task("train").retries == 0
     assert dag.get_task("commit").upstream_task_ids >= {"publish", "register"}
     assert "reason" in dag.params
-    assert dag.timetable.expression == "0 3 * * 1"
+    # The spec's cron OR a drift event of the model starts a release.
+    assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
+    assert dag.timetable.timetable.expression == "0 3 * * 1"
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://adult-income/"]
 
 
 def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatch):
@@ -64,6 +67,8 @@ def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatc
     assert isinstance(approval, ApprovalOperator)
     assert dag.get_task("decide").downstream_task_ids == {"approve_release"}
     assert approval.downstream_task_ids == {"publish"}
+    # No schedule in the spec: only a drift event (or a person) starts a release.
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://manual-model/"]
 
 
 def test_parsing_the_dag_file_imports_no_heavy_library():
