@@ -81,6 +81,23 @@ def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
     return path
 
 
+def release_twice(folder: Path, name: str) -> Path:
+    """Two versions of a small model in the GitOps repository (the second under a changed
+    description, so the same model gets a new release key); returns the spec's path."""
+    import yaml
+
+    from pipelines.__main__ import main
+
+    tabular_frame().to_csv(folder / "data.csv", index=False)
+    spec = write_spec(folder, name, "data.csv")
+    assert main(["release", str(spec)]) == 0
+    doc = yaml.safe_load(spec.read_text())
+    doc["description"] = "the same model, released again under a new spec"
+    spec.write_text(yaml.safe_dump(doc))
+    assert main(["release", str(spec)]) == 0
+    return spec
+
+
 def tabular_frame(rows: int = 400, seed: int = 0):
     import numpy as np
     import pandas as pd

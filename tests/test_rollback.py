@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import tabular_frame, write_spec
+from conftest import release_twice
 
 from pipelines import registry
 from pipelines.__main__ import main
@@ -19,14 +19,7 @@ def _git(remote, *args) -> str:
 
 @pytest.fixture
 def two_releases(tmp_path, state):
-    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
-    spec = write_spec(tmp_path, "small-model", "data.csv")
-    assert main(["release", str(spec)]) == 0
-    doc = yaml.safe_load(spec.read_text())
-    doc["description"] = "the same model, released again under a new spec"
-    spec.write_text(yaml.safe_dump(doc))
-    assert main(["release", str(spec)]) == 0
-    return spec
+    return release_twice(tmp_path, "small-model")
 
 
 def test_rollback_restores_the_previous_release_and_blocks_its_rerun(two_releases, capsys):

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from pipelines.edge.desired import (
@@ -47,7 +48,7 @@ from pipelines.storage import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 
-STATES = ("active", "unchanged", "refused", "failed", "not_selected")
+State = Literal["active", "unchanged", "refused", "failed", "not_selected"]
 DEVICE_CLASS_LABEL = "apexlogic.dev/device-class"
 MODEL_FILE = "model.onnx"
 BUNDLE_FILE = "model.onnx.sig"
@@ -69,7 +70,7 @@ class AgentResult:
 
     model: str
     version: str | None
-    state: str
+    state: State
     error: str | None = None
     latency_ms: float | None = None
     group: str | None = None

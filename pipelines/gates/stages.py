@@ -32,7 +32,6 @@ from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
-GATE_STAGES = ("quality_gate", "fairness_gate", "parity_gate", "drift_gate")
 
 
 class CostReport(Record):

@@ -256,6 +256,15 @@ def _push(clone: Path, branch: str) -> tuple[str, str]:
     raise GitError(redact(f"git push to origin/{branch} failed: {output.strip()[-2000:]}"))
 
 
+def _checked_remote(remote: str, branch: str, model: str, files: dict[str, str]) -> str:
+    """The resolved remote, after checking the release's paths and that `branch` exists."""
+    _check_paths(model, files)
+    remote = _resolve(remote)
+    if not _remote_has_branch(remote, branch):
+        raise GitError(redact(f"{remote} has no branch {branch!r}; call ensure_remote first"))
+    return remote
+
+
 def commit_release(
     remote: str,
     branch: str,
@@ -273,12 +282,9 @@ def commit_release(
     because the branch moved is retried on top of the new tip (up to 5 times, backoff
     from 0.2 s doubling).
     """
-    _check_paths(model, files)
-    shown, remote = remote, _resolve(remote)
     if not message.strip():
         raise ValueError("a commit message is required")
-    if not _remote_has_branch(remote, branch):
-        raise GitError(redact(f"{remote} has no branch {branch!r}; call ensure_remote first"))
+    shown, remote = remote, _checked_remote(remote, branch, model, files)
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
         clone = _open_clone(remote, Path(work_dir))
@@ -363,10 +369,7 @@ def propose_release(
     (re)written with a forced push; when it already holds exactly these files, or `branch`
     already does, no commit is made.
     """
-    _check_paths(model, files)
-    shown, remote = remote, _resolve(remote)
-    if not _remote_has_branch(remote, branch):
-        raise GitError(redact(f"{remote} has no branch {branch!r}; call ensure_remote first"))
+    shown, remote = remote, _checked_remote(remote, branch, model, files)
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
         clone = _open_clone(remote, Path(work_dir))

@@ -4,9 +4,8 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT, tabular_frame, write_spec
+from conftest import ROOT, release_twice
 
-from pipelines.__main__ import main
 from pipelines.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -15,13 +14,7 @@ pytestmark = pytest.mark.integration
 def test_rollback_dag_restores_the_previous_version(airflow_db, monkeypatch, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
-    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
-    spec = write_spec(tmp_path, "rollback-model", "data.csv")
-    assert main(["release", str(spec)]) == 0
-    doc = yaml.safe_load(spec.read_text())
-    doc["description"] = "second release"
-    spec.write_text(yaml.safe_dump(doc))
-    assert main(["release", str(spec)]) == 0
+    release_twice(tmp_path, "rollback-model")
 
     from pipelines.edge.simulator import simulate
 
