@@ -139,9 +139,9 @@ def api_server(airflow_db):
         deadline = time.monotonic() + 120
         while True:
             try:
-                if requests.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                if requests.get(f"{base}/api/v2/monitor/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.RequestException, OSError):  # starting: refused or not answering yet
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"api-server did not come up; see {SESSION_DIR / 'api-server.log'}")

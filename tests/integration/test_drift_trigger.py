@@ -24,8 +24,8 @@ def _wait(what: str, check, timeout: float, logs: Path):
     while time.monotonic() < deadline:
         try:
             value = check()
-        except requests.ConnectionError:
-            value = None
+        except (requests.RequestException, OSError):
+            value = None  # still starting: refused, or accepted but not answering yet
         if value:
             return value
         time.sleep(1)
@@ -57,7 +57,7 @@ def test_a_drift_event_starts_a_release_run(tmp_path):
     base = f"http://127.0.0.1:{port}"
     dag_id = "edge_release__drift-model"
     try:
-        _wait("the api-server", lambda: requests.get(f"{base}/api/v2/monitor/health", timeout=2).ok, 120, logs)
+        _wait("the api-server", lambda: requests.get(f"{base}/api/v2/monitor/health", timeout=5).ok, 120, logs)
         password = json.loads((tmp_path / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
         token = requests.post(f"{base}/auth/token", json={"username": "admin", "password": password["admin"]},
                               timeout=10).json()["access_token"]
