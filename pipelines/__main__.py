@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--to", default=None, help="version (3 or v3) or commit sha; default: the previous version")
     back.add_argument("--reason", required=True, help="why (recorded in the commit and in MLflow)")
     back.add_argument("--by", default=None, help="who (default: the current user)")
+    roll = commands.add_parser("rollout", help="analyse a model's canary and advance, hold or roll it back")
+    roll.add_argument("model")
+    roll.add_argument("--dry-run", action="store_true", help="analyse and print, commit nothing")
     finops = commands.add_parser("finops-report", help="forecast a released model's spend for 30 days")
     finops.add_argument("model")
     finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
@@ -153,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--keep", action="store_true",
                           help="continue with the devices of the last simulation (they keep what they run)")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--serve", type=int, default=0, metavar="N",
+                          help="after each round, every device runs N requests per active model and reports them")
+    simulate.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                          help="inject a fault: e.g. version=2,error_rate=0.2 / group=branch-kiosks,latency_ms=40 / "
+                               "shift=age:+20;hours_per_week:+10 (repeatable)")
     simulate.add_argument("--git", choices=["auto", "per-device", "shared"], default="auto",
                           help="a clone per device, or one fetch per round shared by all (auto: by fleet size)")
     args = parser.parse_args(argv)
@@ -228,15 +236,34 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "edge-agent":
             return _edge_agent(args)
         elif args.command == "fleet":
-            from pipelines.edge.simulator import format_convergence
+            from pipelines.edge.simulator import format_convergence, parse_fault
             from pipelines.edge.simulator import simulate as simulate_fleet
             from pipelines.settings import get_settings
 
-            if args.devices < 1 or args.rounds < 1:
-                print("error: --devices and --rounds must be at least 1", file=sys.stderr)
+            if args.devices < 1 or args.rounds < 1 or args.serve < 0:
+                print("error: --devices and --rounds must be at least 1, --serve at least 0", file=sys.stderr)
+                return 2
+            try:
+                faults = [parse_fault(text) for text in args.fault]
+            except ValueError as error:
+                print(f"error: --fault: {error}", file=sys.stderr)
                 return 2
             print(format_convergence(simulate_fleet(args.devices, args.rounds, get_settings(), seed=args.seed,
-                                                    git=args.git, keep=args.keep)))
+                                                    git=args.git, keep=args.keep, serve=args.serve,
+                                                    faults=faults)))
+        elif args.command == "rollout":
+            from pipelines.rollout import step_rollout
+
+            from pipelines.settings import get_settings
+
+            spec_path = Path(get_settings().specs_dir) / f"{args.model}.yaml"
+            if not spec_path.is_file():
+                print(f"error: {spec_path}: no spec for model {args.model!r}", file=sys.stderr)
+                return 2
+            result = step_rollout(spec_path, dry_run=args.dry_run)
+            print("\n".join(result.lines()))
+            if result.commit:
+                print(f"commit: {result.commit}")
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

@@ -358,6 +358,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     MLflow alias `champion` to this version once the commit has landed."""
     from pipelines import registry
     from pipelines.gitops import manifest, repo
+    from pipelines.rollout import initial_rollout
 
     ctx = context(spec_path, settings)
     spec, settings = ctx.spec, ctx.settings
@@ -368,7 +369,11 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
             f"({tags.get('rollback_reason')}); it is not committed again. Release a new version.")
     author = (settings.git_author_name, settings.git_author_email)
     repo.ensure_remote(settings.remote, settings.gitops_branch, author)
+    deployed = repo.read_file(settings.remote, settings.gitops_branch,
+                              f"apps/{spec.name}/base/{manifest.MANIFEST_FILE}", settings.work_dir / "gitops")
+    rollout = initial_rollout(spec, registered.version, manifest.read_manifest(deployed) if deployed else None)
     files = manifest.render_release_files(spec, manifest.ManifestInputs(
+        rollout=rollout,
         model_version=registered.version, mlflow_run_id=registered.run_id, release_key=data.release_key,
         source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
         variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
@@ -393,6 +398,8 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         f"Variant: {plan.chosen}, {chosen.size_bytes} bytes, p95 {chosen.latency_p95_ms:.3f} ms on the build host\n"
         f"Why: {plan.reason}\n" + (f"Gates:\n{_verdict_lines(verdicts)}" if verdicts else "") + approved
         + ("\n" + "\n".join(_cost_diff_lines(cost)) + "\n" if cost else "")
+        + (f"Rollout: canary at {rollout['share']}% of each device group (step {rollout['step']} of "
+           f"{rollout['steps']}), control v{rollout['previousVersion']}\n" if rollout else "")
     )
     files[f"apps/{spec.name}/RELEASE.md"] = _release_notes(spec, registered, published, plan, verdicts, approval, cost)
     review = [t.name for t in spec.targets if t.requires_review]
@@ -536,7 +543,8 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
                      settings)
 
 
-def rollback_release(model: str, target: str | None, reason: str, by: str, settings: Settings | None = None):
+def rollback_release(model: str, target: str | None, reason: str, by: str, settings: Settings | None = None,
+                     details: str = "", expect_tree: str | None = None):
     """Put a model's previous release back: a GitOps commit saying who and why, MLflow's
     `champion` alias on the restored version, the rolled-back version tagged so it is not
     committed again by a re-run of its release."""
@@ -545,7 +553,8 @@ def rollback_release(model: str, target: str | None, reason: str, by: str, setti
 
     settings = settings or get_settings()
     result = rollback(settings.remote, settings.gitops_branch, model, target, reason, by,
-                      (settings.git_author_name, settings.git_author_email), settings.work_dir / "gitops")
+                      (settings.git_author_name, settings.git_author_email), settings.work_dir / "gitops",
+                      details=details, expect_tree=expect_tree)
     registry.mark_version(settings.tracking_uri, model, result.from_version,
                           {"release_status": "rolled_back", "rolled_back_by": by, "rollback_reason": reason,
                            "rollback_commit": result.commit})

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite under the state folder.")
     mlflow_artifact_root: str | None = Field(None, description="Default: a folder under the state folder.")
     artifact_store: str | None = Field(None, description="file:// or s3://bucket/prefix for models and evidence.")
+    telemetry_store: str | None = Field(None, description="file:// or s3:// for device telemetry. Default: the artifact store.")
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO).")
     gitops_remote: str | None = Field(None, description="Any Git URL. Default: a bare repo in the state folder.")
     fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         return self.artifact_store or (self.state / "artifacts").as_uri()
+
+    @property
+    def telemetry_url(self) -> str:
+        return self.telemetry_store or self.store_url
 
     @property
     def remote(self) -> str:

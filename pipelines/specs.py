@@ -294,10 +294,76 @@ class ResponsibleAISpec(_Strict):
     audit_retention_days: int = Field(365, ge=1, le=3650)
 
 
+_DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> float:
+    """`30s`, `15m`, `6h`, `2d` as seconds."""
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 30s, 15m, 6h or 2d")
+    return float(int(match.group(1)) * _DURATION_SECONDS[match.group(2)])
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+class CanaryStep(_Strict):
+    """One step of a canary: the share of each device group's devices on the new version,
+    and how long it runs before the analysis may advance it."""
+
+    share: int = Field(ge=1, le=100, description="Percent of the devices of each group.")
+    pause: str = Field("0s", description="Least time at this step before it may advance (30m, 2h).")
+
+    @field_validator("pause")
+    @classmethod
+    def _pause(cls, value: str) -> str:
+        return _duration(value)
+
+
+class CanaryAnalysis(_Strict):
+    """What the canary cohort (devices on the new version) must show against the control
+    cohort (devices still on the previous version) in the step's telemetry."""
+
+    min_requests: int = Field(200, ge=1, description="Fewer canary requests than this: hold, do not judge.")
+    max_error_rate: UnitInterval = Field(0.02, description="Largest canary error rate.")
+    max_error_rate_increase: UnitInterval = Field(0.01, description="Largest error rate above the control's.")
+    max_p95_latency_ratio: float = Field(1.5, gt=1.0, description="Largest canary p95 / control p95.")
+    max_prediction_shift: UnitInterval = Field(
+        0.1, description="Largest total variation distance between canary and control prediction distributions.")
+
+
+class CanarySpec(_Strict):
+    steps: list[CanaryStep] = Field(min_length=1)
+    analysis: CanaryAnalysis = CanaryAnalysis()
+    interval: str = Field("15m", description="How often the rollout DAG analyses the canary.")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if parse_duration(_duration(value)) < 60:
+            raise ValueError(f"interval {value!r} is shorter than a minute")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_to_all(cls, steps: list[CanaryStep]) -> list[CanaryStep]:
+        shares = [step.share for step in steps]
+        if any(b <= a for a, b in zip(shares, shares[1:])):
+            raise ValueError(f"step shares must rise strictly (got {shares})")
+        if shares[-1] != 100:
+            raise ValueError(f"the last step must bring the share to 100 (got {shares[-1]})")
+        return steps
+
+
 class DeploymentStrategy(_Strict):
-    type: Literal["RollingUpdate"] = "RollingUpdate"
+    type: Literal["RollingUpdate", "Canary"] = "RollingUpdate"
     max_unavailable: str = "10%"
     max_surge: str = "0"
+    canary: CanarySpec | None = None
 
     @field_validator("max_unavailable", "max_surge")
     @classmethod
@@ -305,6 +371,43 @@ class DeploymentStrategy(_Strict):
         if not _PERCENT_OR_INT.match(value) or (value.endswith("%") and int(value[:-1]) > 100):
             raise ValueError(f"{value!r} must be a count or a percentage up to 100%")
         return value
+
+    @model_validator(mode="after")
+    def _canary_has_steps(self) -> DeploymentStrategy:
+        if self.type == "Canary" and self.canary is None:
+            raise ValueError("type Canary needs canary.steps (shares rising to 100)")
+        if self.type == "RollingUpdate" and self.canary is not None:
+            raise ValueError("canary is only for type Canary")
+        return self
+
+
+class PrivacySpec(_Strict):
+    """Laplace noise on every count and histogram a device reports (one record per window)."""
+
+    epsilon: float = Field(gt=0.0, le=10.0, description="Privacy budget per telemetry record.")
+
+
+class TelemetrySpec(_Strict):
+    """What devices report about the model's inferences."""
+
+    sample_rate: UnitInterval = Field(
+        0.1, description="Share of inferences whose inputs and output are kept as samples (0: none).")
+    max_samples: int = Field(50, ge=0, le=10_000, description="Most samples per record.")
+    privacy: PrivacySpec | None = Field(None, description="Differential privacy for counts and histograms.")
+
+
+class MonitoringSpec(_Strict):
+    """The drift monitor: training reference vs the latest telemetry window."""
+
+    drift_share: UnitInterval = Field(
+        0.3, description="Share of drifted columns (inputs and prediction) that raises a drift event.")
+    window: str = Field("6h", description="How far back the telemetry window reaches.")
+    min_rows: int = Field(200, ge=10, description="Fewer sampled rows than this: no verdict.")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        return _duration(value)
 
 
 class ApprovalSpec(_Strict):
@@ -328,6 +431,8 @@ class ModelSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     responsible_ai: ResponsibleAISpec = Field(ResponsibleAISpec(), alias="responsibleAI")
     deployment_strategy: DeploymentStrategy = DeploymentStrategy()
+    telemetry: TelemetrySpec = TelemetrySpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
     schedule: str | None = Field(None, description="Cron expression or preset (@daily); none: manual only.")
     approval: ApprovalSpec = ApprovalSpec()
 

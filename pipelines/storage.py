@@ -131,6 +131,24 @@ class ObjectStore:
         except Exception as error:
             raise StoreError(f"cannot read {self.uri(key)}: {error}") from error
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (a folder-like prefix ending in `/`), sorted; [] when none."""
+        if self.scheme == "file":
+            folder = self._root / prefix
+            if not folder.is_dir():
+                return []
+            return sorted(p.relative_to(self._root).as_posix() for p in folder.rglob("*")
+                          if p.is_file() and not p.name.startswith("."))
+        keys = []
+        start = len(self._prefix) + 1 if self._prefix else 0
+        try:
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket,
+                                                                            Prefix=self._s3_key(prefix)):
+                keys += [item["Key"][start:] for item in page.get("Contents", [])]
+        except Exception as error:
+            raise StoreError(f"cannot list {self.uri(prefix)}: {error}") from error
+        return sorted(keys)
+
     def local_path(self, key: str) -> Path | None:
         """The file itself for a local store (no copy), None for remote stores."""
         return self._root / key if self.scheme == "file" else None

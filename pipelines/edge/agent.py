@@ -15,6 +15,11 @@ reads the version back from the link. Failed models are retried with exponential
 (kept in `state.json`, so a restart does not hammer a broken store); a new desired version
 is tried at once. One telemetry record per result goes to the telemetry store, and a
 telemetry outage never stops the device from serving.
+
+`serve()` runs the active model on requests, one inference each, and counts them in a
+window; `flush_telemetry()` sends one inference record per model (counts, latency and
+prediction histograms, sampled inputs; Laplace noise when the manifest asks for privacy,
+see `pipelines.edge.telemetry`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
 
+from pipelines.edge import telemetry
 from pipelines.edge.desired import (
     Conflict,
     DesiredStateSource,
@@ -87,6 +93,18 @@ class AgentResult:
         if self.error:
             text += f": {self.error}"
         return text
+
+
+def _json_row(row: dict) -> dict:
+    """A request's raw features as JSON values (numpy scalars and NaN made plain)."""
+    out = {}
+    for key, value in row.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and value != value:
+            value = None
+        out[key] = value
+    return out
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -175,7 +193,8 @@ class EdgeAgent:
     def __init__(self, device_id: str, labels: dict[str, str], state_dir: Path, source: DesiredStateSource,
                  trusted_public_key: Path, telemetry_root_url: str, s3_endpoint_url: str | None = None, *,
                  before_switch: Callable[[str, str], None] | None = None, backoff_base_s: float = 30.0,
-                 backoff_max_s: float = 3600.0, clock: Callable[[], float] = time.time):
+                 backoff_max_s: float = 3600.0, clock: Callable[[], float] = time.time,
+                 sessions: dict | None = None, seed: int | None = None):
         self.device_id = device_id
         self.labels = dict(labels)
         self.state_dir = Path(state_dir)
@@ -192,6 +211,14 @@ class EdgeAgent:
         self.conflicts: list[Conflict] = []
         self._stores: dict[str, ObjectStore] = {}
         self._telemetry: ObjectStore | None = None
+        # Inference sessions by model file; a simulator shares one dict between its devices.
+        self._sessions = sessions if sessions is not None else {}
+        self._windows: dict[str, telemetry.InferenceWindow] = {}
+        self._reporting: dict[str, dict] = {}  # model -> spec.telemetry of the selected manifest
+        self._seed = seed
+        import numpy as np
+
+        self._noise = np.random.default_rng(seed)
         self.models_dir = self.state_dir / "models"
         self.staging_dir = self.state_dir / "staging"
         self.state_file = self.state_dir / "state.json"
@@ -304,6 +331,7 @@ class EdgeAgent:
     def _reconcile(self, model: str, obj: dict) -> AgentResult:
         ref = (obj.get("spec") or {}).get("modelRef") or {}
         group = group_of(obj) or None
+        self._reporting[model] = (obj.get("spec") or {}).get("telemetry") or {}
         version = str(ref.get("version", ""))
         installed = self.state["models"].get(model)
         if installed and not (self.models_dir / model / "active" / MODEL_FILE).is_file():
@@ -476,35 +504,97 @@ class EdgeAgent:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- telemetry -----------------------------------------------------------------------
+    def _telemetry_store(self) -> ObjectStore:
+        if self._telemetry is None:
+            self._telemetry = ObjectStore(self.telemetry_root_url, self.s3_endpoint_url)
+        return self._telemetry
+
+    def _send(self, record: dict) -> None:
+        try:
+            telemetry.write_record(self._telemetry_store(), record)
+        except Exception as error:  # telemetry must never stop serving
+            log.warning("%s: telemetry for %s not written: %s", self.device_id, record.get("model"),
+                        _one_line(error, 200))
+
     def _report(self, results: list[AgentResult]) -> None:
-        """One record per result; models that do not select the device are not reported."""
-        now = datetime.now(timezone.utc)
-        ts = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        """One status record per result; models that do not select the device are not reported."""
+        ts = telemetry.timestamp(telemetry.utc_now())
         for result in results:
             if result.state == "not_selected" or result.model == "-":
                 continue
-            record = {"device_id": self.device_id, "model": result.model, "version": result.version,
-                      "state": result.state, "error": result.error, "latency_ms": result.latency_ms,
-                      "group": result.group, "ts": ts}
+            record = {"kind": "status", "device_id": self.device_id, "model": result.model,
+                      "version": result.version, "state": result.state, "error": result.error,
+                      "latency_ms": result.latency_ms, "group": result.group, "ts": ts}
             if DEVICE_CLASS_LABEL in self.labels:
                 record["device_class"] = self.labels[DEVICE_CLASS_LABEL]
-            key = f"telemetry/{result.model}/{now:%Y-%m-%d}/{result.group or 'unknown'}/{self.device_id}"
-            try:
-                if self._telemetry is None:
-                    self._telemetry = ObjectStore(self.telemetry_root_url, self.s3_endpoint_url)
-                store = self._telemetry
-                local = store.local_path(f"{key}.jsonl")
-                if local is not None:
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    # One write() in append mode: concurrent writers never interleave a line.
-                    with open(local, "a") as handle:
-                        handle.write(json.dumps(record, sort_keys=True) + "\n")
-                else:
-                    store.put_bytes(json.dumps(record, sort_keys=True).encode(),
-                                    f"{key}-{int(now.timestamp() * 1000)}.json")
-            except Exception as error:  # telemetry must never stop serving
-                log.warning("%s: telemetry for %s not written: %s", self.device_id, result.model,
-                            _one_line(error, 200))
+            self._send(record)
+
+    # -- serving -------------------------------------------------------------------------
+    def _session(self, path: Path):
+        key = str(path)
+        if key not in self._sessions:
+            from pipelines.onnx.export import session
+
+            self._sessions[key] = session(path)
+        return self._sessions[key]
+
+    def serve(self, model: str, requests, added_latency_ms: float = 0.0, fail=None) -> list[int | None]:
+        """Run the active model once per row of `requests` (a data frame of the model's raw
+        features); the predicted class per row, None for a failed request.
+
+        `added_latency_ms` and `fail` (one bool per row) are the fleet simulator's fault
+        injection: a slower device, requests that fail as a crashing model's would.
+        """
+        from pipelines.data import prepare_features
+        from pipelines.onnx.export import feeds
+
+        path = self.active_model_path(model)
+        if path is None:
+            raise InstallError(f"{model} is not installed on {self.device_id}")
+        info = self.state["models"][model]
+        sess = self._session(path)
+        arrays = feeds(sess, prepare_features(requests, list(requests.columns)))
+        outputs = [o.name for o in sess.get_outputs()]
+        window = self._windows.get(model)
+        if window is None or window.version != info["version"]:
+            if window is not None:
+                self._flush(model)
+            config = self._reporting.get(model) or {}
+            window = None
+        raw = requests.to_dict("records")
+        predictions: list[int | None] = []
+        for index in range(len(requests)):
+            row = {name: value[index:index + 1] for name, value in arrays.items()}
+            began = time.perf_counter()
+            if fail is not None and fail[index]:
+                prediction = None
+            else:
+                proba = sess.run(None, row)[outputs.index("probabilities")]
+                prediction = int(proba[0].argmax())
+            elapsed = (time.perf_counter() - began) * 1000 + added_latency_ms
+            if window is None:
+                classes = int(sess.run(None, row)[outputs.index("probabilities")].shape[1])
+                window = telemetry.InferenceWindow(
+                    model, info["version"], info.get("group"), classes,
+                    sample_rate=float(config.get("sampleRate", 0.0)), max_samples=int(config.get("maxSamples", 0)))
+                if self._seed is not None:
+                    window._rng.seed(f"{self._seed}:{self.device_id}:{model}")
+                self._windows[model] = window
+            window.add(elapsed, prediction, _json_row(raw[index]))
+            predictions.append(prediction)
+        return predictions
+
+    def _flush(self, model: str) -> None:
+        window = self._windows.pop(model, None)
+        if window is None or window.requests == 0:
+            return
+        privacy = (self._reporting.get(model) or {}).get("privacy") or {}
+        self._send(window.record(self.device_id, self.labels, privacy.get("epsilon"), self._noise))
+
+    def flush_telemetry(self) -> None:
+        """Send one inference record per model served since the last flush."""
+        for model in list(self._windows):
+            self._flush(model)
 
     def summary(self) -> dict:
         return {"device_id": self.device_id, "labels": self.labels, "downloads": self.downloads,

@@ -11,15 +11,24 @@ and fetches per round would dominate the run) one clone is fetched once per roun
 device reads that round's objects. The bytes reported per device are then the shared
 clone's: exactly what each device's own incremental fetch would transfer, because every
 device polls every round and so sits at the same commit as the shared clone.
+
+Traffic: with `serve`, after each round's polls every device runs its active models on
+`serve` requests drawn from the model's production-like data (the spec's
+`data.currentSource`, else its `data.source`), then sends its inference telemetry. Faults
+(`Fault`) are injected into a cohort (a device group, the devices on one version, or all):
+added latency, a share of failing requests, or shifted inputs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import random
+import re
 import shutil
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +38,83 @@ from pipelines.settings import Settings
 
 PER_DEVICE_GIT_LIMIT = 200
 GitMode = Literal["auto", "per-device", "shared"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault injected into the devices of `group` (None: every group) that run `version`
+    (None: any version) of `model` (None: every model)."""
+
+    model: str | None = None
+    version: str | None = None
+    group: str | None = None
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    shift: dict[str, float] = field(default_factory=dict)  # feature (glob allowed) -> value added
+
+    def applies(self, model: str, version: str | None, group: str) -> bool:
+        return (self.model in (None, model) and self.version in (None, version)
+                and self.group in (None, group))
+
+    def describe(self) -> str:
+        who = " ".join(f"{k}={v}" for k, v in (("model", self.model), ("version", self.version),
+                                                 ("group", self.group)) if v) or "every device"
+        what = [f"+{self.latency_ms:g} ms" for _ in [0] if self.latency_ms] + \
+               [f"{self.error_rate:.0%} of requests fail" for _ in [0] if self.error_rate] + \
+               [f"{k} {v:+g}" for k, v in self.shift.items()]
+        return f"{who}: {', '.join(what) or 'nothing'}"
+
+
+_FAULT_KEYS = {"model", "version", "group", "latency_ms", "error_rate", "shift"}
+
+
+def parse_fault(text: str) -> Fault:
+    """`version=2,error_rate=0.2` / `group=branch-kiosks,latency_ms=40` /
+    `shift=age:+20;hours_per_week:+10` (comma-separated key=value)."""
+    values: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in _FAULT_KEYS:
+            raise ValueError(f"fault {text!r}: {part!r} is not one of {', '.join(sorted(_FAULT_KEYS))} = value")
+        if key in ("latency_ms", "error_rate"):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise ValueError(f"fault {text!r}: {key} must be a number") from None
+            if key == "error_rate" and not 0 <= values[key] <= 1:
+                raise ValueError(f"fault {text!r}: error_rate must lie in [0, 1]")
+        elif key == "shift":
+            shift = {}
+            for item in filter(None, value.split(";")):
+                name, _, amount = item.partition(":")
+                if not re.match(r"^[+-]?[0-9.]+$", amount.strip()):
+                    raise ValueError(f"fault {text!r}: shift {item!r} must be feature:+number")
+                shift[name.strip()] = float(amount)
+            values["shift"] = shift
+        else:
+            values[key] = value.removeprefix("v") if key == "version" else value
+    return Fault(**values)
+
+
+def traffic(model: str, settings: Settings):
+    """Requests for `model`: the raw features of its spec's production-like data."""
+    from pipelines.data import read_source, resolve_features
+    from pipelines.specs import load_spec, spec_dir
+
+    path = Path(settings.specs_dir) / f"{model}.yaml"
+    spec = load_spec(path)
+    data = spec.data.model_copy(update={"source": spec.data.current_source or spec.data.source})
+    frame = read_source(data, spec_dir(path), settings.s3_endpoint_url)
+    features = resolve_features(spec.data.features, list(frame.columns))
+    return frame[features]
+
+
+def _shifted(rows, shift: dict[str, float]):
+    rows = rows.copy()
+    for pattern, amount in shift.items():
+        for column in [c for c in rows.columns if fnmatch.fnmatchcase(c, pattern)]:
+            rows[column] = rows[column] + amount
+    return rows
 
 
 class _RoundSource:
@@ -89,16 +175,54 @@ class Fleet:
             self._shared = GitSource(settings.remote, settings.gitops_branch, self.root / "_shared-gitops")
         self.groups = {}
         self.agents: list[EdgeAgent] = []
+        self.seed = seed
+        sessions: dict = {}  # one onnxruntime session per model file for the whole simulated fleet
         for index, group in enumerate(assign_groups(fleet.groups, devices, seed), start=1):
             device_id = f"dev-{index:05d}"
             folder = self.root / device_id
             source = self._round_source if self._shared else \
                 GitSource(settings.remote, settings.gitops_branch, folder / "gitops")
             self.agents.append(EdgeAgent(device_id, dict(group.labels), folder, source, public_key,
-                                         settings.store_url, settings.s3_endpoint_url))
+                                         settings.telemetry_url, settings.s3_endpoint_url, sessions=sessions,
+                                         seed=seed))
             self.groups[device_id] = group.name
         self.rounds: list[dict] = []
         self._selected_devices: set[str] = set()
+        self._traffic: dict = {}
+
+    def serve_round(self, requests: int, faults: list[Fault] = ()) -> dict:
+        """Every device runs `requests` requests on each active model, then reports; per
+        model and version: devices, requests, failed requests."""
+        import numpy as np
+
+        served: dict[str, dict[str, Counter]] = {}
+        rng = np.random.default_rng([self.seed, len(self.rounds)])
+        for agent in self.agents:
+            for model, info in sorted(agent.state["models"].items()):
+                if agent.active_model_path(model) is None:
+                    continue
+                if model not in self._traffic:
+                    self._traffic[model] = traffic(model, self.settings)
+                pool = self._traffic[model]
+                rows = pool.iloc[rng.integers(0, len(pool), size=requests)].reset_index(drop=True)
+                group = self.groups[agent.device_id]
+                active = [f for f in faults if f.applies(model, info["version"], group)]
+                latency = sum(f.latency_ms for f in active)
+                fail = None
+                for fault in active:
+                    if fault.shift:
+                        rows = _shifted(rows, fault.shift)
+                    if fault.error_rate:
+                        hits = rng.random(requests) < fault.error_rate
+                        fail = hits if fail is None else fail | hits
+                predictions = agent.serve(model, rows, added_latency_ms=latency, fail=fail)
+                counts = served.setdefault(model, {}).setdefault(info["version"], Counter())
+                counts["devices"] += 1
+                counts["requests"] += len(predictions)
+                counts["errors"] += sum(p is None for p in predictions)
+            agent.flush_telemetry()
+        return {model: {version: dict(c) for version, c in sorted(by_version.items())}
+                for model, by_version in sorted(served.items())}
 
     def _git_bytes(self) -> list[int]:
         if self._shared is not None:
@@ -172,13 +296,20 @@ class Fleet:
 
 
 def simulate(devices: int, rounds: int, settings: Settings, seed: int = 0, fleet_path: Path | None = None,
-             git: GitMode = "auto", keep: bool = False) -> dict:
-    """Run `rounds` polls of `devices` agents (fresh, or those of the last run with `keep`);
-    convergence per round and per model."""
+             git: GitMode = "auto", keep: bool = False, serve: int = 0, faults: list[Fault] = ()) -> dict:
+    """Run `rounds` polls of `devices` agents (fresh, or those of the last run with `keep`),
+    each followed by `serve` requests per device and model; convergence per round and per
+    model, and the traffic served."""
     fleet = Fleet(devices, settings, seed, fleet_path, git, keep)
+    served = []
     for _ in range(rounds):
         fleet.poll_round()
-    return fleet.result()
+        if serve:
+            served.append(fleet.serve_round(serve, faults))
+    result = fleet.result()
+    result["served"] = served
+    result["faults"] = [f.describe() for f in faults]
+    return result
 
 
 def format_convergence(result: dict) -> str:
@@ -210,4 +341,11 @@ def format_convergence(result: dict) -> str:
                                      else "NOT converged"))
     if not models:
         lines.append("no model selects any device of this fleet")
+    for fault in result.get("faults") or []:
+        lines.append(f"fault injected: {fault}")
+    for index, served in enumerate(result.get("served") or [], start=1):
+        for model, by_version in served.items():
+            parts = [f"v{v}: {c['devices']} devices, {c['requests']} requests, {c['errors']} failed"
+                     for v, c in by_version.items()]
+            lines.append(f"round {index} traffic {model}: " + "; ".join(parts))
     return "\n".join(lines)

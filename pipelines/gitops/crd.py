@@ -38,6 +38,7 @@ _QUANTITY = (
 _COUNT_OR_PERCENT = r"^[0-9]+%?$"
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _DNS_LABEL_RE = re.compile(_DNS_LABEL)
+_DURATION = r"^[0-9]+(s|m|h|d)$"
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -118,6 +119,35 @@ def _responsible_ai() -> dict:
     )
 
 
+def _deployment_strategy() -> dict:
+    share = _number(minimum=0, maximum=1)
+    step = _object({"share": _integer(minimum=1, maximum=100), "pause": _string(pattern=_DURATION)},
+                   required=["share"])
+    analysis = _object({"minRequests": _integer(minimum=1), "maxErrorRate": share, "maxErrorRateIncrease": share,
+                        "maxP95LatencyRatio": _number(minimum=1), "maxPredictionShift": share})
+    return _object(
+        {
+            "type": _string(enum=["RollingUpdate", "Canary"]),
+            "maxUnavailable": _string(pattern=_COUNT_OR_PERCENT),
+            "maxSurge": _string(pattern=_COUNT_OR_PERCENT),
+            "canary": _object({"steps": {"type": "array", "minItems": 1, "items": step}, "analysis": analysis,
+                               "interval": _string(pattern=_DURATION)}, required=["steps"]),
+        },
+        required=["type"],
+    )
+
+
+def _telemetry() -> dict:
+    return _object(
+        {
+            "sampleRate": _number(minimum=0, maximum=1),
+            "maxSamples": _integer(minimum=0),
+            "privacy": _object({"epsilon": _number(minimum=0, exclusiveMinimum=True)}, required=["epsilon"]),
+        },
+        description="What devices report about inferences; privacy adds Laplace noise to counts.",
+    )
+
+
 def _evaluation() -> dict:
     verdict = _object(
         {
@@ -162,14 +192,8 @@ def _spec_schema() -> dict:
             "modelRef": _model_ref(),
             "resources": _resources(),
             "responsibleAI": _responsible_ai(),
-            "deploymentStrategy": _object(
-                {
-                    "type": _string(enum=["RollingUpdate", "Canary"]),
-                    "maxUnavailable": _string(pattern=_COUNT_OR_PERCENT),
-                    "maxSurge": _string(pattern=_COUNT_OR_PERCENT),
-                },
-                required=["type"],
-            ),
+            "deploymentStrategy": _deployment_strategy(),
+            "telemetry": _telemetry(),
             "evaluation": _evaluation(),
             "cost": _cost(),
             "targetDevices": _object(
@@ -185,7 +209,16 @@ def _spec_schema() -> dict:
             "slo": _object(
                 {"latencyP95Ms": _number(minimum=0, exclusiveMinimum=True)}, required=["latencyP95Ms"]
             ),
-            "rollout": _object({"share": _integer(minimum=0, maximum=100)}, required=["share"]),
+            "rollout": _object(
+                {
+                    "share": _integer(minimum=0, maximum=100),
+                    "step": _integer(minimum=1),
+                    "steps": _integer(minimum=1),
+                    "previousVersion": _string("The version the control cohort runs.", minLength=1),
+                },
+                required=["share"],
+                description="Canary progress: devices outside the share keep the version they run.",
+            ),
         },
         required=["modelRef", "resources", "responsibleAI", "deploymentStrategy", "evaluation"],
     )

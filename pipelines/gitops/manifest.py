@@ -56,6 +56,8 @@ class ManifestInputs(Record):
         default_factory=dict,
         description="Device group -> {variant, sourceUri, sha256, sizeBytes} where it ships another variant.",
     )
+    rollout: dict | None = Field(
+        None, description="Canary progress {share, step, steps, previousVersion}; None: every selected device.")
 
     @field_validator("sha256")
     @classmethod
@@ -147,6 +149,22 @@ def _responsible_ai(spec: ModelSpec) -> dict:
     }
 
 
+def _deployment_strategy(spec: ModelSpec) -> dict:
+    strategy = spec.deployment_strategy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if "canary" in strategy:
+        strategy["canary"]["analysis"] = {k: _number(v) for k, v in strategy["canary"]["analysis"].items()}
+    return strategy
+
+
+def _telemetry(spec: ModelSpec) -> dict:
+    """What devices report (they read it from the manifest)."""
+    telemetry = spec.telemetry.model_dump(mode="json", by_alias=True, exclude_none=True)
+    telemetry["sampleRate"] = _number(telemetry["sampleRate"])
+    if "privacy" in telemetry:
+        telemetry["privacy"] = {"epsilon": _number(telemetry["privacy"]["epsilon"])}
+    return telemetry
+
+
 def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     model_ref: dict[str, Any] = {
         "name": spec.name,
@@ -169,9 +187,12 @@ def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
         "modelRef": model_ref,
         "resources": _resources(spec),
         "responsibleAI": _responsible_ai(spec),
-        "deploymentStrategy": spec.deployment_strategy.model_dump(mode="json", by_alias=True),
+        "deploymentStrategy": _deployment_strategy(spec),
+        "telemetry": _telemetry(spec),
         "evaluation": evaluation,
     }
+    if inputs.rollout is not None:
+        body["rollout"] = _canonical(inputs.rollout)
     if inputs.cost is not None:
         body["cost"] = _canonical(inputs.cost)
     return {

@@ -273,8 +273,13 @@ def commit_release(
     message: str,
     author: tuple[str, str],
     work_dir: Path,
+    expect_tree: str | None = None,
 ) -> GitOpsCommit:
     """Make `apps/<model>/` on `branch` exactly `files`, in one commit (none if already so).
+
+    `expect_tree` (the git tree id of `apps/<model>/` the caller read, see `app_tree`) makes
+    the commit conditional: if another commit changed the model's folder since, GitError
+    is raised instead of replaying over it (a rollout step must not undo a new release).
 
     Paths are relative to the repository root and must lie under `apps/<model>/`; files
     of that model not in `files` are deleted (empty `files` removes the model), nothing
@@ -298,6 +303,8 @@ def commit_release(
             # apps/<model>/. This is a rebase that cannot conflict, because the release
             # owns the whole folder; another release of the same model simply lands first.
             _sync(clone, branch)
+            if expect_tree is not None and _tree(clone, model) != expect_tree:
+                raise GitError(f"apps/{model}/ changed on {branch} since it was read; nothing committed")
             changed = _apply(clone, model, files)
             if not changed:
                 return _record(shown, branch, _head(clone), [], created=False)
@@ -311,6 +318,21 @@ def commit_release(
             f"push to {redact(remote)} ({branch}) still rejected after {PUSH_ATTEMPTS} attempts: "
             f"{last_reason[-1000:]}"
         )
+
+
+def _tree(clone: Path, model: str) -> str:
+    return _git("rev-parse", f"HEAD:apps/{model}", cwd=clone, check=False).stdout.strip()
+
+
+def app_files(remote: str, branch: str, model: str, work_dir: Path) -> tuple[dict[str, str], str]:
+    """Every file of `apps/<model>/` at the tip of `branch`, and the folder's tree id."""
+    remote = _resolve(remote)
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        clone = _open_clone(remote, Path(work_dir))
+        _sync(clone, branch)
+        names = _git("ls-files", "--", f"apps/{model}/", cwd=clone).stdout.split()
+        return {name: (clone / name).read_text(encoding="utf-8") for name in names}, _tree(clone, model)
 
 
 def _record(remote: str, branch: str, commit: str, changed: list[str], created: bool) -> GitOpsCommit:
@@ -334,13 +356,14 @@ def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None
 
 
 def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> list[dict]:
-    """Commits of the remote `branch` newest first (sha, subject, body), optionally for `path`."""
+    """Commits of the remote `branch` newest first (sha, committer date, subject, body),
+    optionally for `path`."""
     remote = _resolve(remote)
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
         clone = _open_clone(remote, Path(work_dir))
         _fetch(clone, branch)
-        args = ["log", "-z", "--format=%H%x1f%s%x1f%b", f"refs/remotes/origin/{branch}"]
+        args = ["log", "-z", "--format=%H%x1f%cI%x1f%s%x1f%b", f"refs/remotes/origin/{branch}"]
         if path:
             args += ["--", path]
         output = _git(*args, cwd=clone).stdout
@@ -348,8 +371,8 @@ def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> li
     for entry in output.split("\0"):
         if not entry.strip():
             continue
-        sha, subject, body = (entry.split("\x1f", 2) + ["", ""])[:3]
-        commits.append({"sha": sha.strip(), "subject": subject, "body": body.strip()})
+        sha, date, subject, body = (entry.split("\x1f", 3) + ["", "", ""])[:4]
+        commits.append({"sha": sha.strip(), "date": date, "subject": subject, "body": body.strip()})
     return commits
 
 

@@ -91,8 +91,9 @@ def choose_target(history: list[dict], target: str | None) -> dict:
 
 
 def rollback(remote: str, branch: str, model: str, target: str | None, reason: str, by: str,
-             author: tuple[str, str], work_dir: Path) -> Rollback:
-    """Commit the target release's files again, marked as a rollback, with who and why."""
+             author: tuple[str, str], work_dir: Path, details: str = "", expect_tree: str | None = None) -> Rollback:
+    """Commit the target release's files again, marked as a rollback, with who and why
+    (`details` is appended to the commit message; `expect_tree`, see `repo.commit_release`)."""
     if len(reason.strip()) < 5:
         raise RollbackError("a rollback needs a reason (at least 5 characters)")
     history = release_history(remote, branch, model, work_dir)
@@ -105,7 +106,8 @@ def rollback(remote: str, branch: str, model: str, target: str | None, reason: s
     files[_base_path(model)] = _dump(base)
     message = (f"rollback({model}): version {current['version']} -> {chosen['version']}\n\n"
                f"Rolled back by: {by}\nReason: {' '.join(reason.split())}\n"
-               f"Restores the files of {chosen['commit']} (version {chosen['version']}, {chosen['checksum']}).\n")
-    result = repo.commit_release(remote, branch, model, files, message, author, work_dir)
+               f"Restores the files of {chosen['commit']} (version {chosen['version']}, {chosen['checksum']}).\n"
+               + (f"\n{details.rstrip()}\n" if details.strip() else ""))
+    result = repo.commit_release(remote, branch, model, files, message, author, work_dir, expect_tree=expect_tree)
     return Rollback(model=model, from_version=current["version"], to_version=chosen["version"],
                     target_commit=chosen["commit"], commit=result.commit, created=result.created)

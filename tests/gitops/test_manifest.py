@@ -140,10 +140,18 @@ def test_base_manifest_content() -> None:
         "auditRetentionDays": 730,
     }
     assert body["deploymentStrategy"] == {
-        "type": "RollingUpdate",
+        "type": "Canary",
         "maxUnavailable": "10%",
         "maxSurge": "0",
+        "canary": {
+            "steps": [{"share": 10, "pause": "30m"}, {"share": 50, "pause": "30m"}, {"share": 100, "pause": "0s"}],
+            "analysis": {"minRequests": 500, "maxErrorRate": 0.02, "maxErrorRateIncrease": 0.01,
+                         "maxP95LatencyRatio": 1.5, "maxPredictionShift": 0.1},
+            "interval": "15m",
+        },
     }
+    assert body["telemetry"] == {"sampleRate": 0.25, "maxSamples": 50, "privacy": {"epsilon": 4}}
+    assert "rollout" not in body, "no rollout section unless a canary is in progress"
     assert body["evaluation"]["metrics"] == {"accuracy": 0.85, "roc_auc": 0.912346}
     assert body["evaluation"]["verdicts"][0]["passed"] is True
     assert "cost" not in body
