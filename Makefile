@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo test bench finops-report schema clean-state
+.PHONY: venv browser demo demo-loop test bench finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ demo: venv $(EDGE_STATE_DIR)/airflow/airflow.db
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow dags test edge_release__$$model > $(EDGE_STATE_DIR)/demo-$$model.log 2>&1 \
 		|| { tail -n 60 $(EDGE_STATE_DIR)/demo-$$model.log; echo "DAG run failed; full log: $(EDGE_STATE_DIR)/demo-$$model.log"; exit 1; }; \
 	$(PY) -m pipelines summary $$model
+
+# The closed loop on an embedded Airflow with a real scheduler (its own state under loop/):
+# a release, a simulated fleet serving, injected drift, the drift event, the retraining run it
+# starts, and the canary of the new version advanced or rolled back by the rollout DAG.
+demo-loop: venv
+	$(PY) -m pipelines.demo_loop --state $(EDGE_STATE_DIR)/loop
 
 # Chromium opens the evidence (model card, Evidently report) in the browser test; Debian's
 # package, installed when missing and this user may install packages.
