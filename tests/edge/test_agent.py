@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import ROOT, tabular_frame, write_spec
 
+from pipelines.edge import telemetry
 from pipelines.edge.agent import EdgeAgent
 from pipelines.edge.desired import GitSource, in_rollout
 from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
@@ -391,6 +392,50 @@ def test_a_telemetry_outage_does_not_stop_the_device(world, caplog):
                       world.public_key, blocked.as_uri())
     assert agent.poll_once()[0].state == "active"
     assert "telemetry for edge-model not written" in caplog.text
+
+
+def _inference_records(world, device: str) -> list[dict]:
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    log = world.telemetry / "telemetry" / MODEL / day / "phones" / f"{device}.jsonl"
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "inference"]
+
+
+def test_the_agent_serves_and_reports_what_it_served(world):
+    from pipelines.data import prepare_features
+    from pipelines.onnx.export import predict_proba
+
+    agent = world.agent()
+    assert agent.poll_once()[0].state == "active"
+    rows = tabular_frame(rows=40, seed=5)[["x1", "x2", "colour"]]
+    predictions = agent.serve(MODEL, rows)
+    expected = predict_proba(agent.active_model_path(MODEL), prepare_features(rows, list(rows.columns))).argmax(1)
+    assert predictions == expected.tolist(), "one inference per row gives the batch's answers"
+    assert agent.serve(MODEL, rows.head(10), added_latency_ms=500.0, fail=[True] * 10) == [None] * 10
+    agent.flush_telemetry()
+    [record] = _inference_records(world, "dev-a")
+    assert (record["version"], record["requests"], record["errors"]) == ("1", 50, 10)
+    assert sum(record["latency_hist"]) == 50 and record["privacy"] is None
+    slow = telemetry.latency_bin(500.0)
+    assert record["latency_hist"][slow] == 10 and sum(record["latency_hist"][:slow]) == 40
+    assert {k: int(v) for k, v in record["predictions"].items()} == {
+        "0": int((expected == 0).sum()), "1": int((expected == 1).sum())}
+    for sample in record["samples"]:  # the spec's default sample rate (0.1): a few of the 40
+        assert set(sample["inputs"]) == {"x1", "x2", "colour"} and sample["output"] in (0, 1)
+    agent.flush_telemetry()
+    assert len(_inference_records(world, "dev-a")) == 1, "nothing served, nothing sent"
+
+
+def test_privacy_in_the_manifest_noises_what_devices_send(world):
+    world.commit(lambda doc: doc["spec"]["telemetry"].update(privacy={"epsilon": 1.0}, sampleRate=0.0))
+    agent = world.agent("dev-p", seed=4)
+    assert agent.poll_once()[0].state == "active"
+    agent.serve(MODEL, tabular_frame(rows=30, seed=6)[["x1", "x2", "colour"]])
+    agent.flush_telemetry()
+    [record] = _inference_records(world, "dev-p")
+    assert record["privacy"] == {"mechanism": "laplace", "epsilon": 1.0, "sensitivity": 4.0}
+    assert record["requests"] != 30 and record["samples"] == []
+    counts = [record["requests"], record["errors"], *record["latency_hist"], *record["predictions"].values()]
+    assert sum(c != int(c) for c in counts) >= len(counts) - 1, "every count carries noise"
 
 
 # -- (e) fleet, CLI, imports -------------------------------------------------------------------
