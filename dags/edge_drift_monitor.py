@@ -1,0 +1,83 @@
+"""
+### Edge drift monitor
+
+Hourly, for every model spec: the deployed model's training reference against the inputs
+and outputs devices sampled in their inference telemetry over the spec's
+`monitoring.window` (Evidently's DataDriftPreset; a glob group of features such as
+`pixel_*` is compared as its row-wise mean and standard deviation; the prediction as a
+category). The report and the check's JSON go to the artifact store under
+`monitoring/<model>/<time>/`.
+
+When the share of drifted columns reaches the spec's `monitoring.driftShare`, the task
+`check__<model>` raises the Asset event `edge-drift://<model>` with the figures (drifted
+share, drifted columns, the prediction's drift score, row counts, window, deployed version,
+versions seen, report URI) as its extra; the model's release DAG is scheduled on that Asset,
+so a drift starts a retraining release that records the figures as its trigger. No drift,
+too few sampled rows, or no release yet: the task is skipped with the reason in its log, and
+no event is raised.
+
+A spec that does not validate gets no check here (its release DAG shows the error); the
+other models are checked as usual.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, dag, get_current_context, task
+
+from pipelines.monitor import drift_asset_uri
+from pipelines.settings import get_settings
+from pipelines.specs import SpecError, discover_specs, load_spec
+
+SPECS_DIR = get_settings().specs_dir
+
+
+def _task_id(model: str) -> str:
+    return "check__" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)
+
+
+def _valid_specs() -> tuple[dict[str, str], dict[str, str]]:
+    """(model -> spec path) of the specs that validate, and (model -> first error line) of the others."""
+    valid, invalid = {}, {}
+    for model, path in discover_specs(SPECS_DIR).items():
+        try:
+            valid[load_spec(path).name] = str(path)
+        except SpecError as error:
+            invalid[model] = str(error).splitlines()[0]
+    return valid, invalid
+
+
+SPECS, INVALID = _valid_specs()
+_DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`: {e}" for m, e in INVALID.items())
+                  if INVALID else "")
+
+
+@dag(dag_id="edge_drift_monitor", schedule="@hourly", start_date=datetime(2026, 1, 1), catchup=False,
+     max_active_runs=1, tags=["edge-release", "monitoring"], doc_md=_DOC,
+     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)})
+def edge_drift_monitor():
+    for model, path in SPECS.items():
+        @task(task_id=_task_id(model), outlets=[Asset(drift_asset_uri(model))])
+        def check(path: str = path, uri: str = drift_asset_uri(model)):
+            """Raise the drift Asset event with the figures, or skip (a skipped task raises none)."""
+            import logging
+
+            from airflow.exceptions import AirflowSkipException
+
+            from pipelines.monitor import check_drift
+
+            context = get_current_context()
+            result = check_drift(path, now=context["dag_run"].run_after)  # the run's own time, never now()
+            if result.status != "drift":
+                raise AirflowSkipException(f"{result.model}: {result.status}: {result.reason}")
+            logging.getLogger(__name__).warning("DRIFT %s: %s", result.model, result.reason)
+            figures = result.figures()
+            context["outlet_events"][Asset(uri)].extra = figures
+            return figures
+
+        check()
+
+
+edge_drift_monitor()

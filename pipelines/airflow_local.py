@@ -1,0 +1,275 @@
+"""An embedded Airflow on this machine: api-server, dag-processor and scheduler as separate
+processes on one SQLite database, started and stopped as a unit.
+
+    with EmbeddedAirflow(home, env={"EDGE_STATE_DIR": ..., "EDGE_SPECS_DIR": ...}) as airflow:
+        airflow.wait_dag("edge_drift_monitor")
+        run = airflow.trigger("edge_drift_monitor")
+        airflow.wait_run("edge_drift_monitor", run["dag_run_id"])
+
+The DAGs are this checkout's `dags/` and `plugins/`; LocalExecutor; new DAGs start unpaused;
+the api-server listens on 127.0.0.1 only (a free port unless one is given), the scheduler
+serves no logs. Each component logs to `<log_dir>/<component>.log`. The REST API is used
+with the admin user SimpleAuthManager generates (its password is in AIRFLOW_HOME).
+
+This module does not import Airflow: it runs the `airflow` command of the interpreter's
+environment, so it drives any Airflow 3 installation the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.settings import PROJECT_ROOT
+
+FINISHED = ("success", "failed")
+
+
+class AirflowError(RuntimeError):
+    """A component did not come up, a request failed, or a wait timed out (the message says
+    where the logs are)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class EmbeddedAirflow:
+    """Airflow's components for one AIRFLOW_HOME, with a small REST client for them.
+
+    `env` is added to this process's environment last, so it may override any setting here
+    (`AIRFLOW__CORE__DAGS_FOLDER`, for instance)."""
+
+    def __init__(self, home: str | Path, env: dict[str, str] | None = None, log_dir: str | Path | None = None,
+                 port: int | None = None, parallelism: int = 2, airflow: str | Path | None = None):
+        self.home = Path(home).resolve()
+        self.log_dir = Path(log_dir).resolve() if log_dir else self.home / "logs" / "components"
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.airflow = str(airflow or Path(sys.executable).parent / "airflow")
+        self.env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            # One api-server worker on SQLite answers task workers slowly while the machine is
+            # busy; the default 5 s timeout failed tasks before they started.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+            "PYTHONWARNINGS": "ignore",
+            **(env or {}),
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+        self._token: str | None = None
+
+    # -- processes ------------------------------------------------------------------------------
+    def __enter__(self) -> EmbeddedAirflow:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 180) -> EmbeddedAirflow:
+        """Migrate the database, start the components, wait until the api-server answers."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        migrate = subprocess.run([self.airflow, "db", "migrate"], env=self.env, capture_output=True, text=True)
+        (self.log_dir / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
+        if migrate.returncode != 0:
+            raise AirflowError(f"airflow db migrate failed; see {self.log_dir / 'db-migrate.log'}")
+        commands = {
+            "api-server": [self.airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "--workers", "1"],
+            "dag-processor": [self.airflow, "dag-processor"],
+            "scheduler": [self.airflow, "scheduler", "--skip-serve-logs"],
+        }
+        try:
+            for name, command in commands.items():
+                log = open(self.log_dir / f"{name}.log", "ab")
+                self._logs.append(log)
+                # A session of its own: stop() signals the component and its workers as a group.
+                self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM each component's process group, SIGKILL what is left after `grace` seconds.
+
+        The scheduler and dag-processor go first, the api-server last: running task workers
+        report to the api-server while they stop, and without it they retry for minutes."""
+        first = [p for name, p in self.processes.items() if name != "api-server"]
+        last = [p for name, p in self.processes.items() if name == "api-server"]
+        for group in (first, last):
+            for process in group:
+                if process.poll() is None:
+                    _signal_group(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for process in group:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                # Workers of a component may outlive it: the group goes in any case.
+                _signal_group(process.pid, signal.SIGKILL)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.processes.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def check_running(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise AirflowError(f"{name} exited with code {process.returncode}; see {self.log_dir / name}.log")
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+        """Call `check` until it returns something truthy (connection errors count as not yet)."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            try:
+                value = check()
+            except (requests.RequestException, OSError):
+                value = None  # starting: refused, or accepted but not answering yet
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AirflowError(f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.log_dir}")
+            time.sleep(interval)
+
+    # -- REST API -------------------------------------------------------------------------------
+    def wait_healthy(self, timeout: float = 180) -> dict:
+        import requests
+
+        def healthy():
+            reply = requests.get(f"{self.base_url}/api/v2/monitor/health", timeout=5)
+            return reply.json() if reply.ok else None
+
+        return self.wait_for("the api-server", healthy, timeout, interval=0.5)
+
+    @property
+    def admin_password(self) -> str:
+        passwords = self.home / "simple_auth_manager_passwords.json.generated"
+        return json.loads(passwords.read_text())["admin"]
+
+    def token(self) -> str:
+        """A bearer token of the generated admin user (fetched once)."""
+        import requests
+
+        if self._token is None:
+            reply = requests.post(f"{self.base_url}/auth/token", timeout=10,
+                                  json={"username": "admin", "password": self.admin_password})
+            if not reply.ok:
+                raise AirflowError(f"POST /auth/token: {reply.status_code} {reply.text[:300]}")
+            self._token = reply.json()["access_token"]
+        return self._token
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token()}"}
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        """A REST call under /api/v2 (`dags/x` or `/api/v2/dags/x`); the decoded JSON,
+        AirflowError on an error status."""
+        import requests
+
+        path = path.lstrip("/").removeprefix("api/v2/")
+        reply = requests.request(method, f"{self.base_url}/api/v2/{path}", headers=self.headers,
+                                 timeout=kwargs.pop("timeout", 30), **kwargs)
+        if not reply.ok:
+            raise AirflowError(f"{method} {path}: {reply.status_code} {reply.text[:500]}")
+        return reply.json() if reply.content else None
+
+    def wait_dag(self, dag_id: str, timeout: float = 180) -> dict:
+        """The DAG once the dag-processor has registered it."""
+        import requests
+
+        def registered():
+            reply = requests.get(f"{self.base_url}/api/v2/dags/{dag_id}", headers=self.headers, timeout=10)
+            return reply.json() if reply.ok else None
+
+        return self.wait_for(f"DAG {dag_id} to be registered", registered, timeout)
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> dict:
+        """Start a run now (as a person would from the UI); the run as the API returns it."""
+        return self.request("POST", f"dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+
+    def runs(self, dag_id: str) -> list[dict]:
+        """The DAG's runs, newest first."""
+        return self.request("GET", f"dags/{dag_id}/dagRuns", params={"order_by": "-id", "limit": 100})["dag_runs"]
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.request("GET", f"dags/{dag_id}/dagRuns/{run_id}")
+
+    def wait_run(self, dag_id: str, run_id: str | None = None, timeout: float = 600) -> dict:
+        """The run (default: the newest, once there is one) when it has succeeded or failed."""
+        def finished():
+            if run_id is None:
+                found = self.runs(dag_id)
+                current = found[0] if found else None
+            else:
+                current = self.run(dag_id, run_id)
+            return current if current and current["state"] in FINISHED else None
+
+        return self.wait_for(f"run {run_id or '(newest)'} of {dag_id} to finish", finished, timeout)
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.request("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def asset(self, uri: str) -> dict | None:
+        """The registered asset with this URI (Airflow adds a trailing slash to `scheme://name`)."""
+        found = self.request("GET", "assets", params={"uri_pattern": uri.rstrip("/"), "limit": 100})["assets"]
+        exact = [a for a in found if a["uri"].rstrip("/") == uri.rstrip("/")]
+        return exact[0] if exact else None
+
+    def wait_asset(self, uri: str, timeout: float = 180) -> dict:
+        return self.wait_for(f"asset {uri} to be registered", lambda: self.asset(uri), timeout)
+
+    def post_asset_event(self, uri: str, extra: dict | None = None) -> dict:
+        """Raise an event on an asset, as an external system does through the REST API."""
+        asset = self.asset(uri)
+        if asset is None:
+            raise AirflowError(f"no asset {uri} is registered (is the DAG that uses it parsed?)")
+        return self.request("POST", "assets/events", json={"asset_id": asset["id"], "extra": extra or {}})
+
+    def asset_events(self, uri: str) -> list[dict]:
+        """The asset's events, oldest first ([] when the asset is not registered)."""
+        asset = self.asset(uri)
+        if asset is None:
+            return []
+        return self.request("GET", "assets/events", params={"asset_id": asset["id"], "order_by": "timestamp",
+                                                            "limit": 100})["asset_events"]
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
