@@ -79,7 +79,9 @@ def _signing_settings():
 
 def drift_asset(model: str) -> Asset:
     """Raised by drift monitoring (or any alerting system, through the REST API) to retrain."""
-    return Asset(f"edge-drift://{model}")
+    from pipelines.monitor import drift_asset_uri
+
+    return Asset(drift_asset_uri(model))
 
 
 def _schedule(spec):

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--to", default=None, help="version (3 or v3) or commit sha; default: the previous version")
     back.add_argument("--reason", required=True, help="why (recorded in the commit and in MLflow)")
     back.add_argument("--by", default=None, help="who (default: the current user)")
+    mon = commands.add_parser("monitor", help="compare a model's recent telemetry with its training reference")
+    mon.add_argument("model")
+    mon.add_argument("--json", action="store_true")
     roll = commands.add_parser("rollout", help="analyse a model's canary and advance, hold or roll it back")
     roll.add_argument("model")
     roll.add_argument("--dry-run", action="store_true", help="analyse and print, commit nothing")
@@ -251,14 +254,24 @@ def main(argv: list[str] | None = None) -> int:
             print(format_convergence(simulate_fleet(args.devices, args.rounds, get_settings(), seed=args.seed,
                                                     git=args.git, keep=args.keep, serve=args.serve,
                                                     faults=faults)))
+        elif args.command == "monitor":
+            from pipelines.monitor import check_drift, format_check, spec_path_of
+
+            try:
+                spec_path = spec_path_of(args.model)
+            except KeyError as error:
+                print(f"error: {error.args[0]}", file=sys.stderr)
+                return 2
+            check = check_drift(spec_path)
+            print(check.model_dump_json() if args.json else format_check(check))
         elif args.command == "rollout":
+            from pipelines.monitor import spec_path_of
             from pipelines.rollout import step_rollout
 
-            from pipelines.settings import get_settings
-
-            spec_path = Path(get_settings().specs_dir) / f"{args.model}.yaml"
-            if not spec_path.is_file():
-                print(f"error: {spec_path}: no spec for model {args.model!r}", file=sys.stderr)
+            try:
+                spec_path = spec_path_of(args.model)
+            except KeyError as error:
+                print(f"error: {error.args[0]}", file=sys.stderr)
                 return 2
             result = step_rollout(spec_path, dry_run=args.dry_run)
             print("\n".join(result.lines()))

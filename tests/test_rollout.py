@@ -137,7 +137,7 @@ def _release(spec_path, description):
 
 def test_canary_rolled_back_on_errors_then_a_healthy_one_advances_to_everyone(state, tmp_path):
     from pipelines import registry
-    from pipelines.edge.simulator import Fleet, Fault
+    from pipelines.edge.simulator import Fault, Fleet
     from pipelines.gitops import repo
     from pipelines.rollout import step_rollout
     from pipelines.settings import Settings
