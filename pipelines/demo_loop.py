@@ -129,15 +129,17 @@ def run(state: Path) -> int:
         before = {r["dag_run_id"] for r in airflow.runs(release_dag)}
         monitor = airflow.wait_run("edge_drift_monitor", airflow.trigger("edge_drift_monitor")["dag_run_id"])
         _say("   " + "\n   ".join(_format(_latest_check(settings)).splitlines()))
-        events = airflow.asset_events(f"edge-drift://{MODEL}")
-        if events:
-            extra = events[-1].get("extra") or {}
-            _say(f"   Asset event edge-drift://{MODEL}: drifted_share {extra.get('drifted_share')}, "
-                 f"columns {extra.get('drifted_column_names')}")
         retrain = airflow.wait_for("the drift-triggered release run", lambda: next(
             (r for r in airflow.runs(release_dag) if r["dag_run_id"] not in before), None), 180)
         _say(f"   {release_dag} run {retrain['dag_run_id']} ({retrain['run_type']}) queued by the scheduler")
         retrain = airflow.wait_run(release_dag, retrain["dag_run_id"], timeout=900)
+        # Listed once the run has started: Airflow 3.3's event listing fails (500) while a
+        # run the event created has no start date yet.
+        events = airflow.asset_events(f"edge-drift://{MODEL}")
+        if events:
+            extra = events[-1].get("extra") or {}
+            _say(f"   the Asset event edge-drift://{MODEL} that started it: drifted_share "
+                 f"{extra.get('drifted_share')}, columns {extra.get('drifted_column_names')}")
         summary = latest_summary(MODEL, settings)
         _say(f"   finished: {retrain['state']}; version {summary.model_version} {summary.status}; trigger: "
              f"{summary.trigger[:160]}")
