@@ -34,6 +34,14 @@ REQUESTS = 120
 DRIFT = "shift=age:+8;capital_gain:+3000;capital_loss:+500"
 
 
+def _shown(path: Path) -> str:
+    """A path as the person typed it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -91,10 +99,10 @@ def run(state: Path) -> int:
     settings = Settings(state_dir=state, specs_dir=specs)
     env = {"EDGE_STATE_DIR": str(state), "EDGE_SPECS_DIR": str(specs)}
     started = time.monotonic()
-    _say(f"State: {state} (Airflow, MLflow, artifact store, GitOps remote, fleet)")
+    _say(f"State: {_shown(state)} (Airflow, MLflow, artifact store, GitOps remote, fleet)")
     with EmbeddedAirflow(state / "airflow", env=env, log_dir=state / "logs") as airflow:
         _say(f"Airflow api-server on {airflow.base_url} (scheduler, dag-processor, LocalExecutor); "
-             f"logs in {state / 'logs'}")
+             f"logs in {_shown(state / 'logs')}")
         release_dag, rollout_dag = f"edge_release__{MODEL}", f"edge_rollout__{MODEL}"
         for dag_id in (release_dag, "edge_drift_monitor", rollout_dag):
             airflow.wait_dag(dag_id)
@@ -117,7 +125,7 @@ def run(state: Path) -> int:
         monitor = airflow.wait_run("edge_drift_monitor", airflow.trigger("edge_drift_monitor")["dag_run_id"])
         states = {t["task_id"]: t["state"] for t in airflow.task_instances("edge_drift_monitor", monitor["dag_run_id"])}
         _say(f"   edge_drift_monitor: {monitor['state']}; tasks {states}")
-        _say("   " + "\n   ".join(_format(_latest_check(settings)).splitlines()))
+        _say("   " + "\n   ".join(_format(_latest_check(settings), settings).splitlines()))
 
         _step(4, "The world changes: inputs shift, and labelled rows of the new period arrive")
         drift = parse_fault(DRIFT)
@@ -128,7 +136,7 @@ def run(state: Path) -> int:
         _step(5, "The drift monitor runs again; its Asset event starts a retraining run")
         before = {r["dag_run_id"] for r in airflow.runs(release_dag)}
         monitor = airflow.wait_run("edge_drift_monitor", airflow.trigger("edge_drift_monitor")["dag_run_id"])
-        _say("   " + "\n   ".join(_format(_latest_check(settings)).splitlines()))
+        _say("   " + "\n   ".join(_format(_latest_check(settings), settings).splitlines()))
         retrain = airflow.wait_for("the drift-triggered release run", lambda: next(
             (r for r in airflow.runs(release_dag) if r["dag_run_id"] not in before), None), 180)
         _say(f"   {release_dag} run {retrain['dag_run_id']} ({retrain['run_type']}) queued by the scheduler")
@@ -169,10 +177,12 @@ def run(state: Path) -> int:
     return 0
 
 
-def _format(check) -> str:
+def _format(check, settings: Settings) -> str:
     from pipelines.monitor import format_check
 
-    return format_check(check) if check else "no drift check recorded"
+    if check is None:
+        return "no drift check recorded"
+    return format_check(check).replace(settings.store_url, "<artifact store>")
 
 
 def _rollout_result(airflow, dag_id: str, run_id: str) -> dict:
