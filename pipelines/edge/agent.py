@@ -25,6 +25,7 @@ see `pipelines.edge.telemetry`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -218,7 +219,10 @@ class EdgeAgent:
         self._seed = seed
         import numpy as np
 
-        self._noise = np.random.default_rng(seed)
+        # Each device draws its own noise: a seed (simulations) is combined with the device id,
+        # or the generator is seeded from the operating system's entropy.
+        device_key = int(hashlib.sha256(device_id.encode()).hexdigest()[:16], 16)
+        self._noise = np.random.default_rng(None if seed is None else [seed, device_key])
         self.models_dir = self.state_dir / "models"
         self.staging_dir = self.state_dir / "staging"
         self.state_file = self.state_dir / "state.json"

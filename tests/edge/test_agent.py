@@ -436,6 +436,12 @@ def test_privacy_in_the_manifest_noises_what_devices_send(world):
     assert record["requests"] != 30 and record["samples"] == []
     counts = [record["requests"], record["errors"], *record["latency_hist"], *record["predictions"].values()]
     assert sum(c != int(c) for c in counts) >= len(counts) - 1, "every count carries noise"
+    twin = world.agent("dev-q", seed=4)  # the same simulation seed, another device
+    twin.poll_once()
+    twin.serve(MODEL, tabular_frame(rows=30, seed=6)[["x1", "x2", "colour"]])
+    twin.flush_telemetry()
+    [other] = _inference_records(world, "dev-q")
+    assert other["requests"] != record["requests"], "devices draw independent noise, or it would not average out"
 
 
 # -- (e) fleet, CLI, imports -------------------------------------------------------------------
