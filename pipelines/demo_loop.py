@@ -149,8 +149,9 @@ def run(state: Path) -> int:
             _say(f"   the Asset event edge-drift://{MODEL} that started it: drifted_share "
                  f"{extra.get('drifted_share')}, columns {extra.get('drifted_column_names')}")
         summary = latest_summary(MODEL, settings)
-        _say(f"   finished: {retrain['state']}; version {summary.model_version} {summary.status}; trigger: "
-             f"{summary.trigger[:160]}")
+        trigger = summary.trigger if len(summary.trigger) <= 100 else summary.trigger[:99] + "…"
+        _say(f"   finished: {retrain['state']}; version {summary.model_version} {summary.status}; "
+             f"recorded trigger: {trigger}")
         if retrain["state"] != "success" or summary.status != "released":
             _say("   the retrained version was not released: no canary to run")
             return 0 if retrain["state"] == "success" else 1
