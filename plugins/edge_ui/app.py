@@ -1,0 +1,226 @@
+"""The Edge Releases app: server-rendered pages and a JSON API over `pipelines.views`.
+
+Mounted by Airflow's api-server at `/edge` (see `plugins/edge_releases.py`). Every route
+depends on `requires_authenticated()`, which accepts the `Authorization: Bearer <jwt>` header
+or the `_token` cookie the Airflow UI sets, so a browser logged in to Airflow opens these
+pages directly and inside the UI's iframe. Links between pages are relative, so the app works
+under whatever prefix it is mounted at.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from airflow.api_fastapi.core_api.security import requires_authenticated
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines import views
+
+HERE = Path(__file__).resolve().parent
+# Same origin only (the Airflow UI's iframe included); the pages need no script.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'none'; "
+               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'")
+# Evidence HTML (model cards, Evidently reports with their own scripts) runs in an opaque
+# origin: it cannot act as the logged-in user against the Airflow API.
+EVIDENCE_POLICY = "sandbox allow-scripts allow-popups; frame-ancestors 'self'"
+
+app = FastAPI(title="Edge Releases", docs_url=None, redoc_url=None, openapi_url=None,
+              dependencies=[Depends(requires_authenticated())])
+
+
+# -- rendering -------------------------------------------------------------------------------------
+def _money(value) -> str:
+    if value is None:
+        return "—"
+    return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4f}"
+
+
+def _signed_money(value) -> str:
+    if value is None:
+        return ""
+    return ("+" if value >= 0 else "−") + _money(abs(value))
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _figure(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _share(value) -> str:
+    return f"{value:g}% of devices" if value is not None else ""
+
+
+def _when(value) -> str:
+    if not value:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return str(value)
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment.utcoffset() is not None and \
+        moment.utcoffset().total_seconds() == 0 else moment.strftime("%Y-%m-%d %H:%M %z")
+
+
+def _short(value, length: int = 8) -> str:
+    return str(value or "")[:length]
+
+
+_STATUS = {"released": "ok", "ok": "ok", "pass": "ok", "release": "ok",
+           "rejected": "bad", "drift": "bad", "fail": "bad",
+           "awaiting_approval": "wait", "in_review": "info", "insufficient_data": "neutral", "rollout": "wait",
+           "rolled_back": "warn", "rollback": "warn", "dry_run": "neutral"}
+
+
+def _status_class(status) -> str:
+    return _STATUS.get(str(status or ""), "neutral")
+
+
+templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+templates.filters.update(money=_money, signed_money=_signed_money, number=_number, figure=_figure, share=_share,
+                         when=_when, short=_short, status_class=_status_class)
+
+
+def _base(request: Request) -> str:
+    """The relative path from this page back to the app's root ("", "../", "../../../")."""
+    inside = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
+    return "../" * inside.count("/", 1) or "./"
+
+
+def _render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+    base = _base(request)
+    context.update(base=base, evidence_href=lambda uri: f"{base}evidence?uri={quote(str(uri), safe='')}")
+    if "page" in context:
+        context["model_href"] = f"{base}models/{quote(context['page'].model, safe='')}"
+    text = templates.get_template(name).render(**context)
+    return HTMLResponse(text, status_code=status_code, headers={"Content-Security-Policy": PAGE_POLICY,
+                                                                "Cache-Control": "no-store"})
+
+
+def _wants_json(request: Request) -> bool:
+    inside = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    return inside.startswith("/api/") or "text/html" not in request.headers.get("accept", "")
+
+
+def _login_url(request: Request) -> str | None:
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        return get_auth_manager().get_url_login(next_url=str(request.url))
+    except Exception:  # noqa: BLE001 (no auth manager in this process: no link, still a 401)
+        return None
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException):
+    if _wants_json(request):
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+    if error.status_code in (401, 403):
+        title = "Log in to see Edge Releases" if error.status_code == 401 else "Not allowed"
+        message = ("These pages show release data to Airflow users: log in to Airflow, then open them again."
+                   if error.status_code == 401 else f"Airflow refused the credentials: {error.detail}.")
+        return _render(request, "message.html", error.status_code, title=title, message=message,
+                       login_url=_login_url(request))
+    return _render(request, "message.html", error.status_code, title=f"Error {error.status_code}",
+                   message=str(error.detail), login_url=None)
+
+
+def _unknown(error: KeyError) -> HTTPException:
+    return HTTPException(404, f"No model or version named {error.args[0]!r}")
+
+
+# -- pages ---------------------------------------------------------------------------------------
+@app.get("/", response_class=HTMLResponse)
+def index(request: Request):
+    return _render(request, "index.html", rows=views.list_models())
+
+
+@app.get("/models/{model}", response_class=HTMLResponse)
+def model(request: Request, model: str):
+    try:
+        page = views.model_page(model)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+    return _render(request, "model.html", page=page)
+
+
+@app.get("/models/{model}/versions/{version}", response_class=HTMLResponse)
+def version(request: Request, model: str, version: str):
+    try:
+        page = views.version_page(model, version)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+    return _render(request, "version.html", page=page)
+
+
+_STORE_LINK = re.compile(r'(href|src)="([^"]+)"')
+
+
+def _relink(text: str, prefix: str) -> str:
+    """Links of an evidence page that point into the store, rewritten to go through this app."""
+
+    def replace(match: re.Match) -> str:
+        target = html.unescape(match.group(2))
+        if not target.startswith(prefix):
+            return match.group(0)
+        return f'{match.group(1)}="evidence?uri={quote(target, safe="")}"'
+
+    return _STORE_LINK.sub(replace, text)
+
+
+@app.get("/evidence")
+def evidence(uri: str = Query(..., max_length=2048)):
+    try:
+        data, kind = views.open_evidence(uri)
+    except views.EvidenceError:
+        raise HTTPException(400, "Refused: only evidence files inside the artifact store are served") from None
+    except FileNotFoundError:
+        raise HTTPException(404, "No such evidence file in the artifact store") from None
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"}
+    if kind.startswith("text/html"):
+        data = _relink(data.decode("utf-8", errors="replace"), views.store_prefix()).encode()
+        headers["Content-Security-Policy"] = EVIDENCE_POLICY
+    elif not kind.startswith(("image/", "text/", "application/json")):
+        headers["Content-Disposition"] = f'attachment; filename="{uri.rsplit("/", 1)[-1][:100]}"'
+    return Response(data, media_type=kind, headers=headers)
+
+
+@app.get("/static/edge.css")
+def stylesheet():
+    return FileResponse(HERE / "static" / "edge.css", media_type="text/css")
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+@app.get("/api/models", response_model=list[views.ModelRow])
+def api_models():
+    return views.list_models()
+
+
+@app.get("/api/models/{model}", response_model=views.ModelPage)
+def api_model(model: str):
+    try:
+        return views.model_page(model)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+
+
+@app.get("/api/models/{model}/versions/{version}", response_model=views.VersionPage)
+def api_version(model: str, version: str):
+    try:
+        return views.version_page(model, version)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
