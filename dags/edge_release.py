@@ -10,6 +10,13 @@ manifest to the GitOps repository that edge clusters and devices reconcile.
 A re-run over the same data, spec and code reuses every stage's output and commits nothing
 new. Bad data or an unfaithful export fails the run without retries; store, registry and
 Git faults are retried.
+
+**Trigger form**: `reason` (recorded); `force_retrain` (retrain and re-run every stage even
+when these inputs were released before: a new release key salted with the run id, a new
+MLflow version); `approval` (`manual` makes a person approve even when the spec says auto;
+nothing relaxes a manual spec); `dry_run` (validate, train, register, evaluate every gate
+and decide, then stop: nothing published or committed, the summary says what would have
+happened).
 """
 
 from __future__ import annotations
@@ -96,6 +103,33 @@ def _schedule(spec):
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[drift_asset(spec.name)])
 
 
+def _params() -> dict:
+    """The trigger form: each parameter may only make a release do more or ask more."""
+    return {
+        "reason": Param("", type="string", title="Reason",
+                        description="Why this release is started (recorded in MLflow and the summary)."),
+        "force_retrain": Param(False, type="boolean", title="Force retrain",
+                               description="Retrain and re-run every stage even when the same data, spec and code "
+                                           "were released before (otherwise their stored outputs are reused). "
+                                           "Makes a new MLflow version and, if every gate passes, a new commit."),
+        "approval": Param("spec", type="string", enum=["spec", "manual"], title="Approval",
+                          values_display={"spec": "as the spec says", "manual": "a person approves (stricter)"},
+                          description="'manual': a person approves this release in Required Actions even when the "
+                                      "spec says auto. A run can never relax a manual spec to auto."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Validate, train, export, register, evaluate every gate and decide, then stop: "
+                                     "nothing is published or committed; the summary says what would have happened."),
+    }
+
+
+def _options():
+    """This run's trigger-form parameters as the typed options the stages take."""
+    from pipelines.release import release_options
+
+    context = get_current_context()
+    return release_options(dict(context["params"]), context["run_id"])
+
+
 def _trigger() -> str:
     """What started the run, as recorded in MLflow: a person (with the reason), the schedule,
     or drift events (with their figures)."""
@@ -159,14 +193,14 @@ def build_release_dag(spec_path: Path):
         owner_links={},
         default_args={"owner": spec.owner, "retries": 0},
         doc_md=f"{__doc__}\n\n**Spec**: `{spec_path.name}` — {spec.description}",
-        params={"reason": Param("", type="string", description="Why this release is started (recorded in MLflow).")},
+        params=_params(),
     )
     def release():
         @task
         def validate_data():
             from pipelines import release as stages
 
-            return _stage("validate_data", lambda: stages.validate_data(path))
+            return _stage("validate_data", lambda: stages.validate_data(path, salt=_options().salt))
 
         @task
         def train(data: dict):
@@ -198,7 +232,8 @@ def build_release_dag(spec_path: Path):
 
             return _stage("register", lambda: stages.register(
                 path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
-                ExportedModel.model_validate(exported), QuantizationPlan.model_validate(plan), trigger=_trigger()))
+                ExportedModel.model_validate(exported), QuantizationPlan.model_validate(plan), trigger=_trigger(),
+                options=_options()))
 
         @task
         def quality_gate(data: dict, plan: dict, registered: dict):
@@ -267,22 +302,29 @@ def build_release_dag(spec_path: Path):
 
         @task.branch
         def decide(verdicts: list, cost: dict, card: dict, plan: dict, registered: dict):
-            """Release, ask a person, or reject (then nothing downstream runs but the summary)."""
-            from pipelines.gates import stages
+            """Release, ask a person (the spec or the run's `approval` asks for one), or reject;
+            a dry run stops here. Then nothing downstream runs but the summary."""
+            from pipelines import release as stages
+            from pipelines.gates.stages import approval_body
             from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
+            options = _options()
             records = _verdicts(verdicts, cost)
-            decision = stages.decide(path, records)
+            decision = stages.decide(path, records, options)
             ti = get_current_context()["ti"]
             ti.xcom_push(key="decision", value=decision.to_xcom())
+            if options.dry_run:
+                return None
             if decision.outcome == "await_approval":
-                ti.xcom_push(key="approval_body", value=stages.approval_body(
+                ti.xcom_push(key="approval_body", value=approval_body(
                     spec.name, RegisteredVersion.model_validate(registered).version, records,
-                    ModelCard.model_validate(card), QuantizationPlan.model_validate(plan)))
+                    ModelCard.model_validate(card), QuantizationPlan.model_validate(plan),
+                    why="; ".join(decision.reasons)))
                 return "approve_release"
             return "publish" if decision.outcome == "release" else None
 
-        @task(**IO_RETRIES)
+        # Runs after `decide` chose it, or after a person approved (a rejection skips it).
+        @task(trigger_rule="none_failed_min_one_success", **IO_RETRIES)
         def publish(registered: dict, plan: dict, card: dict, cost: dict):
             from pipelines import release as stages
             from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
@@ -312,7 +354,8 @@ def build_release_dag(spec_path: Path):
         @task(trigger_rule="none_failed_min_one_success")
         def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict,
                       cost: dict):
-            """The outcome: released, rejected (which gate, why) or waiting; tagged in MLflow."""
+            """The outcome: released, rejected (which gate, why), waiting, or a dry run's
+            decision; tagged in MLflow."""
             from pipelines import release as stages
             from pipelines.records import (
                 DataCheck,
@@ -337,7 +380,7 @@ def build_release_dag(spec_path: Path):
                 PublishedArtifact.model_validate(published) if published else None,
                 GitOpsCommit.model_validate(committed) if committed else None,
                 ModelCard.model_validate(card), _approval(),
-                {k: v for k, v in seconds.items() if v is not None}, _trigger(), cost)
+                {k: v for k, v in seconds.items() if v is not None}, _trigger(), cost, options=_options())
             if summary.status == "released":
                 print(f"RELEASED {summary.model} v{summary.model_version}: commit {summary.gitops_commit}")
             else:
@@ -357,15 +400,15 @@ def build_release_dag(spec_path: Path):
         card = model_card(data, trained, plan, registered, verdicts, explanation, cost)
         decision = decide(verdicts, cost, card, plan, registered)
         published = publish(registered, plan, card, cost)
-        if spec.approval.mode == "manual":
-            approval = ReleaseApproval(
-                task_id="approve_release",
-                subject=f"Release {spec.name}? All gates passed",
-                body="{{ ti.xcom_pull(task_ids='decide', key='approval_body') }}",
-            )
-            decision >> approval >> published
-        else:
-            decision >> published
+        # Every DAG has the approval task: the spec or the run's `approval` parameter may ask
+        # for it; `decide` skips it otherwise.
+        approval = ReleaseApproval(
+            task_id="approve_release",
+            subject=f"Release {spec.name}? All gates passed",
+            body="{{ ti.xcom_pull(task_ids='decide', key='approval_body') }}",
+        )
+        decision >> approval >> published
+        decision >> published
         committed = commit(data, trained, registered, published, plan, verdicts, cost)
         summary = summarize(data, trained, plan, registered, verdicts, card, cost)
         committed >> summary

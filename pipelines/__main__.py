@@ -18,7 +18,8 @@ def _table(summary) -> str:
     """The release summary as a readable table."""
     status = {"released": "RELEASED", "in_review": "IN REVIEW: committed to a review branch",
               "rejected": "REJECTED: nothing was committed",
-              "awaiting_approval": "WAITING FOR APPROVAL: nothing committed yet"}[summary.status]
+              "awaiting_approval": "WAITING FOR APPROVAL: nothing committed yet",
+              "dry_run": "DRY RUN: nothing was published or committed"}[summary.status]
     lines = [
         f"Release of {summary.model}: {status}",
         f"  model version   {summary.model_version}  (MLflow run {summary.run_id})",
@@ -33,12 +34,17 @@ def _table(summary) -> str:
     if summary.approval:
         verb = "approved" if summary.approval.approved else "rejected"
         lines.append(f"  approval        {verb} by {summary.approval.by} at {summary.approval.at}")
+    options = summary.options
+    asked = [name for name, on in (("force_retrain", options.force_retrain), ("dry_run", options.dry_run),
+                                   ("approval=manual", options.approval == "manual")) if on]
     lines += [
         f"  trigger         {summary.trigger}",
+        *([f"  parameters      {', '.join(asked)}"] if asked else []),
         "  metrics         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())),
     ]
     if summary.reasons:
-        lines += ["", "  why not released:"] + [f"    - {reason}" for reason in summary.reasons]
+        heading = "  dry run:" if summary.status == "dry_run" else "  why not released:"
+        lines += ["", heading] + [f"    - {reason}" for reason in summary.reasons]
     if summary.verdicts:
         lines += ["", "  gate                  result   reason"]
         for v in summary.verdicts:
@@ -121,11 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     release.add_argument("--trigger", default="cli", help="what started the release (recorded in MLflow)")
     release.add_argument("--approve-as", metavar="NAME", default=None,
                          help="approve a release whose spec asks for manual approval, as NAME")
+    release.add_argument("--reason", default="", help="why this release is started (recorded in MLflow)")
+    release.add_argument("--force-retrain", action="store_true",
+                         help="retrain and re-run every stage even if these data, spec and code were released")
+    release.add_argument("--approval", choices=["spec", "manual"], default="spec",
+                         help="manual: ask for a person's approval even when the spec says auto "
+                              "(no value relaxes a manual spec)")
+    release.add_argument("--dry-run", action="store_true",
+                         help="stop after the decision: nothing is published or committed")
     check = commands.add_parser("validate-spec", help="validate model spec files")
     check.add_argument("specs", type=Path, nargs="+")
     summary = commands.add_parser("summary", help="print the latest release summary of a model")
     summary.add_argument("model")
     summary.add_argument("--json", action="store_true")
+    summary.add_argument("--dry-run", action="store_true", help="the latest dry run's summary instead")
     back = commands.add_parser("rollback", help="put a model's previous release back (a GitOps commit)")
     back.add_argument("model")
     back.add_argument("--to", default=None, help="version (3 or v3) or commit sha; default: the previous version")
@@ -174,17 +189,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "release":
-            from pipelines.release import run_release
+            from datetime import datetime, timezone
+            from uuid import uuid4
+
+            from pipelines.release import release_options, run_release
 
             approval = None
             if args.approve_as:
-                from datetime import datetime, timezone
-
                 from pipelines.records import Approval
 
                 approval = Approval(approved=True, by=args.approve_as, at=datetime.now(timezone.utc).isoformat(
                     timespec="seconds"), comment="approved on the command line")
-            result = run_release(args.spec, trigger=args.trigger, approval=approval)
+            run_id = f"cli__{datetime.now(timezone.utc).isoformat(timespec='seconds')}__{uuid4().hex[:8]}"
+            options = release_options({"reason": args.reason, "force_retrain": args.force_retrain,
+                                       "approval": args.approval, "dry_run": args.dry_run}, run_id)
+            trigger = f"{args.trigger}: {args.reason}" if args.reason else args.trigger
+            result = run_release(args.spec, trigger=trigger, approval=approval, options=options)
             print(result.model_dump_json() if args.json else _table(result))
         elif args.command == "validate-spec":
             from pipelines.specs import load_spec
@@ -194,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "summary":
             from pipelines.release import latest_summary
 
-            result = latest_summary(args.model)
+            result = latest_summary(args.model, dry_run=args.dry_run)
             if result is None:
-                print(f"{args.model}: no release recorded yet", file=sys.stderr)
+                print(f"{args.model}: no {'dry run' if args.dry_run else 'release'} recorded yet", file=sys.stderr)
                 return 2
             print(result.model_dump_json() if args.json else _table(result))
         elif args.command == "rollback":

@@ -87,7 +87,7 @@ def context(spec_path: str | Path, settings: Settings | None = None) -> Context:
 
 
 def check_same_inputs(ctx: Context, data: DataCheck) -> None:
-    key = release_key(data.sha256, ctx.spec.digest())
+    key = release_key(data.sha256, ctx.spec.digest(), data.salt)
     if key != data.release_key:
         raise ReleaseError(
             f"{ctx.spec_path}: the spec or the code changed after validate_data ran "
@@ -112,8 +112,11 @@ def resume(spec_path: str | Path, data: DataCheck, name: str, kind: type[R],
     return ctx, cached
 
 
-def release_key(data_sha256: str, spec_sha256: str) -> str:
-    return hashlib.sha256(f"{data_sha256}:{spec_sha256}:{code_digest()}".encode()).hexdigest()
+def release_key(data_sha256: str, spec_sha256: str, salt: str = "") -> str:
+    """The release's identity. A forced retrain adds a salt (its run id): a new identity for
+    the same inputs, stable across that run's retries."""
+    text = f"{data_sha256}:{spec_sha256}:{code_digest()}" + (f":{salt}" if salt else "")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- data ------------------------------------------------------------------------------------

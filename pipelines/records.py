@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Record(BaseModel):
@@ -31,6 +31,8 @@ class DataCheck(Record):
     report_uri: str
     failures: list[str] = Field(default_factory=list)
     release_key: str = Field(description="Hash of data, spec and code: the release's identity.")
+    salt: str = Field("", description="Mixed into the release key by a forced retrain (its run id); "
+                                      "empty for a plain release.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -127,6 +129,34 @@ class Decision(Record):
     reasons: list[str] = Field(default_factory=list)
 
 
+class ReleaseOptions(Record):
+    """What the person starting a release asked for: the trigger form's parameters (Airflow)
+    or the command line's flags. Each may only make a release do more, or ask more."""
+
+    reason: str = ""
+    force_retrain: bool = Field(False, description="Retrain and re-run every stage even when the same data, "
+                                                   "spec and code were released before.")
+    approval: Literal["spec", "manual"] = Field("spec", description="`manual`: a person approves even when the "
+                                                                    "spec says auto. Never less than the spec.")
+    dry_run: bool = Field(False, description="Stop after the decision: nothing published or committed.")
+    salt: str = Field("", description="The run id when force_retrain (mixed into the release key), else empty.")
+
+    @field_validator("approval", mode="before")
+    @classmethod
+    def _only_stricter(cls, value):
+        if value not in ("spec", "manual"):
+            raise ValueError(f"approval {value!r} is not allowed: a run may ask for 'manual' approval (stricter "
+                             "than an auto spec) or follow the 'spec'; it can never relax a manual spec")
+        return value
+
+    def tags(self) -> dict[str, str]:
+        """As MLflow tags (`release.*`)."""
+        return {"release.force_retrain": str(self.force_retrain).lower(), "release.approval": self.approval,
+                "release.dry_run": str(self.dry_run).lower(),
+                **({"release.reason": self.reason} if self.reason else {}),
+                **({"release.salt": self.salt} if self.salt else {})}
+
+
 class Approval(Record):
     approved: bool
     by: str
@@ -158,7 +188,7 @@ class GitOpsCommit(Record):
 class ReleaseSummary(Record):
     model: str
     model_version: str
-    status: Literal["released", "in_review", "rejected", "awaiting_approval"]
+    status: Literal["released", "in_review", "rejected", "awaiting_approval", "dry_run"]
     reasons: list[str] = Field(default_factory=list, description="Why a release was not committed.")
     release_key: str
     run_id: str
@@ -175,3 +205,6 @@ class ReleaseSummary(Record):
     cost: dict | None = Field(None, description="Cost estimate of the shipped variant (per device group).")
     cost_diff: dict | None = None
     stages: dict[str, float]
+    options: ReleaseOptions = Field(default_factory=ReleaseOptions, description="The run's parameters.")
+    would: Literal["release", "await_approval", "reject"] | None = Field(
+        None, description="A dry run's decision: what a real run would have done.")

@@ -40,6 +40,7 @@ from pipelines.records import (
     PublishedArtifact,
     QuantizationPlan,
     RegisteredVersion,
+    ReleaseOptions,
     ReleaseSummary,
     TrainedModel,
 )
@@ -53,12 +54,17 @@ STAGES = ("validate_data", "train", "export", "quantize", "register", "edge_cost
           "parity_gate", "drift_gate", "explain", "model_card", "decide", "publish", "commit")
 
 
-def validate_data(spec_path: str | Path, settings: Settings | None = None) -> DataCheck:
+def validate_data(spec_path: str | Path, settings: Settings | None = None, salt: str = "") -> DataCheck:
     """Read the spec's data, fingerprint it, and check it against the spec's expectations.
 
     Raises DataValidationError listing every failed expectation; the report is kept as
     evidence. On success, a snapshot of the columns the release uses is stored, so every
     later stage (on any worker) trains and evaluates on exactly these rows.
+
+    `salt` (a forced retrain's run id) gives the same inputs a new release key. Without one,
+    the key of the last forced release of these inputs that was committed is used, so a
+    plain re-run after a forced retrain reuses that release instead of going back to the
+    one before it.
     """
     from pipelines.data import DataError, fingerprint, read_source, resolve_features
     from pipelines.data.validation import validate_frame
@@ -71,7 +77,8 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None) -> Da
     except DataError as error:
         raise DataValidationError(f"{ctx.spec_path}: {error}") from None
     data_sha = fingerprint(frame)
-    key = release_key(data_sha, ctx.spec.digest())
+    salt = salt or _forced_salt(ctx, release_key(data_sha, ctx.spec.digest()))
+    key = release_key(data_sha, ctx.spec.digest(), salt)
     cached = ctx.load_record(key, "validation.json", DataCheck)
     if cached is not None and cached.passed:
         return cached
@@ -92,9 +99,26 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None) -> Da
     record = DataCheck(
         passed=True, source=data_spec.source, sha256=data_sha, rows=len(frame),
         schema={c: str(frame[c].dtype) for c in columns}, features=features,
-        snapshot_uri=snapshot_uri, report_uri=report_uri, release_key=key,
+        snapshot_uri=snapshot_uri, report_uri=report_uri, release_key=key, salt=salt,
     )
     return ctx.save_record(key, "validation.json", record)
+
+
+FORCED_RELEASE = "forced_release.json"
+
+
+def _forced_salt(ctx, plain_key: str) -> str:
+    """The salt of the last committed forced release of these inputs ('' when none)."""
+    record = ctx.load_record(plain_key, FORCED_RELEASE, ReleaseOptions)
+    return record.salt if record is not None else ""
+
+
+def release_options(params: dict, run_id: str) -> ReleaseOptions:
+    """A run's options from its trigger-form parameters (missing ones take their defaults);
+    a forced retrain is salted with the run id, so the run's retries keep one release key."""
+    options = ReleaseOptions.model_validate({k: v for k, v in params.items() if k in ReleaseOptions.model_fields
+                                             and k != "salt" and v is not None})
+    return options.model_copy(update={"salt": run_id if options.force_retrain else ""})
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -208,8 +232,9 @@ def _framework_versions() -> dict[str, str]:
 
 def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, exported: ExportedModel,
              plan: QuantizationPlan, trigger: str = "manual",
-             settings: Settings | None = None) -> RegisteredVersion:
-    """Register the chosen variant in MLflow with its provenance; alias `candidate`."""
+             settings: Settings | None = None, options: ReleaseOptions | None = None) -> RegisteredVersion:
+    """Register the chosen variant in MLflow with its provenance and the parameters of the
+    run that created it (`release.*` tags); alias `candidate`."""
     from pipelines import registry
     from pipelines.onnx import export as onnx_export
 
@@ -249,6 +274,7 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         "variant": plan.chosen, "artifact_sha256": chosen.sha256, "owner": spec.owner,
         "finops.cost_center": spec.finops.cost_center, "finops.project": spec.finops.project,
         **{f"version.{k}": v for k, v in _framework_versions().items()},
+        **(options or ReleaseOptions()).tags(), **({"release.salt": data.salt} if data.salt else {}),
     }
     try:
         return registry.register_version(
@@ -270,6 +296,19 @@ def _redact(uri: str) -> str:
     from pipelines.gitops.repo import redact
 
     return redact(uri)
+
+
+def decide(spec_path: str | Path, verdicts: list[GateVerdict], options: ReleaseOptions | None = None,
+           settings: Settings | None = None) -> Decision:
+    """The gates' decision, made stricter when the run asks for manual approval (a run can
+    ask more than its spec, never less)."""
+    from pipelines.gates import stages as gates
+
+    decision = gates.decide(spec_path, verdicts, settings=settings)
+    if decision.outcome == "release" and options is not None and options.approval == "manual":
+        return Decision(outcome="await_approval",
+                        reasons=["the run's approval parameter asks for a person's approval (the spec says auto)"])
+    return decision
 
 
 def publish(spec_path: str | Path, registered: RegisteredVersion, plan: QuantizationPlan,
@@ -449,13 +488,23 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
               registered: RegisteredVersion, verdicts: list[GateVerdict], decision: Decision,
               published: PublishedArtifact | None, committed: GitOpsCommit | None, card: ModelCard | None,
               approval: Approval | None, stages: dict[str, float], trigger: str, cost: dict | None = None,
-              settings: Settings | None = None) -> ReleaseSummary:
+              settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
     """The release's outcome in one record. A version that was not committed is tagged
-    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons."""
+    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons.
+
+    A dry run says what the decision was (`would`); its summary is kept apart from the
+    releases' (`latest-dry-run.json`), and a version that an earlier run released keeps its
+    status (the dry run adds `dry_run.*` tags only)."""
     from pipelines import registry
 
     ctx = context(spec_path, settings)
-    if committed is not None and committed.branch.startswith("release/"):
+    # The salt actually in the release key: a plain run may resume a forced release's.
+    options = (options or ReleaseOptions()).model_copy(update={"salt": data.salt})
+    would = None
+    if options.dry_run:
+        status, would = "dry_run", decision.outcome
+        reasons = [f"dry run: {_WOULD[decision.outcome]}; nothing was published or committed", *decision.reasons]
+    elif committed is not None and committed.branch.startswith("release/"):
         status = "in_review"
         reasons = [f"review: committed to branch {committed.branch}; merging it releases to the fleet"]
     elif committed is not None:
@@ -467,8 +516,17 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         reasons = [f"approval: rejected by {approval.by} at {approval.at}"
                    + (f": {approval.comment}" if approval.comment else "")]
     else:
-        status, reasons = "awaiting_approval", ["approval: waiting for a person (the spec asks for manual approval)"]
-    if status not in ("released", "in_review"):
+        status = "awaiting_approval"
+        reasons = [f"approval: waiting for a person ({'; '.join(decision.reasons) or 'manual approval'})"]
+    if status == "dry_run":
+        mlflow_client = registry.client(ctx.settings.tracking_uri)
+        current = mlflow_client.get_model_version(ctx.spec.name, registered.version).tags.get("release_status")
+        tags = {"dry_run.outcome": would, "dry_run.reasons": " | ".join(reasons)}
+        if current not in ("released", "in_review", "rolled_back"):
+            tags["release_status"] = "dry_run"
+        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version, tags)
+        log.warning("%s v%s DRY RUN: %s", ctx.spec.name, registered.version, "; ".join(reasons))
+    elif status not in ("released", "in_review"):
         registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
                               {"release_status": status, "release_reasons": " | ".join(reasons)})
         log.warning("%s v%s %s: %s", ctx.spec.name, registered.version, status.upper(), "; ".join(reasons))
@@ -481,45 +539,57 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
         cost=cost["estimate"] if cost else None, cost_diff=cost["diff"] if cost else None,
-        stages={k: round(v, 3) for k, v in stages.items()},
+        stages={k: round(v, 3) for k, v in stages.items()}, options=options, would=would,
     )
-    ctx.save_record(data.release_key, "summary.json", summary)
-    ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest.json")
+    if status in ("released", "in_review") and options.force_retrain and data.salt:
+        # Plain runs of these inputs now resume this release (see validate_data).
+        ctx.save_record(release_key(data.sha256, ctx.spec.digest()), FORCED_RELEASE,
+                        ReleaseOptions(force_retrain=True, salt=data.salt, reason=options.reason))
+    suffix = "-dry-run" if status == "dry_run" else ""
+    ctx.save_record(data.release_key, f"summary{suffix}.json", summary)
+    ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest{suffix}.json")
     return summary
 
 
-def latest_summary(model: str, settings: Settings | None = None) -> ReleaseSummary | None:
+_WOULD = {"release": "would release (every gate passed)", "await_approval": "would wait for a person's approval",
+          "reject": "would be rejected"}
+
+
+def latest_summary(model: str, settings: Settings | None = None, dry_run: bool = False) -> ReleaseSummary | None:
+    """The model's latest release summary (or its latest dry run's); None before the first."""
     settings = settings or get_settings()
     store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
-    key = f"releases/{model}/latest.json"
+    key = f"releases/{model}/latest{'-dry-run' if dry_run else ''}.json"
     return ReleaseSummary.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
 
 
 def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval | None = None,
-                settings: Settings | None = None) -> ReleaseSummary:
+                settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
     """Every stage in order, in this process (the CLI's path; the DAG runs the same calls).
 
-    A spec with manual approval stops before publishing unless `approval` is given (the CLI's
-    `--approve-as`); the decision is recorded with the release.
+    A spec (or `options.approval`) asking for manual approval stops before publishing unless
+    `approval` is given (the CLI's `--approve-as`); the decision is recorded with the release.
+    A dry run stops after the decision.
     """
     import time
 
     from pipelines.gates import stages as gates
 
+    options = options or ReleaseOptions()
     timings: dict[str, float] = {}
 
-    def timed(name, fn, *args):
+    def timed(name, fn, *args, **kwargs):
         start = time.perf_counter()
-        result = fn(*args, settings=settings)
+        result = fn(*args, settings=settings, **kwargs)
         timings[name] = time.perf_counter() - start
         log.info("%s: %.2f s", name, timings[name])
         return result
 
-    data = timed("validate_data", validate_data, spec_path)
+    data = timed("validate_data", validate_data, spec_path, salt=options.salt)
     trained = timed("train", train, spec_path, data)
     exported = timed("export", export, spec_path, data, trained)
     plan = timed("quantize", quantize, spec_path, data, exported)
-    registered = timed("register", register, spec_path, data, trained, exported, plan, trigger)
+    registered = timed("register", register, spec_path, data, trained, exported, plan, trigger, options=options)
     cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
     verdicts = [
         timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
@@ -531,16 +601,17 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
     explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
     card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation,
                  cost)
-    decision = timed("decide", gates.decide, spec_path, verdicts)
-    go = decision.outcome == "release" or (decision.outcome == "await_approval" and approval and approval.approved)
+    decision = timed("decide", decide, spec_path, verdicts, options)
+    go = not options.dry_run and (
+        decision.outcome == "release" or (decision.outcome == "await_approval" and approval and approval.approved))
     published = committed = None
     if go:
         published = timed("publish", publish, spec_path, registered, plan, card, cost.to_xcom())
         committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
                           approval, cost.to_xcom())
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
-                     approval if decision.outcome == "await_approval" else None, timings, trigger, cost.to_xcom(),
-                     settings)
+                     approval if decision.outcome == "await_approval" and not options.dry_run else None, timings,
+                     trigger, cost.to_xcom(), settings, options)
 
 
 def rollback_release(model: str, target: str | None, reason: str, by: str, settings: Settings | None = None,

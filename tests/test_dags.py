@@ -42,8 +42,12 @@ def test_release_dag_shape():
     assert [t.task_id for t in dag.topological_sort()][:1] == ["validate_data"]
     assert {t.task_id for t in dag.tasks} == {
         "validate_data", "train", "export", "quantize", "register", "quality_gate", "fairness_gate", "parity_gate",
-        "drift_gate", "edge_cost", "explain", "model_card", "decide", "publish", "commit", "summarize"}
-    assert dag.get_task("decide").downstream_task_ids == {"publish"}
+        "drift_gate", "edge_cost", "explain", "model_card", "decide", "approve_release", "publish", "commit",
+        "summarize"}
+    # An auto spec still has the approval task: the run's `approval` parameter may ask for it.
+    assert dag.get_task("decide").downstream_task_ids == {"publish", "approve_release"}
+    assert dag.get_task("approve_release").downstream_task_ids == {"publish"}
+    assert dag.get_task("publish").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("summarize").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("model_card").upstream_task_ids >= {"quality_gate", "fairness_gate", "parity_gate",
                                                             "drift_gate", "explain"}
@@ -51,7 +55,7 @@ def test_release_dag_shape():
     assert dag.get_task("register").retries == 3 and dag.get_task("publish").retries == 3
     assert dag.get_task("commit").retries == 3 and dag.get_task("train").retries == 0
     assert dag.get_task("commit").upstream_task_ids >= {"publish", "register"}
-    assert "reason" in dag.params
+    assert set(dag.params) == {"reason", "force_retrain", "approval", "dry_run"}
     # The spec's cron OR a drift event of the model starts a release.
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert dag.timetable.timetable.expression == "0 3 * * 1"
@@ -65,7 +69,7 @@ def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatc
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     assert isinstance(approval, ApprovalOperator)
-    assert dag.get_task("decide").downstream_task_ids == {"approve_release"}
+    assert dag.get_task("decide").downstream_task_ids == {"approve_release", "publish"}
     assert approval.downstream_task_ids == {"publish"}
     # No schedule in the spec: only a drift event (or a person) starts a release.
     assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://manual-model/"]

@@ -389,10 +389,18 @@ def _card_cost(cost: CostReport | None) -> dict | None:
 
 
 def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], card: ModelCard,
-                  plan: QuantizationPlan) -> str:
-    """Markdown a reviewer reads in Airflow's Required Actions before approving."""
-    lines = [f"**{spec_name}** version **{version}** passed every gate and waits for your decision.", "",
-             "| gate | result | reason |", "|---|---|---|"]
+                  plan: QuantizationPlan, why: str = "") -> str:
+    """Markdown a reviewer reads in Airflow's Required Actions before approving: why a person
+    is asked, the verdicts, the variant, a link to the version's page in the Edge Releases
+    view (relative: the api-server serves it) and the evidence."""
+    from urllib.parse import quote
+
+    page = f"/edge/models/{quote(spec_name, safe='')}/versions/{quote(str(version), safe='')}"
+    lines = [f"**{spec_name}** version **{version}** passed every gate and waits for your decision.", ""]
+    if why:
+        lines += [f"Why a person: {why}.", ""]
+    lines += [f"Edge Releases view: [{spec_name} version {version}]({page})", "",
+              "| gate | result | reason |", "|---|---|---|"]
     for v in verdicts:
         result = "waived" if v.waived else ("passed" if v.passed else "FAILED")
         lines.append(f"| {v.gate} | {result} | {v.reason.replace('|', '/')} |")
