@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo demo-loop test bench finops-report schema clean-state
+.PHONY: venv browser demo demo-loop ui test bench finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ demo: venv $(EDGE_STATE_DIR)/airflow/airflow.db
 # starts, and the canary of the new version advanced or rolled back by the rollout DAG.
 demo-loop: venv
 	$(PY) -m pipelines.demo_loop --state $(EDGE_STATE_DIR)/loop
+
+# The Airflow UI (api-server, scheduler, dag-processor, triggerer) and the MLflow UI on the
+# embedded state, bound to 127.0.0.1; prints the URLs and the admin login; Ctrl-C stops them.
+UI_PORT ?= 8080
+MLFLOW_PORT ?= 5000
+ui: venv
+	@$(AIRFLOW_ENV) $(PY) -m pipelines ui --port $(UI_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # Chromium opens the evidence (model card, Evidently report) in the browser test; Debian's
 # package, installed when missing and this user may install packages.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -181,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                                "shift=age:+20;hours_per_week:+10 (repeatable)")
     simulate.add_argument("--git", choices=["auto", "per-device", "shared"], default="auto",
                           help="a clone per device, or one fetch per round shared by all (auto: by fleet size)")
+    ui = commands.add_parser("ui", help="the Airflow UI and the MLflow UI on the embedded state, on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=os.environ.get("UI_PORT") or "8080",
+                    help="the Airflow UI's port (default: $UI_PORT or 8080)")
+    ui.add_argument("--mlflow-port", type=int, default=os.environ.get("MLFLOW_PORT") or "5000",
+                    help="the MLflow UI's port (default: $MLFLOW_PORT or 5000)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -256,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
                 print(store.read_bytes(store.key_of(report.evidence["report.txt"])).decode())
                 print("\n".join(f"{name}: {uri}" for name, uri in report.evidence.items()))
+        elif args.command == "ui":
+            from pipelines.airflow_local import run_ui
+
+            return run_ui(args.port, args.mlflow_port)
         elif args.command == "edge-agent":
             return _edge_agent(args)
         elif args.command == "fleet":

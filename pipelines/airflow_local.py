@@ -1,15 +1,18 @@
-"""An embedded Airflow on this machine: api-server, dag-processor and scheduler as separate
-processes on one SQLite database, started and stopped as a unit.
+"""An embedded Airflow on this machine: api-server, dag-processor and scheduler (and, when
+asked, the triggerer and other services such as the MLflow UI) as separate processes on one
+SQLite database, started and stopped as a unit.
 
     with EmbeddedAirflow(home, env={"EDGE_STATE_DIR": ..., "EDGE_SPECS_DIR": ...}) as airflow:
         airflow.wait_dag("edge_drift_monitor")
         run = airflow.trigger("edge_drift_monitor")
         airflow.wait_run("edge_drift_monitor", run["dag_run_id"])
 
-The DAGs are this checkout's `dags/` and `plugins/`; LocalExecutor; new DAGs start unpaused;
-the api-server listens on 127.0.0.1 only (a free port unless one is given), the scheduler
-serves no logs. Each component logs to `<log_dir>/<component>.log`. The REST API is used
-with the admin user SimpleAuthManager generates (its password is in AIRFLOW_HOME).
+The DAGs are this checkout's `dags/` and `plugins/`; LocalExecutor; new DAGs start unpaused
+(unless `env` says otherwise); the api-server listens on 127.0.0.1 only (a free port unless
+one is given; a given port that is taken fails before anything starts), the scheduler and
+the triggerer serve no logs, so no component listens on another interface. Each component
+logs to `<log_dir>/<component>.log`. The REST API is used with the admin user
+SimpleAuthManager generates (its password is in AIRFLOW_HOME).
 
 This module does not import Airflow: it runs the `airflow` command of the interpreter's
 environment, so it drives any Airflow 3 installation the same way.
@@ -24,12 +27,15 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipelines.settings import PROJECT_ROOT
 
 FINISHED = ("success", "failed")
+COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
+DEFAULT_COMPONENTS = ("api-server", "dag-processor", "scheduler")
 
 
 class AirflowError(RuntimeError):
@@ -37,10 +43,37 @@ class AirflowError(RuntimeError):
     where the logs are)."""
 
 
+class PortTaken(AirflowError):
+    """A port that was asked for is in use; nothing was started."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now (a listener on any interface blocks it;
+    connections of an earlier server waiting out TIME_WAIT do not, as servers reuse the address)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Service:
+    """Another process started, logged and stopped with the components (the MLflow UI, for
+    instance). `port` is checked free before anything starts; `health` is a URL that answers
+    200 once the service is up."""
+
+    command: list[str]
+    port: int | None = None
+    health: str | None = None
 
 
 class EmbeddedAirflow:
@@ -50,10 +83,17 @@ class EmbeddedAirflow:
     (`AIRFLOW__CORE__DAGS_FOLDER`, for instance)."""
 
     def __init__(self, home: str | Path, env: dict[str, str] | None = None, log_dir: str | Path | None = None,
-                 port: int | None = None, parallelism: int = 2, airflow: str | Path | None = None):
+                 port: int | None = None, parallelism: int = 2, airflow: str | Path | None = None,
+                 components: Sequence[str] = DEFAULT_COMPONENTS, services: dict[str, Service] | None = None):
+        unknown = set(components) - set(COMPONENTS)
+        if unknown or "api-server" not in components:
+            raise ValueError(f"components must include api-server and be among {COMPONENTS}; got {list(components)}")
         self.home = Path(home).resolve()
         self.log_dir = Path(log_dir).resolve() if log_dir else self.home / "logs" / "components"
+        self.fixed_port = port is not None
         self.port = port or free_port()
+        self.components = tuple(components)
+        self.services = dict(services or {})
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.airflow = str(airflow or Path(sys.executable).parent / "airflow")
         self.env = {
@@ -89,7 +129,13 @@ class EmbeddedAirflow:
         self.stop()
 
     def start(self, timeout: float = 180) -> EmbeddedAirflow:
-        """Migrate the database, start the components, wait until the api-server answers."""
+        """Check the given ports, migrate the database, start the components and services,
+        wait until the api-server (and each service's health URL) answers."""
+        ports = {"the Airflow api-server": self.port} if self.fixed_port else {}
+        ports.update({name: service.port for name, service in self.services.items() if service.port})
+        for name, port in ports.items():
+            if not port_is_free(port):
+                raise PortTaken(f"port {port} on 127.0.0.1 is taken: {name} cannot listen there")
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         migrate = subprocess.run([self.airflow, "db", "migrate"], env=self.env, capture_output=True, text=True)
@@ -100,7 +146,10 @@ class EmbeddedAirflow:
             "api-server": [self.airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "--workers", "1"],
             "dag-processor": [self.airflow, "dag-processor"],
             "scheduler": [self.airflow, "scheduler", "--skip-serve-logs"],
+            "triggerer": [self.airflow, "triggerer", "--skip-serve-logs"],
         }
+        commands = {name: commands[name] for name in COMPONENTS if name in self.components}
+        commands.update({name: service.command for name, service in self.services.items()})
         try:
             for name, command in commands.items():
                 log = open(self.log_dir / f"{name}.log", "ab")
@@ -109,6 +158,9 @@ class EmbeddedAirflow:
                 self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                         stdin=subprocess.DEVNULL, start_new_session=True)
             self.wait_healthy(timeout)
+            for name, service in self.services.items():
+                if service.health:
+                    self.wait_for(name, lambda url=service.health: _answers(url), timeout, interval=0.5)
         except BaseException:
             self.stop()
             raise
@@ -141,6 +193,11 @@ class EmbeddedAirflow:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Each started process's pid (the leader of its process group)."""
+        return {name: process.pid for name, process in self.processes.items()}
 
     def check_running(self) -> None:
         for name, process in self.processes.items():
@@ -268,8 +325,81 @@ class EmbeddedAirflow:
                                                             "limit": 100})["asset_events"]
 
 
+def _answers(url: str) -> bool:
+    import requests
+
+    return requests.get(url, timeout=5).ok
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_ui(port: int = 8080, mlflow_port: int = 5000, parallelism: int = 4, out=None) -> int:
+    """`make ui`: the Airflow UI (api-server, dag-processor, scheduler, triggerer for the
+    approval task) and the MLflow UI on the embedded state, all on 127.0.0.1, until SIGINT or
+    SIGTERM; then every process is stopped by the pid it was started with.
+
+    AIRFLOW_HOME is `<state>/airflow` unless set. New DAGs start paused (the trigger form
+    unpauses the DAG it starts), so no schedule fires while someone only looks around.
+    Returns the exit code: 2 when a port is taken, 1 when a component fails.
+    """
+    from pipelines.settings import get_settings
+
+    out = out or sys.stdout
+    settings = get_settings()
+    state = settings.state
+    home = Path(os.environ.get("AIRFLOW_HOME") or state / "airflow")
+    services, mlflow_url = {}, settings.tracking_uri
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}/"
+        services["mlflow"] = Service(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--workers", "1", "--backend-store-uri", settings.tracking_uri,
+             "--default-artifact-root", settings.mlflow_artifacts],
+            port=mlflow_port, health=f"http://127.0.0.1:{mlflow_port}/health")
+    airflow = EmbeddedAirflow(home, port=port, parallelism=parallelism, components=COMPONENTS, services=services,
+                              env={"EDGE_STATE_DIR": str(state), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"})
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        print(f"Starting Airflow and MLflow on 127.0.0.1 (state: {state}); the first start takes a minute",
+              file=out, flush=True)
+        airflow.start()
+        base = airflow.base_url
+        print(f"  Airflow UI      {base}/   login: admin / {airflow.admin_password}\n"
+              f"  Edge Releases   {base}/edge/\n"
+              f"  MLflow          {mlflow_url}\n"
+              f"  processes       " + ", ".join(f"{name} {pid}" for name, pid in airflow.pids.items()) + "\n"
+              f"  logs            {airflow.log_dir}\n"
+              "New DAGs start paused: the trigger form unpauses the DAG it starts. Ctrl-C stops everything.",
+              file=out, flush=True)
+        while True:
+            airflow.check_running()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("Stopping ...", file=out, flush=True)
+    except PortTaken as error:
+        print(f"error: {error} (choose another with UI_PORT / MLFLOW_PORT)", file=sys.stderr, flush=True)
+        code = 2
+    except AirflowError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        started = airflow.pids
+        airflow.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started:
+            print("Stopped " + ", ".join(f"{name} {pid}" for name, pid in started.items()), file=out, flush=True)
+    return code
