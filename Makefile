@@ -64,7 +64,7 @@ browser:
 	  else echo "Chromium is not installed: the browser test will be skipped"; fi; }
 
 test: venv browser
-	$(VENV)/bin/ruff check pipelines dags tests
+	$(VENV)/bin/ruff check pipelines dags tests plugins
 	$(PY) -m pytest
 
 # Benchmarks print figures and write JSON under the state folder; they are not tests.

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -183,3 +184,29 @@ def test_a_group_that_requires_review_puts_the_release_on_a_review_branch(tmp_pa
     assert version.tags["release_status"] == "in_review" and "champion" not in version.aliases
     again = release.run_release(spec)
     assert again.gitops_commit == summary.gitops_commit and not again.gitops_commit_created
+
+
+def test_the_release_key_ignores_only_modules_that_never_shape_a_release(tmp_path, monkeypatch):
+    import shutil
+
+    from pipelines import context
+
+    package = Path(context.__file__).resolve().parent
+    for name in context.NOT_RELEASE_CODE:
+        assert (package / name).is_file(), f"{name} is listed but does not exist"
+    copy = tmp_path / "pipelines"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(context, "__file__", str(copy / "context.py"))
+
+    def digest() -> str:
+        context.code_digest.cache_clear()
+        return context.code_digest()
+
+    try:
+        before = digest()
+        (copy / "views.py").write_text((copy / "views.py").read_text() + "\n# a UI change\n")
+        assert digest() == before
+        (copy / "release.py").write_text((copy / "release.py").read_text() + "\n# a release change\n")
+        assert digest() != before
+    finally:
+        context.code_digest.cache_clear()
