@@ -44,7 +44,7 @@ demo: venv $(EDGE_STATE_DIR)/airflow/airflow.db
 # a release, a simulated fleet serving, injected drift, the drift event, the retraining run it
 # starts, and the canary of the new version advanced or rolled back by the rollout DAG.
 demo-loop: venv
-	$(PY) -m pipelines.demo_loop --state $(EDGE_STATE_DIR)/loop
+	@$(PY) -m pipelines.demo_loop --state $(EDGE_STATE_DIR)/loop
 
 # The Airflow UI (api-server, scheduler, dag-processor, triggerer) and the MLflow UI on the
 # embedded state, bound to 127.0.0.1; prints the URLs and the admin login; Ctrl-C stops them.

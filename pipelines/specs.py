@@ -332,6 +332,8 @@ class CanaryAnalysis(_Strict):
     max_error_rate: UnitInterval = Field(0.02, description="Largest canary error rate.")
     max_error_rate_increase: UnitInterval = Field(0.01, description="Largest error rate above the control's.")
     max_p95_latency_ratio: float = Field(1.5, gt=1.0, description="Largest canary p95 / control p95.")
+    latency_floor_ms: float = Field(
+        1.0, ge=0.0, description="Canary p95 latencies below this are not compared (timer noise, under any SLO).")
     max_prediction_shift: UnitInterval = Field(
         0.1, description="Largest total variation distance between canary and control prediction distributions.")
 

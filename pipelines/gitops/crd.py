@@ -124,7 +124,8 @@ def _deployment_strategy() -> dict:
     step = _object({"share": _integer(minimum=1, maximum=100), "pause": _string(pattern=_DURATION)},
                    required=["share"])
     analysis = _object({"minRequests": _integer(minimum=1), "maxErrorRate": share, "maxErrorRateIncrease": share,
-                        "maxP95LatencyRatio": _number(minimum=1), "maxPredictionShift": share})
+                        "maxP95LatencyRatio": _number(minimum=1), "maxPredictionShift": share,
+                        "latencyFloorMs": _number(minimum=0)})
     return _object(
         {
             "type": _string(enum=["RollingUpdate", "Canary"]),

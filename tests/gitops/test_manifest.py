@@ -146,7 +146,7 @@ def test_base_manifest_content() -> None:
         "canary": {
             "steps": [{"share": 10, "pause": "30m"}, {"share": 50, "pause": "30m"}, {"share": 100, "pause": "0s"}],
             "analysis": {"minRequests": 500, "maxErrorRate": 0.02, "maxErrorRateIncrease": 0.01,
-                         "maxP95LatencyRatio": 1.5, "maxPredictionShift": 0.3},
+                         "maxP95LatencyRatio": 1.5, "maxPredictionShift": 0.3, "latencyFloorMs": 1.0},
             "interval": "15m",
         },
     }
