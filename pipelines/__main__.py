@@ -85,6 +85,17 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def _model_spec(model: str) -> Path | None:
+    """The spec file of a model in the specs folder, or None after printing why not."""
+    from pipelines.monitor import spec_path_of
+
+    try:
+        return spec_path_of(model)
+    except KeyError as error:
+        print(f"error: {error.args[0]}", file=sys.stderr)
+        return None
+
+
 def _edge_agent(args) -> int:
     """Poll once (exit 1 if a model failed) or forever every --interval seconds."""
     import time
@@ -285,23 +296,18 @@ def main(argv: list[str] | None = None) -> int:
                                                     git=args.git, keep=args.keep, serve=args.serve,
                                                     faults=faults)))
         elif args.command == "monitor":
-            from pipelines.monitor import check_drift, format_check, spec_path_of
+            from pipelines.monitor import check_drift, format_check
 
-            try:
-                spec_path = spec_path_of(args.model)
-            except KeyError as error:
-                print(f"error: {error.args[0]}", file=sys.stderr)
+            spec_path = _model_spec(args.model)
+            if spec_path is None:
                 return 2
             check = check_drift(spec_path)
             print(check.model_dump_json() if args.json else format_check(check))
         elif args.command == "rollout":
-            from pipelines.monitor import spec_path_of
             from pipelines.rollout import step_rollout
 
-            try:
-                spec_path = spec_path_of(args.model)
-            except KeyError as error:
-                print(f"error: {error.args[0]}", file=sys.stderr)
+            spec_path = _model_spec(args.model)
+            if spec_path is None:
                 return 2
             result = step_rollout(spec_path, dry_run=args.dry_run)
             print("\n".join(result.lines()))

@@ -63,7 +63,7 @@ class RolloutStep(Record):
     def lines(self) -> list[str]:
         """The analysis as text (commit messages, task logs, the CLI)."""
         out = [f"Decision: {self.decision}: {self.reason}"]
-        if self.version:
+        if self.version and self.step is not None:
             out.append(f"Canary: v{self.version} at {self.share}% (step {self.step} of {self.steps}) since {self.since}; "
                        f"control: v{self.previous_version}")
         for name, cohort in (("canary", self.canary), ("control", self.control)):
@@ -198,8 +198,9 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     spec = load_spec(spec_path)
     now = now or telemetry.utc_now()
     work = settings.work_dir / "gitops"
-    files, tree = repo.app_files(settings.remote, settings.gitops_branch, spec.name, work)
     path = _base_path(spec.name)
+    files, tree = repo.app_files(settings.remote, settings.gitops_branch, spec.name, work) \
+        if repo.has_branch(settings.remote, settings.gitops_branch) else ({}, "")
     if path not in files:
         return RolloutStep(model=spec.name, decision="no_release", reason="the model has no release yet")
     base = read_manifest(files[path])

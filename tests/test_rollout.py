@@ -216,3 +216,22 @@ def test_a_rollout_step_does_not_overwrite_a_newer_commit(state, tmp_path):
         repo.commit_release(settings.remote, "main", "m", {"apps/m/a.yaml": "v: 1-step\n"}, "step", author, work,
                             expect_tree=tree)
     assert repo.read_file(settings.remote, "main", "apps/m/a.yaml", work) == "v: 2\n"
+
+
+def test_the_cli_names_an_unknown_model_and_prints_a_finished_rollout_plainly(state, tmp_path, capsys, monkeypatch):
+    from pipelines.__main__ import main
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    tabular_frame().to_csv(specs / "data.csv", index=False)
+    spec = write_spec(specs, "cli-canary", "data.csv", deploymentStrategy=CANARY)
+    monkeypatch.setenv("EDGE_SPECS_DIR", str(specs))
+    assert main(["rollout", "nosuch"]) == 2
+    assert "no spec for 'nosuch'" in capsys.readouterr().err
+    assert main(["rollout", "cli-canary", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "Decision: no_release: the model has no release yet"
+    assert main(["release", str(spec)]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "cli-canary"]) == 0
+    assert capsys.readouterr().out.strip() == ("Decision: complete: v1 runs on every selected device "
+                                               "(no canary in progress)")

@@ -121,6 +121,14 @@ def _remote_has_branch(remote: str, branch: str) -> bool:
     return bool(result.stdout.strip())
 
 
+def has_branch(remote: str, branch: str) -> bool:
+    """Whether the remote exists and has `branch` (False before the first release)."""
+    remote = _resolve(remote)
+    if _is_local(remote) and not _local_path(remote).exists():
+        return False
+    return _remote_has_branch(remote, branch)
+
+
 def ensure_remote(remote: str, branch: str, author: tuple[str, str]) -> None:
     """Make sure `remote` has `branch`: create a local bare repo and push a skeleton if needed."""
     remote = _resolve(remote)
