@@ -404,11 +404,15 @@ def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], car
     for v in verdicts:
         result = "waived" if v.waived else ("passed" if v.passed else "FAILED")
         lines.append(f"| {v.gate} | {result} | {v.reason.replace('|', '/')} |")
+    def evidence(uri: str) -> str:
+        # Through the Edge Releases view: a browser cannot open the store's file:// or s3:// URIs.
+        return f"/edge/evidence?uri={quote(uri, safe='')}"
+
     lines += ["", f"Variant: **{plan.chosen}** ({plan.chosen_candidate.size_bytes:,} bytes). {plan.reason}", "",
-              f"Model card: [{card.html_uri}]({card.html_uri})"]
+              f"Model card: [model card]({evidence(card.html_uri)})"]
     for v in verdicts:
         for name, uri in v.evidence.items():
-            lines.append(f"- {v.gate} evidence: [{name}]({uri})")
+            lines.append(f"- {v.gate} evidence: [{name}]({evidence(uri)})")
     return "\n".join(lines)
 
 

@@ -60,6 +60,8 @@ def test_manual_release_waits_for_a_person(api_server, monkeypatch, tmp_path, ch
 
     assert outcome.get("status") == 200, outcome
     assert "passed every gate" in outcome["body"] and "Model card" in outcome["body"]
+    assert "(/edge/evidence?uri=" in outcome["body"] and "file://" not in outcome["body"], \
+        "evidence opens through the Edge Releases view, never as a store path"
     states = {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in run.get_task_instances()}
     assert str(getattr(run.state, "value", run.state)) == "success", states
     settings = Settings()
