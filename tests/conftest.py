@@ -157,3 +157,28 @@ def api_server(airflow_db):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: dict, timeout: float = 300) -> None:
+    """Wait for a release's approval request, read its body, answer it as the admin user through
+    the REST API (what a person does in Required Actions); results land in `outcome`."""
+    import time
+
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = requests.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails", headers=headers,
+                               params={"response_received": False}, timeout=10).json()
+        for detail in pending.get("hitl_details", []):
+            ti = detail["task_instance"]
+            outcome["body"] = detail.get("body") or ""
+            url = (f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
+                   f"{ti['task_id']}/{ti['map_index']}/hitlDetails")
+            reply = requests.patch(url, headers=headers, json={"chosen_options": [choice]}, timeout=10)
+            outcome["status"] = reply.status_code
+            outcome["reply"] = reply.text
+            return
+        time.sleep(1)
+    outcome["status"] = "timeout"

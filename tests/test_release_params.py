@@ -5,7 +5,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import ROOT, tabular_frame, write_spec
+from conftest import ROOT, answer_approval, tabular_frame, write_spec
 
 from pipelines import registry, release
 from pipelines.__main__ import main
@@ -128,35 +128,12 @@ def _trained(run) -> dict:
     return run.get_task_instance("train").xcom_pull(task_ids="train")
 
 
-def _approve(base: str, token: str, dag_id: str, outcome: dict):
-    """Wait for the approval request, read its body, approve it as the admin user (REST API)."""
-    import time
-
-    import requests
-
-    headers = {"Authorization": f"Bearer {token}"}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        pending = requests.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails", headers=headers,
-                               params={"response_received": False}, timeout=10).json()
-        for detail in pending.get("hitl_details", []):
-            ti = detail["task_instance"]
-            outcome["body"] = detail.get("body") or ""
-            reply = requests.patch(f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
-                                   f"{ti['task_id']}/{ti['map_index']}/hitlDetails", headers=headers,
-                                   json={"chosen_options": ["Approve"]}, timeout=10)
-            outcome["status"] = reply.status_code
-            return
-        time.sleep(1)
-    outcome["status"] = "timeout"
-
-
 @pytest.mark.integration
 def test_manual_approval_on_an_auto_spec_waits_for_a_person(api_server, monkeypatch, tmp_path, state):
     base, token = api_server
     dag = _dag(monkeypatch, tmp_path, "stricter-model")
     outcome: dict = {}
-    person = threading.Thread(target=_approve, args=(base, token, "edge_release__stricter-model", outcome),
+    person = threading.Thread(target=answer_approval, args=(base, token, "edge_release__stricter-model", "Approve", outcome),
                               daemon=True)
     person.start()
     run = dag().test(run_conf={"approval": "manual"})

@@ -2,36 +2,14 @@
 through the REST API of an api-server on the same metadata database."""
 
 import threading
-import time
 
 import pytest
-import requests
-from conftest import ROOT, tabular_frame, write_spec
+from conftest import ROOT, answer_approval, tabular_frame, write_spec
 
 from pipelines import registry
 from pipelines.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-def _answer(base: str, token: str, dag_id: str, choice: str, outcome: dict):
-    """Wait for the approval request, then answer it as the admin user."""
-    headers = {"Authorization": f"Bearer {token}"}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        pending = requests.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails", headers=headers,
-                               params={"response_received": False}, timeout=10).json()
-        for detail in pending.get("hitl_details", []):
-            ti = detail["task_instance"]
-            outcome["body"] = detail.get("body") or ""
-            url = (f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
-                   f"{ti['task_id']}/{ti['map_index']}/hitlDetails")
-            reply = requests.patch(url, headers=headers, json={"chosen_options": [choice]}, timeout=10)
-            outcome["status"] = reply.status_code
-            outcome["reply"] = reply.text
-            return
-        time.sleep(1)
-    outcome["status"] = "timeout"
 
 
 def _git(remote, *args) -> str:
@@ -53,7 +31,7 @@ def test_manual_release_waits_for_a_person(api_server, monkeypatch, tmp_path, ch
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags[f"edge_release__{name}"]
 
     outcome: dict = {}
-    answer = threading.Thread(target=_answer, args=(base, token, dag.dag_id, choice, outcome), daemon=True)
+    answer = threading.Thread(target=answer_approval, args=(base, token, dag.dag_id, choice, outcome), daemon=True)
     answer.start()
     run = dag.test()
     answer.join(timeout=5)
