@@ -82,3 +82,23 @@ def test_release_with_data_and_artifacts_on_s3(aws, s3_endpoint, tmp_path, state
     assert manifest.read_manifest(text)["spec"]["modelRef"]["sourceUri"] == summary.artifact_uri
     assert "edge-test-secret" not in text
     assert not (Settings().state / "artifacts").exists(), "nothing went to the local store"
+
+
+def test_telemetry_on_s3_is_listed_and_read_back_by_window(aws, s3_endpoint):
+    from datetime import datetime, timedelta, timezone
+
+    from pipelines.edge import telemetry
+
+    aws.create_bucket(Bucket="edge-telemetry")
+    store = ObjectStore("s3://edge-telemetry/fleet", s3_endpoint)
+    start = datetime(2026, 11, 27, 23, 50, tzinfo=timezone.utc)
+    for minutes in (0, 5, 20):  # the last one lands in the next day's partition
+        window = telemetry.InferenceWindow("m", "1", "kiosks", 2)
+        window.add(1.0, 1)
+        telemetry.write_record(store, window.record("dev-1", {}, now=start + timedelta(minutes=minutes)))
+    keys = store.list_keys("telemetry/m/")
+    assert len(keys) == 3 and all(k.startswith("telemetry/m/2026-11-2") and "/kiosks/dev-1-" in k for k in keys)
+    assert {k.split("/")[2] for k in keys} == {"2026-11-27", "2026-11-28"}
+    records = telemetry.read_records(store, "m", start + timedelta(minutes=1), start + timedelta(hours=1))
+    assert [r["ts"] for r in records] == [telemetry.timestamp(start + timedelta(minutes=m)) for m in (5, 20)]
+    assert telemetry.cohort_stats(records).requests == 2
