@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 from pipelines.settings import PROJECT_ROOT
 
 FINISHED = ("success", "failed")
+DB_RETRIES = 4  # 1 + 2 + 4 + 8 s of waiting for a busy SQLite database
 COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
 DEFAULT_COMPONENTS = ("api-server", "dag-processor", "scheduler")
 
@@ -258,8 +259,17 @@ class EmbeddedAirflow:
         import requests
 
         path = path.lstrip("/").removeprefix("api/v2/")
-        reply = requests.request(method, f"{self.base_url}/api/v2/{path}", headers=self.headers,
-                                 timeout=kwargs.pop("timeout", 30), **kwargs)
+        timeout = kwargs.pop("timeout", 30)
+        for attempt in range(DB_RETRIES + 1):
+            reply = requests.request(method, f"{self.base_url}/api/v2/{path}", headers=self.headers,
+                                     timeout=timeout, **kwargs)
+            # SQLite takes one writer at a time: when the scheduler holds the database past the
+            # driver's timeout, the api-server answers 500 "Database error" and rolls the
+            # request's transaction back, so trying again cannot apply it twice.
+            if reply.status_code == 500 and "Database error" in reply.text and attempt < DB_RETRIES:
+                time.sleep(2 ** attempt)
+                continue
+            break
         if not reply.ok:
             raise AirflowError(f"{method} {path}: {reply.status_code} {reply.text[:500]}")
         return reply.json() if reply.content else None

@@ -1,0 +1,67 @@
+"""The embedded Airflow's REST client: a busy SQLite database is waited out, other errors are not."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipelines import airflow_local
+from pipelines.airflow_local import AirflowError, EmbeddedAirflow
+
+
+def _server(answers: list[tuple[int, dict]]):
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            calls.append(self.path)
+            status, body = answers[min(len(calls), len(answers)) - 1]
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, calls
+
+
+def _client(tmp_path, server) -> EmbeddedAirflow:
+    client = EmbeddedAirflow(tmp_path / "airflow", port=server.server_address[1])
+    client._token = "test-token"
+    return client
+
+
+def test_a_database_error_is_retried_until_the_request_goes_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(airflow_local.time, "sleep", lambda seconds: None)
+    locked = (500, {"detail": {"reason": "Database error", "statement": "hidden"}})
+    server, calls = _server([locked, locked, (200, {"id": 7})])
+    try:
+        assert _client(tmp_path, server).request("POST", "assets/events", json={}) == {"id": 7}
+        assert calls == ["/api/v2/assets/events"] * 3
+    finally:
+        server.shutdown()
+
+
+def test_other_errors_and_a_lasting_database_error_fail_with_the_answer(tmp_path, monkeypatch):
+    monkeypatch.setattr(airflow_local.time, "sleep", lambda seconds: None)
+    server, calls = _server([(400, {"detail": "bad conf"})])
+    try:
+        with pytest.raises(AirflowError, match="POST assets/events: 400 .*bad conf"):
+            _client(tmp_path, server).request("POST", "assets/events", json={})
+        assert len(calls) == 1, "only a database error is tried again"
+    finally:
+        server.shutdown()
+    server, calls = _server([(500, {"detail": {"reason": "Database error"}})])
+    try:
+        with pytest.raises(AirflowError, match="500"):
+            _client(tmp_path, server).request("POST", "assets/events", json={})
+        assert len(calls) == airflow_local.DB_RETRIES + 1
+    finally:
+        server.shutdown()
