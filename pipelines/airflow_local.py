@@ -35,6 +35,13 @@ from pipelines.settings import PROJECT_ROOT
 
 FINISHED = ("success", "failed")
 DB_RETRIES = 4  # 1 + 2 + 4 + 8 s of waiting for a busy SQLite database
+# How long an Airflow component waits for SQLite's write lock (the driver's default is 5 s,
+# which a busy two-core machine exceeds while the scheduler writes). Airflow imports these
+# through AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS(_ASYNC).
+SQLITE_CONNECT_ARGS = {"timeout": 30}
+SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 30}
+SQLITE_ENV = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
+              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{__name__}.SQLITE_CONNECT_ARGS_ASYNC"}
 COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
 DEFAULT_COMPONENTS = ("api-server", "dag-processor", "scheduler")
 
@@ -101,6 +108,7 @@ class EmbeddedAirflow:
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            **SQLITE_ENV,
             "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",

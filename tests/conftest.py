@@ -27,6 +27,9 @@ os.environ.update({
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    # SQLite's write lock waited for up to 30 s (see pipelines.airflow_local.SQLITE_ENV).
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "pipelines.airflow_local.SQLITE_CONNECT_ARGS",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "pipelines.airflow_local.SQLITE_CONNECT_ARGS_ASYNC",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
     "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
