@@ -348,20 +348,11 @@ def _gitops(settings: Settings) -> _GitOps:
     from pipelines.gitops.manifest import MANIFEST_FILE, read_manifest
 
     state = _GitOps()
-    remote = settings.remote
-    if repo._is_local(remote) and not repo._local_path(remote).exists():
-        return state  # nothing released yet: the default remote is created by the first release
-    work = settings.work_dir / "gitops"
     try:
-        resolved = repo._resolve(remote)
-        if not repo._remote_has_branch(resolved, settings.gitops_branch):
-            return state
-        # The same working clone and lock the release uses; reading it means syncing it first.
-        clone = repo._clone_dir(resolved, work)
-        with repo._locked(clone):
-            clone = repo._open_clone(resolved, work)
-            repo._sync(clone, settings.gitops_branch)
-            state.commit = repo._head(clone)
+        if not repo.has_branch(settings.remote, settings.gitops_branch):
+            return state  # nothing released yet: the default remote is created by the first release
+        with repo.tip(settings.remote, settings.gitops_branch, settings.work_dir / "gitops") as clone:
+            state.commit = repo.head(clone)
             for path in sorted(clone.glob(f"apps/*/base/{MANIFEST_FILE}")):
                 try:
                     state.bases[path.parent.parent.name] = read_manifest(path.read_text(encoding="utf-8"))
@@ -401,12 +392,9 @@ def _deployment(obj: dict) -> GroupDeployment:
 def _history(model: str, settings: Settings) -> list[GitCommit]:
     from pipelines.gitops import repo
 
-    remote = settings.remote
-    if repo._is_local(remote) and not repo._local_path(remote).exists():
+    if not repo.has_branch(settings.remote, settings.gitops_branch):
         return []
-    if not repo._remote_has_branch(repo._resolve(remote), settings.gitops_branch):
-        return []
-    commits = repo.log(remote, settings.gitops_branch, settings.work_dir / "gitops", f"apps/{model}")
+    commits = repo.log(settings.remote, settings.gitops_branch, settings.work_dir / "gitops", f"apps/{model}")
     out = []
     for commit in commits:
         kind = commit["subject"].split("(", 1)[0]

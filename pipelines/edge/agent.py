@@ -559,12 +559,22 @@ class EdgeAgent:
         sess = self._session(path)
         arrays = feeds(sess, prepare_features(requests, list(requests.columns)))
         outputs = [o.name for o in sess.get_outputs()]
+        probabilities = outputs.index("probabilities")
         window = self._windows.get(model)
-        if window is None or window.version != info["version"]:
-            if window is not None:
-                self._flush(model)
-            config = self._reporting.get(model) or {}
+        if window is not None and window.version != info["version"]:
+            self._flush(model)
             window = None
+        if window is None and len(requests):
+            classes = sess.get_outputs()[probabilities].shape[-1]
+            if not isinstance(classes, int):  # a dynamic dimension: ask the model once
+                classes = sess.run(None, {n: v[:1] for n, v in arrays.items()})[probabilities].shape[1]
+            config = self._reporting.get(model) or {}
+            window = telemetry.InferenceWindow(
+                model, info["version"], info.get("group"), int(classes),
+                sample_rate=float(config.get("sampleRate", 0.0)), max_samples=int(config.get("maxSamples", 0)))
+            if self._seed is not None:
+                window._rng.seed(f"{self._seed}:{self.device_id}:{model}")
+            self._windows[model] = window
         raw = requests.to_dict("records")
         predictions: list[int | None] = []
         for index in range(len(requests)):
@@ -573,17 +583,8 @@ class EdgeAgent:
             if fail is not None and fail[index]:
                 prediction = None
             else:
-                proba = sess.run(None, row)[outputs.index("probabilities")]
-                prediction = int(proba[0].argmax())
+                prediction = int(sess.run(None, row)[probabilities][0].argmax())
             elapsed = (time.perf_counter() - began) * 1000 + added_latency_ms
-            if window is None:
-                classes = int(sess.run(None, row)[outputs.index("probabilities")].shape[1])
-                window = telemetry.InferenceWindow(
-                    model, info["version"], info.get("group"), classes,
-                    sample_rate=float(config.get("sampleRate", 0.0)), max_samples=int(config.get("maxSamples", 0)))
-                if self._seed is not None:
-                    window._rng.seed(f"{self._seed}:{self.device_id}:{model}")
-                self._windows[model] = window
             window.add(elapsed, prediction, _json_row(raw[index]))
             predictions.append(prediction)
         return predictions

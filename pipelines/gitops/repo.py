@@ -332,13 +332,26 @@ def _tree(clone: Path, model: str) -> str:
     return _git("rev-parse", f"HEAD:apps/{model}", cwd=clone, check=False).stdout.strip()
 
 
-def app_files(remote: str, branch: str, model: str, work_dir: Path) -> tuple[dict[str, str], str]:
-    """Every file of `apps/<model>/` at the tip of `branch`, and the folder's tree id."""
+@contextlib.contextmanager
+def tip(remote: str, branch: str, work_dir: Path) -> Iterator[Path]:
+    """The working clone, made exactly the tip of `branch`, held under the clone's lock (the
+    same clone and lock releases use) for reading while the block runs."""
     remote = _resolve(remote)
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
         clone = _open_clone(remote, Path(work_dir))
         _sync(clone, branch)
+        yield clone
+
+
+def head(clone: Path) -> str:
+    """The commit a clone (from `tip`) is at."""
+    return _head(clone)
+
+
+def app_files(remote: str, branch: str, model: str, work_dir: Path) -> tuple[dict[str, str], str]:
+    """Every file of `apps/<model>/` at the tip of `branch`, and the folder's tree id."""
+    with tip(remote, branch, work_dir) as clone:
         names = _git("ls-files", "--", f"apps/{model}/", cwd=clone).stdout.split()
         return {name: (clone / name).read_text(encoding="utf-8") for name in names}, _tree(clone, model)
 
