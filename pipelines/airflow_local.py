@@ -7,7 +7,10 @@ SQLite database, started and stopped as a unit.
         run = airflow.trigger("edge_drift_monitor")
         airflow.wait_run("edge_drift_monitor", run["dag_run_id"])
 
-The DAGs are this checkout's `dags/` and `plugins/`; LocalExecutor; new DAGs start unpaused
+The DAGs are this checkout's `dags/` and `plugins/`; LocalExecutor on SQLite unless `database`
+(any SQLAlchemy URL Airflow supports, PostgreSQL for instance) and `executor` say otherwise;
+with the CeleryExecutor, the `celery-worker` component runs the tasks (the broker comes from
+`env`, AIRFLOW__CELERY__BROKER_URL). New DAGs start unpaused
 (unless `env` says otherwise); the api-server listens on 127.0.0.1 only (a free port unless
 one is given; a given port that is taken fails before anything starts), the scheduler and
 the triggerer serve no logs, so no component listens on another interface. Each component
@@ -42,7 +45,7 @@ SQLITE_CONNECT_ARGS = {"timeout": 30}
 SQLITE_CONNECT_ARGS_ASYNC = {"timeout": 30}
 SQLITE_ENV = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{__name__}.SQLITE_CONNECT_ARGS_ASYNC"}
-COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
+COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer", "celery-worker")
 DEFAULT_COMPONENTS = ("api-server", "dag-processor", "scheduler")
 
 
@@ -77,11 +80,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 class Service:
     """Another process started, logged and stopped with the components (the MLflow UI, for
     instance). `port` is checked free before anything starts; `health` is a URL that answers
-    200 once the service is up."""
+    200 once the service is up (without one, a listening `port` is enough); `env` is added to
+    the components' environment for this process only."""
 
     command: list[str]
     port: int | None = None
     health: str | None = None
+    env: dict[str, str] | None = None
 
 
 class EmbeddedAirflow:
@@ -92,10 +97,13 @@ class EmbeddedAirflow:
 
     def __init__(self, home: str | Path, env: dict[str, str] | None = None, log_dir: str | Path | None = None,
                  port: int | None = None, parallelism: int = 2, airflow: str | Path | None = None,
-                 components: Sequence[str] = DEFAULT_COMPONENTS, services: dict[str, Service] | None = None):
+                 components: Sequence[str] = DEFAULT_COMPONENTS, services: dict[str, Service] | None = None,
+                 database: str | None = None, executor: str = "LocalExecutor"):
         unknown = set(components) - set(COMPONENTS)
         if unknown or "api-server" not in components:
             raise ValueError(f"components must include api-server and be among {COMPONENTS}; got {list(components)}")
+        if ("celery-worker" in components) != (executor == "CeleryExecutor"):
+            raise ValueError("the celery-worker component runs with the CeleryExecutor, and only with it")
         self.home = Path(home).resolve()
         self.log_dir = Path(log_dir).resolve() if log_dir else self.home / "logs" / "components"
         self.fixed_port = port is not None
@@ -104,14 +112,16 @@ class EmbeddedAirflow:
         self.services = dict(services or {})
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.airflow = str(airflow or Path(sys.executable).parent / "airflow")
+        self.parallelism = parallelism
+        database = database or f"sqlite:///{self.home / 'airflow.db'}"
         self.env = {
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
-            **SQLITE_ENV,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
+            **(SQLITE_ENV if database.startswith("sqlite") else {}),
             "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": executor,
             "AIRFLOW__CORE__PARALLELISM": str(parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -156,20 +166,28 @@ class EmbeddedAirflow:
             "dag-processor": [self.airflow, "dag-processor"],
             "scheduler": [self.airflow, "scheduler", "--skip-serve-logs"],
             "triggerer": [self.airflow, "triggerer", "--skip-serve-logs"],
+            # Takes tasks from the default queue (AIRFLOW__OPERATORS__DEFAULT_QUEUE), as many at
+            # once as the parallelism allows.
+            "celery-worker": [self.airflow, "celery", "worker", "--concurrency", str(self.parallelism),
+                              "--queues", self.env.get("AIRFLOW__OPERATORS__DEFAULT_QUEUE", "default"),
+                              "--skip-serve-logs", "--without-gossip", "--without-mingle"],
         }
         commands = {name: commands[name] for name in COMPONENTS if name in self.components}
         commands.update({name: service.command for name, service in self.services.items()})
+        envs = {name: {**self.env, **service.env} for name, service in self.services.items() if service.env}
         try:
             for name, command in commands.items():
                 log = open(self.log_dir / f"{name}.log", "ab")
                 self._logs.append(log)
                 # A session of its own: stop() signals the component and its workers as a group.
-                self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                self.processes[name] = subprocess.Popen(command, env=envs.get(name, self.env), stdout=log, stderr=subprocess.STDOUT,
                                                         stdin=subprocess.DEVNULL, start_new_session=True)
             self.wait_healthy(timeout)
             for name, service in self.services.items():
                 if service.health:
                     self.wait_for(name, lambda url=service.health: _answers(url), timeout, interval=0.5)
+                elif service.port:
+                    self.wait_for(name, lambda port=service.port: _listens(port), timeout, interval=0.5)
         except BaseException:
             self.stop()
             raise
@@ -347,6 +365,12 @@ def _answers(url: str) -> bool:
     import requests
 
     return requests.get(url, timeout=5).ok
+
+
+def _listens(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex((host, port)) == 0
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".edge-state"), description="Root of all embedded state.")
     specs_dir: Path = Field(PROJECT_ROOT / "model_specs", description="Where model specs live.")
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite under the state folder.")
-    mlflow_artifact_root: str | None = Field(None, description="Default: a folder under the state folder.")
+    mlflow_artifact_root: str | None = Field(
+        None, description="Default: the tracking server's proxied store, or a folder under the state folder.")
     artifact_store: str | None = Field(None, description="file:// or s3://bucket/prefix for models and evidence.")
     telemetry_store: str | None = Field(None, description="file:// or s3:// for device telemetry. Default: the artifact store.")
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO).")
@@ -45,7 +46,14 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_artifacts(self) -> str:
-        return self.mlflow_artifact_root or (self.state / "mlflow" / "artifacts").as_uri()
+        """Where new experiments keep their artifacts. With a tracking server and no root of
+        its own, the server's proxied store (`mlflow-artifacts:/`): clients then need no
+        credentials for the server's bucket."""
+        if self.mlflow_artifact_root:
+            return self.mlflow_artifact_root
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return "mlflow-artifacts:/"
+        return (self.state / "mlflow" / "artifacts").as_uri()
 
     @property
     def store_url(self) -> str:

@@ -88,11 +88,8 @@ def deployed_manifest(ctx: Context) -> dict | None:
     """The manifest the GitOps repository deploys now for this model (None before the first release)."""
     from pipelines.gitops import manifest, repo
 
-    remote = ctx.settings.remote
-    if repo._is_local(remote) and not repo._local_path(remote).exists():
-        return None
-    text = repo.read_file(remote, ctx.settings.gitops_branch, f"apps/{ctx.spec.name}/base/mobileaimodeldeployment.yaml",
-                          ctx.settings.work_dir / "gitops")
+    text = repo.read_file(ctx.settings.remote, ctx.settings.gitops_branch,
+                          f"apps/{ctx.spec.name}/base/mobileaimodeldeployment.yaml", ctx.settings.work_dir / "gitops")
     return manifest.read_manifest(text) if text else None
 
 

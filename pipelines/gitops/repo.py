@@ -363,7 +363,10 @@ def _record(remote: str, branch: str, commit: str, changed: list[str], created: 
 
 
 def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None:
-    """Text of `path` at the tip of the remote `branch`, or None if it is absent."""
+    """Text of `path` at the tip of the remote `branch`, or None if it is absent (as it is
+    while the remote, or its branch, does not exist yet)."""
+    if not has_branch(remote, branch):
+        return None
     remote = _resolve(remote)
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
