@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo demo-loop ui test bench finops-report schema clean-state
+.PHONY: venv browser demo demo-loop ui test test-prod bench finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ browser:
 test: venv browser
 	$(VENV)/bin/ruff check pipelines dags tests plugins
 	$(PY) -m pytest
+
+# The production profile natively: Airflow on PostgreSQL with the CeleryExecutor and Redis, an
+# MLflow server on PostgreSQL with S3 artifacts (moto's server), the GitOps remote behind git
+# daemon; PostgreSQL and Redis must run on 127.0.0.1 (EDGE_TEST_POSTGRES_URL, EDGE_TEST_REDIS_URL).
+test-prod: venv
+	$(PY) -m pytest -m prod tests/prod -s
 
 # Benchmarks print figures and write JSON under the state folder; they are not tests.
 bench: venv

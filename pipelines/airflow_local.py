@@ -114,11 +114,13 @@ class EmbeddedAirflow:
         self.airflow = str(airflow or Path(sys.executable).parent / "airflow")
         self.parallelism = parallelism
         database = database or f"sqlite:///{self.home / 'airflow.db'}"
+        sqlite = database.startswith("sqlite")
         self.env = {
-            **os.environ,
+            # SQLite's connect arguments, set by a caller for its own database, would fail another.
+            **{k: v for k, v in os.environ.items() if sqlite or k not in SQLITE_ENV},
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
-            **(SQLITE_ENV if database.startswith("sqlite") else {}),
+            **(SQLITE_ENV if sqlite else {}),
             "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
             "AIRFLOW__CORE__EXECUTOR": executor,
