@@ -33,11 +33,36 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 from pipelines.airflow_local import EmbeddedAirflow, Service, free_port
+from pipelines.settings import PROJECT_ROOT
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BUCKETS = {"models": "edge-models", "telemetry": "edge-telemetry", "mlflow": "edge-mlflow-artifacts"}
 AIRFLOW_COMPONENTS = ("api-server", "dag-processor", "scheduler", "celery-worker")
+
+
+DEMO_MODELS = ("adult-income", "digit-recognizer")
+
+
+def demo_spec_copies(folder: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, Path]:
+    """Specs named `names` in `folder`, each a copy of the demo spec its name starts with
+    (`adult-income-p1` is adult-income's), without the cron schedule: their releases start
+    from the REST API only, so a schedule never races the runs a test or benchmark starts."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        source = next((model for model in DEMO_MODELS if name.startswith(model)), None)
+        if source is None:
+            raise ValueError(f"{name!r} does not start with a demo model's name ({', '.join(DEMO_MODELS)})")
+        doc = yaml.safe_load((PROJECT_ROOT / "model_specs" / f"{source}.yaml").read_text())
+        doc.pop("schedule", None)
+        doc["name"] = name
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
+    return paths
 
 
 class StackError(RuntimeError):

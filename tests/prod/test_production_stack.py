@@ -9,7 +9,6 @@ Releases start from the REST API, as from the UI.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -17,8 +16,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT
 from release_checks import check_release
 
 from pipelines import registry
@@ -26,32 +23,17 @@ from pipelines.settings import Settings
 
 pytestmark = pytest.mark.prod
 
-DEMO = ("adult-income", "digit-recognizer")
+DEMO = ("adult-income", "digit-recognizer")  # the demo specs, without their cron schedule
 # Four more releases at once: each demo spec twice under names of their own.
 PARALLEL = tuple(f"{model}-{n}" for model in DEMO for n in ("p1", "p2"))
 
 
-def _write_specs(folder: Path) -> dict[str, Path]:
-    """The demo specs, and copies under other names, without their cron schedule (releases
-    here start from the REST API only)."""
-    folder.mkdir(parents=True)
-    paths = {}
-    for name in (*DEMO, *PARALLEL):
-        source = next(model for model in DEMO if name.startswith(model))
-        doc = yaml.safe_load((ROOT / "model_specs" / f"{source}.yaml").read_text())
-        doc.pop("schedule", None)
-        doc["name"] = name
-        paths[name] = folder / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
-    return paths
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from pipelines.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack
+    from pipelines.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack, demo_spec_copies
 
     root = tmp_path_factory.mktemp("prod")
-    specs = _write_specs(root / "specs")
+    specs = demo_spec_copies(root / "specs", (*DEMO, *PARALLEL))
     stack = ProductionStack(root / "stack", root / "specs", concurrency=4,
                             postgres_url=os.environ.get("EDGE_TEST_POSTGRES_URL", POSTGRES_URL),
                             redis_url=os.environ.get("EDGE_TEST_REDIS_URL", REDIS_URL))
@@ -184,10 +166,6 @@ def test_four_releases_in_parallel_lose_no_commit_and_no_version(stack):
     assert len(windows) == len(PARALLEL)
     overlapping = max(sum(1 for _, s, e in windows if s <= start < e) for _, start, _ in windows)
     assert overlapping >= 2, windows
-    report = {"releases": len(PARALLEL), "models": list(PARALLEL), "wall_seconds": round(seconds, 1),
-              "most_training_at_once": overlapping, "celery_concurrency": stack.concurrency}
-    out = Path(os.environ.get("EDGE_BENCH_OUT") or stack.root / "parallel-releases.json")
-    out.write_text(json.dumps(report, indent=2))
     print(f"\nfour releases in parallel on the production stack: {seconds:.0f} s ({overlapping} trainings at once)")
 
 
