@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=4, help="tasks one Celery worker runs at once")
     args = parser.parse_args(argv)
+    # SIGTERM stops the stacks as Ctrl-C does (their processes run in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="edge-bench-parallel-"))
     try:
         prod = production(work / "production", args.concurrency)
