@@ -106,7 +106,7 @@ def test_airflow_components_share_one_configuration(services):
     assert "@postgres:5432/airflow" in first["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert first["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://") and "@redis:6379/" in first[
         "AIRFLOW__CELERY__BROKER_URL"]
-    assert first["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://")
+    assert first["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
     assert first["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     for name in [*AIRFLOW, "airflow-init"]:
         env = _env(services[name])
@@ -143,7 +143,7 @@ def test_mlflow_server_keeps_runs_in_postgres_and_artifacts_in_s3(services):
     command = " ".join(mlflow["command"])
     env = _env(mlflow)
     assert "--artifacts-destination=s3://" in command or "--default-artifact-root=s3://" in command
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://") and "@postgres:5432/mlflow" in env[
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://") and "@postgres:5432/mlflow" in env[
         "MLFLOW_BACKEND_STORE_URI"]
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     bucket = re.search(r"s3://([a-z0-9.-]+)", command).group(1)
@@ -201,3 +201,16 @@ def test_docker_compose_accepts_the_file(tmp_path, env_example):
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_native_production_profile_sets_what_the_compose_stack_sets(services):
+    """`make test-prod` stands for this stack: every setting it gives the workers, the compose
+    workers get too (the state and specs folders come from the image's ENV)."""
+    from pipelines.prod_stack import ProductionStack
+
+    native = ProductionStack("stack", "specs").edge_env
+    image = {line.split("=")[0].strip() for line in (DOCKER / "Dockerfile").read_text().split("ENV ", 1)[1]
+             .replace("\\\n", "\n").splitlines() if "=" in line}
+    for component in AIRFLOW:
+        missing = set(native) - set(_env(services[component])) - image
+        assert not missing, (component, sorted(missing))
