@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo demo-loop ui test test-prod bench finops-report schema clean-state
+.PHONY: venv browser demo demo-loop ui test test-prod bench bench-prod finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,8 +75,17 @@ test-prod: venv
 
 # Benchmarks print figures and write JSON under the state folder; they are not tests.
 bench: venv
+	$(PY) bench/release_stages.py
+	$(PY) bench/dag_parse.py
+	$(PY) bench/quantization.py
 	$(PY) bench/estimator_accuracy.py
 	$(PY) bench/fleet_convergence.py
+	$(PY) bench/drift_throughput.py
+
+# Four releases at once on the native production stack (PostgreSQL, Celery, Redis, MLflow
+# server, S3, git daemon) against the same four one after another on the embedded set-up.
+bench-prod: venv
+	$(PY) bench/parallel_releases.py
 
 # The 30-day spend forecast of a released model (MODEL=adult-income by default).
 MODEL ?= adult-income
