@@ -130,8 +130,15 @@ def _edge_agent(args) -> int:
         return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description="Edge AI release pipeline")
+    parser = _Parser(prog="python -m pipelines", description="Edge AI release pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
     release = commands.add_parser("release", help="run one release of a model spec, without Airflow")
     release.add_argument("spec", type=Path, help="path to a model spec YAML file")

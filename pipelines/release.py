@@ -57,7 +57,7 @@ STAGES = ("validate_data", "train", "export", "quantize", "register", "edge_cost
 def validate_data(spec_path: str | Path, settings: Settings | None = None, salt: str = "") -> DataCheck:
     """Read the spec's data, fingerprint it, and check it against the spec's expectations.
 
-    Raises DataValidationError listing every failed expectation; the report is kept as
+    Raises DataValidationError listing every failed expectation on one line; the report is kept as
     evidence. On success, a snapshot of the columns the release uses is stored, so every
     later stage (on any worker) trains and evaluates on exactly these rows.
 
@@ -88,8 +88,8 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None, salt:
                                      ctx.run_key(key, "great_expectations.json"))
     if not passed:
         raise DataValidationError(
-            f"{ctx.spec_path}: data {data_spec.source} failed {len(failures)} expectation(s):\n  - "
-            + "\n  - ".join(failures)
+            f"{ctx.spec_path}: data {data_spec.source} failed {len(failures)} check(s): "
+            + "; ".join(failures)
         )
     columns = list(dict.fromkeys([*features, *data_spec.sensitive_features, data_spec.target]))
     with tempfile.TemporaryDirectory() as tmp:

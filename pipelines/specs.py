@@ -488,14 +488,14 @@ def _field_path(loc: tuple) -> str:
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
-    """One line per problem: `file: field: message`."""
-    lines = []
+    """One line: `file: field: message`, further problems after `; ` as `field: message`."""
+    problems = []
     for problem in error.errors():
-        message = problem["msg"].removeprefix("Value error, ")
+        message = " ".join(problem["msg"].removeprefix("Value error, ").split())
         if problem["type"] == "extra_forbidden":
             message = "unknown key (not part of the spec)"
-        lines.append(f"{source}: {_field_path(problem['loc'])}: {message}")
-    return "\n".join(lines)
+        problems.append(f"{_field_path(problem['loc'])}: {message}")
+    return f"{source}: " + "; ".join(problems)
 
 
 def parse_spec(data: object, source: str = "<spec>") -> ModelSpec:

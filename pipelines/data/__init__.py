@@ -51,6 +51,12 @@ def _read_file(path: Path, label: str) -> pd.DataFrame:
         raise DataError(f"{label}: cannot be read as {path.suffix[1:]}: {error}") from None
     if frame.empty:
         raise DataError(f"{label}: no rows")
+    if frame.shape[1] == 1:
+        header = str(frame.columns[0])
+        other = next((sep for sep in (";", "\t", "|") if sep in header), None)
+        if other:
+            raise DataError(f"{label}: header {header[:60]!r} is one column: the file is separated by "
+                            f"{other!r}, not by commas")
     return frame
 
 

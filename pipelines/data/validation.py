@@ -13,6 +13,9 @@ NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                  "float16", "float32", "float64", "int", "float"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_pattern(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
@@ -88,8 +91,33 @@ def _describe(result: dict) -> str:
     return f"{target}: {name}({args}){detail}"
 
 
+def value_problems(frame: pd.DataFrame, features: list[str]) -> list[str]:
+    """What the expectations do not see, one line per column naming the first bad row: a
+    number a float32 input cannot hold (inf, 1e300), and text in a column whose other values
+    are numbers (it would silently turn a numeric feature into a category)."""
+    problems = []
+    for column in (c for c in features if c in frame.columns):
+        series = frame[column]
+        if pd.api.types.is_bool_dtype(series):
+            continue
+        if pd.api.types.is_numeric_dtype(series):
+            bad = series[series.notna() & ~(series.abs() <= FLOAT32_MAX)]
+            if len(bad):
+                problems.append(f"column {column!r}: row {bad.index[0]}: {float(bad.iloc[0])} does not fit "
+                                f"a float32 (the model's input type)")
+            continue
+        present = series.dropna()
+        numbers = pd.to_numeric(present, errors="coerce")
+        text = present[numbers.isna()]
+        if len(text) and numbers.notna().mean() > 0.5:
+            problems.append(f"column {column!r}: row {text.index[0]}: {text.iloc[0]!r} is not a number "
+                            f"(the column's other values are)")
+    return problems
+
+
 def validate_frame(frame: pd.DataFrame, data: DataSpec, features: list[str]) -> tuple[bool, list[str], dict]:
-    """Run the suite on a frame. Returns (passed, failure lines, the full result as JSON)."""
+    """Run the suite and the value checks on a frame. Returns (passed, failure lines, the full
+    result as JSON)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -110,4 +138,6 @@ def validate_frame(frame: pd.DataFrame, data: DataSpec, features: list[str]) -> 
     failures = [_describe(r) for r in failed
                 if r["expectation_config"]["type"] == "expect_column_to_exist"
                 or r["expectation_config"]["kwargs"].get("column") not in missing]
-    return bool(result["success"]), failures, result
+    problems = value_problems(frame, features)
+    result["value_problems"] = problems
+    return bool(result["success"]) and not problems, failures + problems, result

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.gitops import repo
-from pipelines.gitops.manifest import MANIFEST_FILE, _dump
+from pipelines.gitops.manifest import MANIFEST_FILE, _dump, read_manifest
 from pipelines.records import Record
 
 ROLLBACK_ANNOTATION = "apexlogic.dev/rollback"
@@ -40,8 +40,38 @@ def _base_path(model: str) -> str:
     return f"apps/{model}/base/{MANIFEST_FILE}"
 
 
+def _read_base(text: str, where: str) -> dict:
+    """A release's base manifest, checked against the CRD: a hand edit may have broken it, and
+    a rollback must neither misread it nor commit it again (RollbackError naming file and field)."""
+    from pipelines.gitops.crd import validate_object
+
+    try:
+        doc = read_manifest(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise RollbackError(f"{where}: not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+    except ValueError as error:
+        raise RollbackError(f"{where}: kind: {error}") from None
+    problems = validate_object(doc)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RollbackError(f"{where}: {problems[0]}{more}")
+    return doc
+
+
+def _history_entry(text: str, where: str) -> dict:
+    """Version and checksum of one release; `error` instead when its manifest is broken."""
+    try:
+        ref = _read_base(text, where)["spec"]["modelRef"]
+    except RollbackError as error:
+        return {"version": None, "checksum": None, "error": str(error)}
+    return {"version": str(ref["version"]), "checksum": ref["checksum"]}
+
+
 def release_history(remote: str, branch: str, model: str, work_dir: Path) -> list[dict]:
-    """Commits that changed the model's base manifest, newest first, with the version each set."""
+    """Commits that changed the model's base manifest, newest first, with the version each set
+    (or the `error` that makes its manifest unusable)."""
     remote = repo._resolve(remote)
     clone = repo._clone_dir(remote, Path(work_dir))
     with repo._locked(clone):
@@ -54,9 +84,7 @@ def release_history(remote: str, branch: str, model: str, work_dir: Path) -> lis
             text = repo._git("show", f"{sha}:{_base_path(model)}", cwd=clone, check=False).stdout
             if not text:
                 continue  # the commit deleted the model
-            doc = yaml.safe_load(text)
-            history.append({"commit": sha, "version": str(doc["spec"]["modelRef"]["version"]),
-                            "checksum": doc["spec"]["modelRef"]["checksum"]})
+            history.append({"commit": sha, **_history_entry(text, f"{_base_path(model)} at {sha[:8]}")})
         return history
 
 
@@ -95,10 +123,14 @@ def rollback(remote: str, branch: str, model: str, target: str | None, reason: s
     """Commit the target release's files again, marked as a rollback, with who and why
     (`details` is appended to the commit message; `expect_tree`, see `repo.commit_release`)."""
     if len(reason.strip()) < 5:
-        raise RollbackError("a rollback needs a reason (at least 5 characters)")
+        raise RollbackError("reason: a rollback needs a reason (at least 5 characters)")
     history = release_history(remote, branch, model, work_dir)
     current = history[0] if history else None
+    if current and current.get("error"):
+        raise RollbackError(current["error"])
     chosen = choose_target(history, target)
+    if chosen.get("error"):
+        raise RollbackError(chosen["error"])
     files = _files_at(remote, chosen["commit"], model, work_dir)
     base = yaml.safe_load(files[_base_path(model)])
     base["metadata"].setdefault("annotations", {}).update(
