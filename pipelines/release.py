@@ -276,20 +276,15 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         **{f"version.{k}": v for k, v in _framework_versions().items()},
         **(options or ReleaseOptions()).tags(), **({"release.salt": data.salt} if data.salt else {}),
     }
-    try:
-        return registry.register_version(
-            tracking_uri=ctx.settings.tracking_uri, artifact_root=ctx.settings.mlflow_artifacts,
-            model=spec.name, release_key=data.release_key, onnx_path=onnx_path,
-            framework=trained.framework, signature_input=example, signature_output=output,
-            params=params, metrics=metrics, tags=tags,
-            artifacts={"quantization.json": plan.to_xcom(), "data_validation.json": data.to_xcom(),
-                       "spec.json": spec.model_dump(mode="json")},
-            run_name=f"{spec.name}-{data.release_key[:12]}", description=spec.description,
-        )
-    except ReleaseError:
-        raise
-    except Exception as error:
-        raise registry.RegistryError(f"MLflow at {_redact(ctx.settings.tracking_uri)}: {error}") from error
+    return registry.with_retries(lambda: registry.register_version(
+        tracking_uri=ctx.settings.tracking_uri, artifact_root=ctx.settings.mlflow_artifacts,
+        model=spec.name, release_key=data.release_key, onnx_path=onnx_path,
+        framework=trained.framework, signature_input=example, signature_output=output,
+        params=params, metrics=metrics, tags=tags,
+        artifacts={"quantization.json": plan.to_xcom(), "data_validation.json": data.to_xcom(),
+                   "spec.json": spec.model_dump(mode="json")},
+        run_name=f"{spec.name}-{data.release_key[:12]}", description=spec.description,
+    ), _redact(ctx.settings.tracking_uri))
 
 
 def _redact(uri: str) -> str:

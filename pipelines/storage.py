@@ -4,16 +4,27 @@ Stages write through `ObjectStore`, so the same code serves the embedded demo (f
 production (s3://, or any S3-compatible store via an endpoint URL). Writes go to a temporary
 name first and are renamed (local) or are atomic by nature (S3 PUT), so a reader never sees
 half a file.
+
+S3 calls that cannot reach the store (connection refused or reset, timeouts) are retried
+`STORE_ATTEMPTS` times in all, `STORE_BACKOFF_S` apart and doubling, before one StoreError
+line says what failed; other errors (a missing bucket, denied access) fail at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+STORE_ATTEMPTS = 4  # the first call and up to 3 retries, for connection failures only
+STORE_BACKOFF_S = 0.5  # doubles after each failed attempt
 
 
 def sha256_file(path: str | Path) -> str:
@@ -28,11 +39,25 @@ class StoreError(RuntimeError):
     """The store could not be read or written."""
 
 
+def _unreachable(error: Exception) -> bool:
+    """Whether an S3 call failed for want of a connection (worth retrying)."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+    from s3transfer.exceptions import RetriesExceededError
+
+    return isinstance(error, (BotoConnectionError, HTTPClientError, RetriesExceededError))
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class ObjectStore:
     """Keys (`models/x/model.onnx`) under a root URL (`file:///...` or `s3://bucket/prefix`)."""
 
-    def __init__(self, root_url: str, endpoint_url: str | None = None):
+    def __init__(self, root_url: str, endpoint_url: str | None = None, attempts: int | None = None):
         self.root_url = root_url.rstrip("/")
+        self._attempts = attempts  # None: STORE_ATTEMPTS
         parsed = urlparse(self.root_url)
         self.scheme = parsed.scheme or "file"
         if self.scheme == "file":
@@ -69,19 +94,40 @@ class ObjectStore:
             self._client = boto3.client("s3", endpoint_url=self._endpoint_url)
         return self._client
 
+    def _s3_call(self, what: str, key: str, call):
+        """`call()`, retried with backoff while the store is unreachable; a failure is one
+        StoreError line (`cannot <what> <uri>: ...`)."""
+        attempts = max(1, self._attempts or STORE_ATTEMPTS)
+        delay = STORE_BACKOFF_S
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except Exception as error:  # boto3 raises several unrelated types
+                if attempt < attempts and _unreachable(error):
+                    log.warning("cannot %s %s (attempt %d of %d, next in %.1f s): %s", what, self.uri(key),
+                                attempt, attempts, delay, _one_line(error))
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                raise StoreError(f"cannot {what} {self.uri(key)}: {_one_line(error)}{tries}") from error
+
     # -- operations -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         if self.scheme == "file":
             return (self._root / key).is_file()
         from botocore.exceptions import ClientError
 
-        try:
-            self.s3.head_object(Bucket=self._bucket, Key=self._s3_key(key))
-            return True
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise StoreError(f"cannot reach {self.uri(key)}: {error}") from error
+        def head() -> bool:
+            try:
+                self.s3.head_object(Bucket=self._bucket, Key=self._s3_key(key))
+                return True
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+        return self._s3_call("reach", key, head)
 
     def put_file(self, local: str | Path, key: str) -> str:
         if self.scheme == "file":
@@ -93,10 +139,7 @@ class ObjectStore:
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; store readers (other users, a web server) need read
             os.replace(tmp, target)
         else:
-            try:
-                self.s3.upload_file(str(local), self._bucket, self._s3_key(key))
-            except Exception as error:  # boto3 raises several unrelated types
-                raise StoreError(f"cannot upload to {self.uri(key)}: {error}") from error
+            self._s3_call("upload to", key, lambda: self.s3.upload_file(str(local), self._bucket, self._s3_key(key)))
         return self.uri(key)
 
     def put_bytes(self, data: bytes, key: str) -> str:
@@ -114,10 +157,7 @@ class ObjectStore:
                 raise StoreError(f"{self.uri(key)} does not exist")
             shutil.copyfile(source, local)
         else:
-            try:
-                self.s3.download_file(self._bucket, self._s3_key(key), str(local))
-            except Exception as error:
-                raise StoreError(f"cannot download {self.uri(key)}: {error}") from error
+            self._s3_call("download", key, lambda: self.s3.download_file(self._bucket, self._s3_key(key), str(local)))
         return local
 
     def read_bytes(self, key: str) -> bytes:
@@ -126,10 +166,8 @@ class ObjectStore:
                 return (self._root / key).read_bytes()
             except OSError as error:
                 raise StoreError(f"cannot read {self.uri(key)}: {error.strerror}") from error
-        try:
-            return self.s3.get_object(Bucket=self._bucket, Key=self._s3_key(key))["Body"].read()
-        except Exception as error:
-            raise StoreError(f"cannot read {self.uri(key)}: {error}") from error
+        return self._s3_call("read", key,
+                             lambda: self.s3.get_object(Bucket=self._bucket, Key=self._s3_key(key))["Body"].read())
 
     def list_keys(self, prefix: str) -> list[str]:
         """Keys under `prefix` (a folder-like prefix ending in `/`), sorted; [] when none."""
@@ -139,15 +177,13 @@ class ObjectStore:
                 return []
             return sorted(p.relative_to(self._root).as_posix() for p in folder.rglob("*")
                           if p.is_file() and not p.name.startswith("."))
-        keys = []
         start = len(self._prefix) + 1 if self._prefix else 0
-        try:
-            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket,
-                                                                            Prefix=self._s3_key(prefix)):
-                keys += [item["Key"][start:] for item in page.get("Contents", [])]
-        except Exception as error:
-            raise StoreError(f"cannot list {self.uri(prefix)}: {error}") from error
-        return sorted(keys)
+
+        def listing() -> list[str]:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=self._s3_key(prefix))
+            return [item["Key"][start:] for page in pages for item in page.get("Contents", [])]
+
+        return sorted(self._s3_call("list", prefix, listing))
 
     def local_path(self, key: str) -> Path | None:
         """The file itself for a local store (no copy), None for remote stores."""

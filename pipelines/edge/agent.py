@@ -209,6 +209,8 @@ class EdgeAgent:
         self.clock = clock
         self.downloads = 0  # artifacts (model files) fetched by this process
         self.downloaded_bytes = 0  # artifacts and signature bundles
+        self.telemetry_dropped = 0  # records the telemetry store did not take
+        self.telemetry_error: str | None = None  # why the last one was dropped
         self.conflicts: list[Conflict] = []
         self._stores: dict[str, ObjectStore] = {}
         self._telemetry: ObjectStore | None = None
@@ -510,15 +512,18 @@ class EdgeAgent:
     # -- telemetry -----------------------------------------------------------------------
     def _telemetry_store(self) -> ObjectStore:
         if self._telemetry is None:
-            self._telemetry = ObjectStore(self.telemetry_root_url, self.s3_endpoint_url)
+            # One attempt: a device does not stall its requests waiting for the telemetry store.
+            self._telemetry = ObjectStore(self.telemetry_root_url, self.s3_endpoint_url, attempts=1)
         return self._telemetry
 
     def _send(self, record: dict) -> None:
         try:
             telemetry.write_record(self._telemetry_store(), record)
         except Exception as error:  # telemetry must never stop serving
+            self.telemetry_dropped += 1
+            self.telemetry_error = _one_line(error, 200)
             log.warning("%s: telemetry for %s not written: %s", self.device_id, record.get("model"),
-                        _one_line(error, 200))
+                        self.telemetry_error)
 
     def _report(self, results: list[AgentResult]) -> None:
         """One status record per result; models that do not select the device are not reported."""
@@ -604,5 +609,6 @@ class EdgeAgent:
     def summary(self) -> dict:
         return {"device_id": self.device_id, "labels": self.labels, "downloads": self.downloads,
                 "downloaded_bytes": self.downloaded_bytes,
+                "telemetry_dropped": self.telemetry_dropped, "telemetry_error": self.telemetry_error,
                 "models": {m: dict(v) for m, v in self.state["models"].items()},
                 "conflicts": [asdict(c) for c in self.conflicts]}

@@ -249,9 +249,17 @@ def _apply(clone: Path, model: str, files: dict[str, str]) -> list[str]:
     return sorted(p for p in staged.split("\0") if p)
 
 
+def _push_reason(output: str) -> str:
+    """A push's outcome in one line: the refused ref's status and what the remote said."""
+    lines = [" ".join(line.lstrip("!").split()) for line in output.splitlines()
+             if line.startswith(("!", "remote:", "error:", "fatal:")) and line.strip() != "remote:"]
+    return redact("; ".join(lines) or " ".join(output.split()))
+
+
 def _push(clone: Path, branch: str) -> tuple[str, str]:
     """Push HEAD: ("pushed", ""), ("current", "") when the remote already had this very
-    commit, or ("moved", reason) when the branch moved under us."""
+    commit, ("moved", reason) when the branch moved under us, or ("rejected", reason) when
+    the remote refused it (a hook, a busy server): both are worth a replay and a retry."""
     result = _git("push", "--porcelain", "origin", f"HEAD:refs/heads/{branch}", cwd=clone, check=False)
     if result.returncode == 0:
         # Porcelain flag '=': up to date. Happens when a racing worker committed the same
@@ -260,8 +268,10 @@ def _push(clone: Path, branch: str) -> tuple[str, str]:
         return ("current" if up_to_date else "pushed"), ""
     output = f"{result.stdout}\n{result.stderr}"
     if any(marker in output for marker in _RACE_MARKERS):
-        return "moved", redact(output.strip())
-    raise GitError(redact(f"git push to origin/{branch} failed: {output.strip()[-2000:]}"))
+        return "moved", _push_reason(output)
+    if "[remote rejected]" in output:
+        return "rejected", _push_reason(output)
+    raise GitError(f"git push to origin/{branch} failed: {_push_reason(output)[-2000:]}")
 
 
 def _checked_remote(remote: str, branch: str, model: str, files: dict[str, str]) -> str:
@@ -292,8 +302,9 @@ def commit_release(
     Paths are relative to the repository root and must lie under `apps/<model>/`; files
     of that model not in `files` are deleted (empty `files` removes the model), nothing
     else is touched. A push rejected
-    because the branch moved is retried on top of the new tip (up to 5 times, backoff
-    from 0.2 s doubling).
+    because the branch moved, or refused by the remote (a pre-receive hook), is retried on
+    top of the new tip (up to 5 times, backoff from 0.2 s doubling); the last refusal is
+    then raised as one line.
     """
     if not message.strip():
         raise ValueError("a commit message is required")

@@ -2,24 +2,63 @@
 
 A version is created with all its tags in one call (`register_model(..., tags=)`), so a retry
 that finds a version tagged with the same release key knows the release is registered, and
-never creates a second one.
+never creates a second one. That is what makes `with_retries` safe: while the tracking
+server cannot be reached, the whole registration is tried again (`REGISTER_ATTEMPTS` times in
+all, `REGISTER_BACKOFF_S` apart and doubling).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from pipelines.records import RegisteredVersion
 
+log = logging.getLogger(__name__)
+
 CANDIDATE_ALIAS = "candidate"
+REGISTER_ATTEMPTS = 3  # the first registration and up to 2 retries, while MLflow is unreachable
+REGISTER_BACKOFF_S = 2.0  # doubles after each failed attempt
+# How an unreachable server shows through MLflow's client (it wraps requests' and urllib3's errors).
+_UNREACHABLE = ("Failed to establish a new connection", "Connection refused", "Connection aborted",
+                "Max retries exceeded", "RemoteDisconnected", "Read timed out")
 
 
 class RegistryError(RuntimeError):
     """The tracking server or registry failed."""
+
+
+def unreachable(error: Exception) -> bool:
+    """Whether an MLflow call failed for want of a connection (worth retrying)."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    return any(marker in str(error) for marker in _UNREACHABLE)
+
+
+def with_retries(call, where: str):
+    """`call()` (an idempotent registration), retried with backoff while the tracking server
+    is unreachable; any failure becomes one RegistryError line naming `where`."""
+    delay = REGISTER_BACKOFF_S
+    for attempt in range(1, REGISTER_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as error:  # MLflow raises its own exception types
+            detail = " ".join(str(error).split()) or type(error).__name__
+            if attempt < REGISTER_ATTEMPTS and unreachable(error):
+                log.warning("MLflow at %s unreachable (attempt %d of %d, next in %.1f s): %s", where, attempt,
+                            REGISTER_ATTEMPTS, delay, detail)
+                time.sleep(delay)
+                delay *= 2
+                continue
+            tries = f" ({attempt} attempts)" if attempt > 1 else ""
+            raise RegistryError(f"MLflow at {where}: {detail}{tries}") from error
 
 
 def client(tracking_uri: str):
