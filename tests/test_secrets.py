@@ -316,7 +316,12 @@ def test_a_release_leaves_no_secret_behind(airflow_db, monkeypatch, tmp_path, st
     assert cli_summary["status"] == "released", cli_summary
 
     settings = Settings()
-    assert git_requests["authorized"] > 0 and git_requests["refused"] > 0, git_requests  # the token was needed
+    # The server asks for the token: the same remote without it is refused.
+    assert git_requests["authorized"] > 0, git_requests
+    bare_url = re.sub(r"//[^@/]+@", "//", remote)
+    anonymous = subprocess.run(["git", "ls-remote", bare_url], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    assert anonymous.returncode != 0 and git_requests["refused"] > 0, (anonymous.stderr, git_requests)
     signed_by = {"secret-dag": conn_public, "secret-cli": file_public}
     for summary in (dag_summary, cli_summary):
         key = summary["artifact_uri"].removeprefix(f"s3://{bucket}/")
@@ -338,9 +343,12 @@ def test_a_release_leaves_no_secret_behind(airflow_db, monkeypatch, tmp_path, st
     _collect_mlflow(sources, settings, ["secret-dag", "secret-cli"], tmp_path / "mlflow")
     _collect_git(sources, bare)
     _collect_s3(sources, s3)
-    # The local state: MLflow's database and artifacts, scratch files. The working clones'
-    # `.git` folders are skipped: git keeps the remote URL it pushes to there, by design.
-    sources.add_tree("local state", settings.state, skip=lambda p: ".git" in p.relative_to(settings.state).parts)
+    # The local state: MLflow's database and artifacts, scratch files, the working clones'
+    # `.git` folders (their config names the remote without credentials) but for their
+    # compressed objects, whose contents the GitOps check above reads from the remote.
+    sources.add_tree("local state", settings.state,
+                     skip=lambda p: {".git", "objects"} <= set(p.relative_to(settings.state).parts))
+    assert any(path.endswith(".git/config") for path in sources.items["local state"]), "no working clone scanned"
     for summary in (dag_summary, cli_summary):
         sources.add("summaries", f"{summary['model']} (xcom / cli)", json.dumps(summary))
         stored = s3.get_object(Bucket=bucket, Key=f"releases/releases/{summary['model']}/latest.json")["Body"].read()
@@ -375,7 +383,8 @@ def test_a_push_to_a_credentialed_remote_that_fails_names_no_token(tmp_path):
     remote = f"https://{GIT_USER}:{token}@127.0.0.1:{_free_port()}/edge-gitops.git"
     with pytest.raises(repo.GitError) as failure:
         repo.ensure_remote(remote, "main", ("bot", "bot@example.com"))
-    assert token not in str(failure.value) and "https://***@127.0.0.1" in str(failure.value)
+    # git never sees the credentials in the URL: the message names the remote without them.
+    assert token not in str(failure.value) and "https://127.0.0.1:" in str(failure.value)
     with pytest.raises(repo.GitError) as failure:
         repo.commit_release(remote, "main", "m", {"apps/m/a.yaml": "a: 1\n"}, "release", ("bot", "bot@example.com"),
                             tmp_path)

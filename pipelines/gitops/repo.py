@@ -9,6 +9,7 @@ releases of different models land without coordinating. Remote URLs are redacted
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -61,10 +62,27 @@ def _local_path(remote: str) -> Path:
     return Path(remote.removeprefix("file://")).expanduser()
 
 
+# HTTP(S) remotes given with `user:password@`: the URL without them -> the Authorization
+# header git sends for it (see `_resolve`).
+_HTTP_AUTH: dict[str, str] = {}
+_HTTP_CREDENTIALS = re.compile(r"^(?P<scheme>https?://)(?P<user>[^/@:\s]+):(?P<password>[^/@\s]+)@(?P<rest>.*)$")
+
+
 def _resolve(remote: str) -> str:
-    """An absolute form of a local remote: git runs inside clones, where relative paths differ."""
+    """The remote as git commands are given it: a local path made absolute (git runs inside
+    clones, where relative paths differ); an HTTP(S) URL with `user:password@` without them,
+    the credentials going to git as an Authorization header through the environment of each
+    command (`_env`), so they never land in a clone's `.git/config`, a message or a record."""
     if _is_local(remote) and not remote.startswith("file://"):
         return str(_local_path(remote).resolve())
+    found = _HTTP_CREDENTIALS.match(remote)
+    if found:
+        from urllib.parse import unquote
+
+        clean = found["scheme"] + found["rest"]
+        basic = base64.b64encode(f"{unquote(found['user'])}:{unquote(found['password'])}".encode()).decode()
+        _HTTP_AUTH[clean] = f"Authorization: Basic {basic}"
+        return clean
     return remote
 
 
@@ -75,6 +93,14 @@ def _env() -> dict[str, str]:
         env.pop(name, None)
     env["GIT_TERMINAL_PROMPT"] = "0"  # fail instead of waiting for a password
     env["LC_ALL"] = "C"  # push messages are matched in English
+    # Credentials of HTTP(S) remotes as configuration that lives only in this environment.
+    count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+    for url, header in _HTTP_AUTH.items():
+        env[f"GIT_CONFIG_KEY_{count}"] = f"http.{url}.extraHeader"
+        env[f"GIT_CONFIG_VALUE_{count}"] = header
+        count += 1
+    if _HTTP_AUTH:
+        env["GIT_CONFIG_COUNT"] = str(count)
     return env
 
 
