@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, dag, get_current_context, task
 
+from pipelines import connections
 from pipelines.monitor import drift_asset_uri
 from pipelines.settings import get_settings
 from pipelines.specs import SpecError, discover_specs, load_spec
@@ -56,7 +57,8 @@ _DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`:
 
 @dag(dag_id="edge_drift_monitor", schedule="@hourly", start_date=datetime(2026, 1, 1), catchup=False,
      max_active_runs=1, tags=["edge-release", "monitoring"], doc_md=_DOC,
-     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)})
+     default_args={"retries": 2, "retry_delay": timedelta(seconds=30),
+                   "pre_execute": connections.pre_execute})
 def edge_drift_monitor():
     for model, path in SPECS.items():
         @task(task_id=_task_id(model), outlets=[Asset(drift_asset_uri(model))])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from airflow.sdk import Asset, dag, get_current_context, task
 
+from pipelines import connections
 from pipelines.specs import discover_specs
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -27,7 +28,8 @@ def _breach_asset(model: str) -> Asset:
 
 
 @dag(dag_id="edge_finops_report", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
-     max_active_runs=1, tags=["edge-release", "finops"], doc_md=__doc__)
+     max_active_runs=1, tags=["edge-release", "finops"], doc_md=__doc__,
+     default_args={"pre_execute": connections.pre_execute})
 def edge_finops_report():
     for model in MODELS:
         @task(task_id=f"forecast__{model}")

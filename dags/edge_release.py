@@ -31,6 +31,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
+from pipelines import connections
 from pipelines.specs import SpecError, discover_specs, load_spec
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -191,7 +192,7 @@ def build_release_dag(spec_path: Path):
         max_active_runs=1,
         tags=["edge-release", spec.training.framework, f"cost-center:{spec.finops.cost_center}"],
         owner_links={},
-        default_args={"owner": spec.owner, "retries": 0},
+        default_args={"owner": spec.owner, "retries": 0, "pre_execute": connections.pre_execute},
         doc_md=f"{__doc__}\n\n**Spec**: `{spec_path.name}` — {spec.description}",
         params=_params(),
     )

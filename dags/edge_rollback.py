@@ -15,6 +15,7 @@ from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from pipelines import connections
 from pipelines.specs import discover_specs
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -22,7 +23,7 @@ MODELS = sorted(discover_specs(SPECS_DIR)) or ["none"]
 
 
 @dag(dag_id="edge_rollback", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
-     tags=["edge-release", "rollback"], doc_md=__doc__,
+     tags=["edge-release", "rollback"], doc_md=__doc__, default_args={"pre_execute": connections.pre_execute},
      params={
          "model": Param(MODELS[0], type="string", enum=MODELS, description="The model to roll back."),
          "target": Param("", type="string",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from pipelines import connections
 from pipelines.specs import SpecError, discover_specs, load_spec, parse_duration
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -32,6 +33,7 @@ def build_rollout_dag(spec_path: Path, spec):
          schedule=timedelta(seconds=parse_duration(spec.deployment_strategy.canary.interval)),
          start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
          tags=["edge-release", "rollout", spec.name], doc_md=__doc__,
+         default_args={"pre_execute": connections.pre_execute},
          params={"dry_run": Param(False, type="boolean", description="Analyse only; commit nothing.")})
     def rollout():
         @task(retries=2, retry_delay=timedelta(seconds=10))

@@ -101,3 +101,9 @@ def apply_connections(get: Callable[[str], Any] = _airflow_connection) -> list[s
         os.environ.update(reader(connection))
         applied.append(conn_id)
     return applied
+
+
+def pre_execute(context) -> None:
+    """The `pre_execute` hook of every task in the product's DAGs (their `default_args`): the
+    connections apply before the task reads any setting; a failure to read one fails the task."""
+    apply_connections()

@@ -185,3 +185,20 @@ def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: di
             return
         time.sleep(1)
     outcome["status"] = "timeout"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto's S3 server over real HTTP on a free loopback port, for the session (buckets are
+    named per test). Stopped at the end."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -52,17 +52,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 class _GitHTTP(BaseHTTPRequestHandler):
     """Smart HTTP for the repositories under `root`: `git http-backend` as a CGI program,
     behind Basic authentication with one user and token."""
@@ -389,3 +378,29 @@ def test_a_push_to_a_credentialed_remote_that_fails_names_no_token(tmp_path):
         repo.commit_release(remote, "main", "m", {"apps/m/a.yaml": "a: 1\n"}, "release", ("bot", "bot@example.com"),
                             tmp_path)
     assert token not in str(failure.value)
+
+
+def test_the_edge_gitops_connection_authenticates_with_a_header(git_server, monkeypatch, tmp_path):
+    """The `edge_gitops` connection's token reaches the Git server as a header for the clean
+    URL: the remote answers with it and refuses without it; no clone keeps it."""
+    from airflow.sdk import Connection
+
+    from pipelines.connections import gitops_variables
+
+    _, remote, token, _, _ = git_server
+    clean = re.sub(r"//[^@/]+@", "//", remote)
+    monkeypatch.setattr(repo, "_HTTP_AUTH", {})  # forget the credentialed URL an earlier test used
+    connection = Connection(conn_id="edge_gitops", conn_type="generic", host=clean, login=GIT_USER, password=token)
+    with monkeypatch.context() as patch:
+        for name, value in gitops_variables(connection, {}).items():
+            patch.setenv(name, value)
+        repo.ensure_remote(clean, "main", ("bot", "bot@example.com"))
+        assert repo.has_branch(clean, "main")
+        files, _ = repo.app_files(clean, "main", "absent-model", tmp_path / "work")
+        assert files == {}
+    anonymous = subprocess.run(["git", "ls-remote", clean], capture_output=True, text=True, timeout=60,
+                               env={k: v for k, v in os.environ.items() if not k.startswith("GIT_CONFIG_")}
+                               | {"GIT_TERMINAL_PROMPT": "0"})
+    assert anonymous.returncode != 0  # without the connection's header the server refuses
+    configs = [p.read_text() for p in (tmp_path / "work").rglob("config") if ".git" in p.parts]
+    assert configs and all(token not in text for text in configs)

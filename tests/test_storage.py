@@ -1,7 +1,6 @@
 """The artifact store on a local folder and on S3 over real HTTP (moto's server)."""
 
 import hashlib
-import socket
 
 import boto3
 import pytest
@@ -11,19 +10,6 @@ from pipelines import release
 from pipelines.gitops import manifest
 from pipelines.settings import Settings
 from pipelines.storage import ObjectStore, StoreError
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -142,24 +142,51 @@ def test_finops_report_dag_forecasts_and_alerts_on_a_breach(airflow_db, monkeypa
     assert not report["simulated"]
 
 
-def test_signing_keys_from_an_airflow_connection(airflow_db, monkeypatch, tmp_path):
+def test_settings_from_airflow_connections(airflow_db, monkeypatch, tmp_path, s3_endpoint):
+    """Signing keys from `edge_signing`, the artifact store, its endpoint and the S3
+    credentials from `edge_s3` (type aws): nothing of them in the worker's environment."""
     import json
+    import os
 
+    import boto3
     import pytest as _pytest
 
     from pipelines.gitops.signing import SignatureError, generate_key_pair, verify_artifact
+    from pipelines.storage import ObjectStore
 
     generate_key_pair(tmp_path / "conn.key", tmp_path / "conn.pub")
     monkeypatch.setenv("AIRFLOW_CONN_EDGE_SIGNING", json.dumps({
         "conn_type": "generic", "password": (tmp_path / "conn.key").read_text(),
         "extra": {"public_key": (tmp_path / "conn.pub").read_text()}}))
+    credentials = {"aws_access_key_id": "AKIACONNECTION", "aws_secret_access_key": "connection-secret"}
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **credentials).create_bucket(
+        Bucket="conn-artifacts")
+    monkeypatch.setenv("AIRFLOW_CONN_EDGE_S3", json.dumps({
+        "conn_type": "aws", "login": credentials["aws_access_key_id"],
+        "password": credentials["aws_secret_access_key"],
+        "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1",
+                  "artifact_store": "s3://conn-artifacts/releases"}}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "EDGE_ARTIFACT_STORE", "EDGE_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
     tabular_frame().to_csv(tmp_path / "data.csv", index=False)
     write_spec(tmp_path, "conn-signed", "data.csv")
-    run = _bag(monkeypatch, tmp_path).dags["edge_release__conn-signed"].test()
+    environ = dict(os.environ)
+    try:  # dag.test() runs the tasks in this process: their pre_execute hook sets its environment
+        run = _bag(monkeypatch, tmp_path).dags["edge_release__conn-signed"].test()
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     assert str(getattr(run.state, "value", run.state)) == "success", _states(run)
     settings = Settings()
-    [artifact] = (settings.state / "artifacts" / "models" / "conn-signed").glob("*/model.onnx")
-    verify_artifact(artifact, artifact.with_name("model.onnx.sig"), tmp_path / "conn.pub")
+    assert not (settings.state / "artifacts" / "models" / "conn-signed").exists()
+    store = ObjectStore("s3://conn-artifacts/releases", s3_endpoint)
+    with monkeypatch.context() as patch:
+        for name, value in credentials.items():
+            patch.setenv(name.upper(), value)
+        [key] = [k for k in store.list_keys("models/conn-signed/") if k.endswith("/model.onnx")]
+        artifact = store.get_file(key, tmp_path / "model.onnx")
+        store.get_file(key + ".sig", tmp_path / "model.onnx.sig")
+    verify_artifact(artifact, tmp_path / "model.onnx.sig", tmp_path / "conn.pub")
     with _pytest.raises(SignatureError):
-        verify_artifact(artifact, artifact.with_name("model.onnx.sig"), settings.signing_keys()[1])
+        verify_artifact(artifact, tmp_path / "model.onnx.sig", settings.signing_keys()[1])
     assert not list(Path(tempfile.gettempdir()).glob("edge-signing-*")), "key files were left behind"
