@@ -121,7 +121,6 @@ def api_server(airflow_db):
     Yields (base URL, bearer token of the generated admin user). Stopped by its pid.
     """
     import json
-    import signal
     import socket
     import time
 
@@ -154,12 +153,21 @@ def api_server(airflow_db):
                               timeout=10).json()["access_token"]
         yield base, token
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
         log.close()
+
+
+def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
+    """Stop a server started in a session of its own: SIGTERM to its process group, SIGKILL
+    after `grace` seconds."""
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: dict, timeout: float = 300) -> None:

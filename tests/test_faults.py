@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, tabular_frame, write_spec
+from conftest import ROOT, stop_group, tabular_frame, write_spec
 
 from pipelines import registry, release, storage
 from pipelines.gitops import repo
@@ -373,11 +373,7 @@ def mlflow_server(tmp_path):
             time.sleep(0.25)
         yield port
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server)
         log.close()
 
 
