@@ -144,6 +144,7 @@ class HostCalibration(Record):
 
     gflops: float
     overhead_ms: float
+    gflops_by_weights_mib: dict[str, float] = {}
 
     def predict_ms(self, flops: int) -> float:
         return predict_latency_ms(flops, self.gflops, self.overhead_ms)
@@ -625,17 +626,19 @@ def _measure_here(model: Path, feed: Path, warmup: int, runs: int) -> dict[str, 
     return result
 
 
-def _calibrate_here(reference: Path, reference_feed: Path, tiny: Path, tiny_feed: Path,
+def _calibrate_here(references: list[tuple[Path, Path]], tiny: Path, tiny_feed: Path,
                     warmup: int, runs: int, rounds: int) -> dict[str, Any]:
     from pipelines.onnx import quantize
 
     # Alternating rounds, median per graph: a burst of load from elsewhere on a shared host
     # then hits one round of each graph rather than all of one graph's runs.
-    tiny_ms, reference_ms = [], []
+    tiny_ms, reference_ms = [], [[] for _ in references]
     for _ in range(rounds):
         tiny_ms.append(quantize._time_model(tiny, tiny_feed, warmup, runs)["p50_ms"])
-        reference_ms.append(quantize._time_model(reference, reference_feed, warmup, runs)["p50_ms"])
-    return {"tiny_p50_ms": float(np.median(tiny_ms)), "reference_p50_ms": float(np.median(reference_ms))}
+        for times, (reference, feed) in zip(reference_ms, references):
+            times.append(quantize._time_model(reference, feed, warmup, runs)["p50_ms"])
+    return {"tiny_p50_ms": float(np.median(tiny_ms)),
+            "reference_p50_ms": [float(np.median(times)) for times in reference_ms]}
 
 
 def _run_child(args: list[str], cwd: Path, timeout: float, what: str) -> None:
@@ -717,13 +720,22 @@ def _reference_models(folder: Path, width: int = 1024, depth: int = 2) -> tuple[
     return reference, tiny
 
 
-def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeout: float = 600.0) -> HostCalibration:
-    """Measure this host's single-thread GFLOPS on a batch-1 chain of two 1024x1024 MatMuls, and
-    the fixed cost of one `session.run` on a one-Add graph, in one fresh process.
+# Reference MatMul chains (width, depth) and their weights: 0.5, 2 and 8 MiB.
+CALIBRATION_REFERENCES = ((256, 2), (512, 2), (1024, 2))
 
-    GFLOPS are taken net of the fixed cost, so that `predict_ms(flops)` reproduces the reference.
-    Two layers (8 MiB of weights), not more: at 16 MiB the figure swung 18-29 GFLOPS between
-    runs on a shared host whose L3 other tenants use, at 8 MiB it held at ~40.
+
+def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeout: float = 600.0) -> HostCalibration:
+    """Measure this host's single-thread GFLOPS on batch-1 chains of two MatMuls, and the fixed
+    cost of one `session.run` on a one-Add graph, in one fresh process.
+
+    A batch-1 MatMul reads every weight once per two FLOPs, so its rate is the rate at which
+    the weights arrive: from the core's cache while they fit, from memory (3 to 5x slower)
+    when they do not. Three footprints (0.5, 2 and 8 MiB of weights) are timed and the highest
+    rate is the host's figure: the compute-bound peak, which is what device catalogs quote
+    (HPL) and what makes `predict_ms` a lower bound on any model's latency. One 8 MiB
+    reference alone measured 40 GFLOPS on one host and 12 on another whose 2 MiB per-core
+    cache it overflows. GFLOPS are taken net of the fixed cost; every footprint's figure is
+    kept in `gflops_by_weights_mib`.
     """
     from pipelines.onnx.quantize import _save_feed
 
@@ -731,19 +743,27 @@ def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeou
         raise ValueError("runs and rounds must be >= 1 and warmup >= 0")
     with tempfile.TemporaryDirectory(prefix="finops-calibrate.") as tmp:
         folder = Path(tmp)
-        reference, tiny = _reference_models(folder)
-        flops = profile_graph(reference).flops
+        references, flops, mib = [], [], []
         rng = np.random.default_rng(1)
-        _save_feed(folder / "reference.npz", {"x": rng.standard_normal((1, 1024)).astype(np.float32)})
+        for width, depth in CALIBRATION_REFERENCES:
+            sub = folder / f"w{width}-d{depth}"
+            sub.mkdir()
+            reference, tiny = _reference_models(sub, width, depth)
+            _save_feed(sub / "reference.npz", {"x": rng.standard_normal((1, width)).astype(np.float32)})
+            references += [str(reference), str(sub / "reference.npz")]
+            flops.append(profile_graph(reference).flops)
+            mib.append(width * width * depth * 4 / (1 << 20))
         _save_feed(folder / "tiny.npz", {"x": np.ones((1, 1), np.float32)})
         result_path = folder / "result.json"
-        _run_child(["calibrate", str(reference), str(folder / "reference.npz"), str(tiny), str(folder / "tiny.npz"),
-                    str(result_path), "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
+        _run_child(["calibrate", str(tiny), str(folder / "tiny.npz"), str(result_path), *references,
+                    "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
                    folder, timeout, "calibration")
         result = json.loads(result_path.read_text())
     overhead = result["tiny_p50_ms"]
-    compute_ms = max(result["reference_p50_ms"] - overhead, 1e-6)
-    return HostCalibration(gflops=flops / (compute_ms * 1e-3) / 1e9, overhead_ms=overhead)
+    rates = {round(m, 2): f / (max(ms - overhead, 1e-6) * 1e-3) / 1e9
+             for m, f, ms in zip(mib, flops, result["reference_p50_ms"])}
+    return HostCalibration(gflops=max(rates.values()), overhead_ms=overhead,
+                           gflops_by_weights_mib={str(k): round(v, 2) for k, v in rates.items()})
 
 
 # -------------------------------------------------------------------------------------- child
@@ -757,11 +777,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure.add_argument("feed", type=Path)
     measure.add_argument("result", type=Path)
     calibrate = sub.add_parser("calibrate", help="time the reference graphs (internal: calibrate_host)")
-    calibrate.add_argument("reference", type=Path)
-    calibrate.add_argument("reference_feed", type=Path)
     calibrate.add_argument("tiny", type=Path)
     calibrate.add_argument("tiny_feed", type=Path)
     calibrate.add_argument("result", type=Path)
+    calibrate.add_argument("references", type=Path, nargs="+", help="reference graph and feed, pairwise")
     calibrate.add_argument("--rounds", type=int, default=3)
     for p in (measure, calibrate):
         p.add_argument("--warmup", type=int, default=50)
@@ -770,8 +789,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.command == "measure":
         result = _measure_here(args.model, args.feed, args.warmup, args.runs)
     else:
-        result = _calibrate_here(args.reference, args.reference_feed, args.tiny, args.tiny_feed,
-                                 args.warmup, args.runs, args.rounds)
+        pairs = list(zip(args.references[::2], args.references[1::2]))
+        result = _calibrate_here(pairs, args.tiny, args.tiny_feed, args.warmup, args.runs, args.rounds)
     args.result.write_text(json.dumps(result))
     return 0
 

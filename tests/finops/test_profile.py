@@ -254,6 +254,9 @@ def test_calibration_and_prediction() -> None:
     cal = calibrate_host(runs=30, warmup=5, rounds=1)
     assert isinstance(cal, HostCalibration)
     assert cal.gflops > 0 and cal.overhead_ms > 0
+    # The peak of the three footprints: a reference that overflows the cache measures memory.
+    assert set(cal.gflops_by_weights_mib) == {"0.5", "2.0", "8.0"}
+    assert cal.gflops == pytest.approx(max(cal.gflops_by_weights_mib.values()), rel=1e-3)
     assert cal.predict_ms(0) == pytest.approx(cal.overhead_ms)
     assert predict_latency_ms(2_000_000_000, 4.0) == pytest.approx(500.0)
     assert predict_latency_ms(2_000_000_000, 4.0, 0.5) == pytest.approx(500.5)
