@@ -47,6 +47,8 @@ SQLITE_ENV = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE
               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{__name__}.SQLITE_CONNECT_ARGS_ASYNC"}
 COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer", "celery-worker")
 DEFAULT_COMPONENTS = ("api-server", "dag-processor", "scheduler")
+# Everything the LocalExecutor set-up runs (the triggerer serves deferred tasks: approvals).
+LOCAL_COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
 
 
 class AirflowError(RuntimeError):
@@ -354,13 +356,25 @@ class EmbeddedAirflow:
             raise AirflowError(f"no asset {uri} is registered (is the DAG that uses it parsed?)")
         return self.request("POST", "assets/events", json={"asset_id": asset["id"], "extra": extra or {}})
 
-    def asset_events(self, uri: str) -> list[dict]:
-        """The asset's events, oldest first ([] when the asset is not registered)."""
+    def asset_events(self, uri: str, timeout: float = 120) -> list[dict]:
+        """The asset's events, oldest first ([] when the asset is not registered).
+
+        Airflow 3.3 answers this listing with 500 while a DAG run an event created has not
+        started yet (its response model requires the run's start date); the run starts within
+        seconds, so the listing is asked again until `timeout`."""
         asset = self.asset(uri)
         if asset is None:
             return []
-        return self.request("GET", "assets/events", params={"asset_id": asset["id"], "order_by": "timestamp",
-                                                            "limit": 100})["asset_events"]
+        params = {"asset_id": asset["id"], "order_by": "timestamp", "limit": 100}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.request("GET", "assets/events", params=params)["asset_events"]
+            except AirflowError as error:
+                if ": 500 " not in str(error) or time.monotonic() > deadline:
+                    raise
+            self.check_running()
+            time.sleep(2)
 
 
 def _answers(url: str) -> bool:
@@ -406,7 +420,7 @@ def run_ui(port: int = 8080, mlflow_port: int = 5000, parallelism: int = 4, out=
              "--workers", "1", "--backend-store-uri", settings.tracking_uri,
              "--default-artifact-root", settings.mlflow_artifacts],
             port=mlflow_port, health=f"http://127.0.0.1:{mlflow_port}/health")
-    airflow = EmbeddedAirflow(home, port=port, parallelism=parallelism, components=COMPONENTS, services=services,
+    airflow = EmbeddedAirflow(home, port=port, parallelism=parallelism, components=LOCAL_COMPONENTS, services=services,
                               env={"EDGE_STATE_DIR": str(state), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"})
 
     def interrupt(signum, frame):

@@ -65,3 +65,26 @@ def test_other_errors_and_a_lasting_database_error_fail_with_the_answer(tmp_path
         assert len(calls) == airflow_local.DB_RETRIES + 1
     finally:
         server.shutdown()
+
+
+def test_the_celery_worker_comes_with_the_celery_executor_and_only_with_it(tmp_path):
+    from pipelines.airflow_local import DEFAULT_COMPONENTS, LOCAL_COMPONENTS, EmbeddedAirflow
+
+    EmbeddedAirflow(tmp_path / "a", components=LOCAL_COMPONENTS)
+    EmbeddedAirflow(tmp_path / "b", components=(*DEFAULT_COMPONENTS, "celery-worker"), executor="CeleryExecutor",
+                    database="postgresql+psycopg2://u@127.0.0.1/db")
+    with pytest.raises(ValueError, match="celery-worker"):
+        EmbeddedAirflow(tmp_path / "c", components=(*LOCAL_COMPONENTS, "celery-worker"))
+    with pytest.raises(ValueError, match="celery-worker"):
+        EmbeddedAirflow(tmp_path / "d", executor="CeleryExecutor")
+
+
+def test_sqlite_connect_arguments_stay_off_another_database(tmp_path, monkeypatch):
+    from pipelines.airflow_local import SQLITE_ENV, EmbeddedAirflow
+
+    for name, value in SQLITE_ENV.items():
+        monkeypatch.setenv(name, value)
+    sqlite = EmbeddedAirflow(tmp_path / "a").env
+    postgres = EmbeddedAirflow(tmp_path / "b", database="postgresql+psycopg2://u@127.0.0.1/db").env
+    assert all(sqlite[name] == value for name, value in SQLITE_ENV.items())
+    assert not set(SQLITE_ENV) & set(postgres)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tabular_frame, write_spec
 
-from pipelines.airflow_local import COMPONENTS, EmbeddedAirflow
+from pipelines.airflow_local import LOCAL_COMPONENTS, EmbeddedAirflow
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -91,7 +91,7 @@ def test_a_person_reviews_releases_and_approves_one_in_the_browser(tmp_path, mon
     write_spec(specs, MANUAL, "data.csv", description="Released once a person approves.")
     monkeypatch.setenv("EDGE_STATE_DIR", str(state))
     settings = Settings(state_dir=state)
-    airflow = EmbeddedAirflow(tmp_path / "airflow", log_dir=tmp_path / "logs", components=COMPONENTS, env={
+    airflow = EmbeddedAirflow(tmp_path / "airflow", log_dir=tmp_path / "logs", components=LOCAL_COMPONENTS, env={
         "EDGE_STATE_DIR": str(state), "EDGE_SPECS_DIR": str(specs),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         # No DAG file changes during the test: parse each once.
