@@ -68,6 +68,29 @@ def test_stages_reuse_their_outputs(small_spec, state):
     assert again.reused and again.model_uri == trained.model_uri and again.metrics == trained.metrics
 
 
+def test_a_registration_cut_off_after_its_run_began_leaves_no_orphan_run(small_spec, state):
+    """A run an earlier attempt started (MLflow went away before the version was made) is
+    deleted by the retry, which registers once: one live run per version."""
+    from pipelines import registry
+
+    settings = Settings()
+    data = release.validate_data(small_spec)
+    trained = release.train(small_spec, data)
+    exported = release.export(small_spec, data, trained)
+    plan = release.quantize(small_spec, data, exported)
+    client = registry.client(settings.tracking_uri)
+    experiment = registry.experiment_id(client, "small-model", settings.mlflow_artifacts)
+    orphan = client.create_run(experiment, tags={"release_key": data.release_key}).info.run_id
+
+    version = release.register(small_spec, data, trained, exported, plan)
+    live = client.search_runs([experiment], filter_string=f"tags.release_key = '{data.release_key}'")
+    assert [run.info.run_id for run in live] == [version.run_id] and version.run_id != orphan
+    assert client.get_run(orphan).info.lifecycle_stage == "deleted"
+    assert [str(v.version) for v in _versions(settings, "small-model")] == [version.version]
+    again = release.register(small_spec, data, trained, exported, plan)
+    assert (again.version, again.run_id, again.created) == (version.version, version.run_id, False)
+
+
 def test_a_spec_edited_mid_release_is_refused(small_spec, state):
     data = release.validate_data(small_spec)
     doc = yaml.safe_load(small_spec.read_text())

@@ -131,7 +131,8 @@ def register_version(
                                  created=False)
 
     exp = experiment_id(mlflow_client, model, artifact_root)
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
+    _delete_unregistered_runs(mlflow_client, exp, release_key)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={**tags, "release_key": release_key}) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         for name, payload in artifacts.items():
@@ -151,6 +152,16 @@ def register_version(
     return RegisteredVersion(name=model, version=str(version.version), run_id=run.info.run_id,
                              model_uri=f"models:/{model}/{version.version}", alias=CANDIDATE_ALIAS,
                              created=True)
+
+
+def _delete_unregistered_runs(mlflow_client, experiment: str, release_key: str) -> None:
+    """Runs an earlier attempt of this release left without a version (the registration was
+    cut off after its run began): deleted, so the experiment holds one run per version. No
+    version points at them: `find_version` found none for this release key."""
+    for stale in mlflow_client.search_runs([experiment], filter_string=f"tags.release_key = '{release_key}'"):
+        log.warning("deleting run %s: an earlier registration of release %s stopped before its version",
+                    stale.info.run_id, release_key[:12])
+        mlflow_client.delete_run(stale.info.run_id)
 
 
 def json_safe(value) -> str:
