@@ -125,7 +125,9 @@ def _git(
     except subprocess.TimeoutExpired:
         raise GitError(redact(f"git {' '.join(args)} timed out after {_GIT_TIMEOUT_S}s")) from None
     if check and result.returncode != 0:
-        detail = (result.stderr.strip() or result.stdout.strip())[-2000:]
+        # One line: git's own lines joined (the last 2,000 characters; the end says why).
+        detail = " | ".join(line.strip() for line in (result.stderr.strip() or result.stdout.strip()).splitlines()
+                            if line.strip())[-2000:]
         raise GitError(redact(f"git {' '.join(args)} failed ({result.returncode}): {detail}"))
     return result
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.gitops import manifest, repo
 from pipelines.gitops.crd import skeleton_files
-from pipelines.gitops.repo import GitError, commit_release, ensure_remote, log, read_file, redact
+from pipelines.gitops.repo import GitError, commit_release, ensure_remote, has_branch, log, read_file, redact
 from pipelines.specs import load_spec
 
 AUTHOR = ("edge-release-bot", "edge-release-bot@apexlogic.dev")
@@ -293,3 +293,13 @@ def test_a_dirty_clone_left_by_a_crashed_run_is_recovered(remote: str, tmp_path:
     assert result.changed_paths == ["apps/model-a/base/mobileaimodeldeployment.yaml"]
     assert read_file(remote, BRANCH, "README.md", work) == repo.README
     assert read_file(remote, BRANCH, "apps/stray.yaml", work) is None
+
+
+def test_a_git_failure_is_one_line(tmp_path: Path) -> None:
+    # git explains a missing remote over several lines; the error keeps them on one.
+    (tmp_path / "not-a-repo").mkdir()
+    with pytest.raises(GitError) as caught:
+        has_branch(str(tmp_path / "not-a-repo"), BRANCH)
+    message = str(caught.value)
+    assert "\n" not in message and "does not appear to be a git repository" in message
+    assert "Could not read from remote repository" in message
