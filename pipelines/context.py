@@ -31,8 +31,9 @@ class DataValidationError(ReleaseError):
 
 
 # Modules that never shape what a release produces (the UI's read models, the local process
-# runner and the native production stack, the demo driver, the drift monitor, the command line): changing them must not make
-# every model's next run retrain. Everything else under pipelines/ is release code.
+# runner and the native production stack, the demo driver, the drift monitor, the command
+# line): changing them must not make every model's next run retrain. Everything else under
+# pipelines/ is release code.
 NOT_RELEASE_CODE = frozenset({"views.py", "airflow_local.py", "prod_stack.py", "demo_loop.py", "monitor.py",
                               "__main__.py"})
 

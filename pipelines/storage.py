@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipelines.errors import one_line
+
 log = logging.getLogger(__name__)
 
 STORE_ATTEMPTS = 4  # the first call and up to 3 retries, for connection failures only
@@ -46,10 +48,6 @@ def _unreachable(error: Exception) -> bool:
     from s3transfer.exceptions import RetriesExceededError
 
     return isinstance(error, (BotoConnectionError, HTTPClientError, RetriesExceededError))
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 class ObjectStore:
@@ -105,12 +103,12 @@ class ObjectStore:
             except Exception as error:  # boto3 raises several unrelated types
                 if attempt < attempts and _unreachable(error):
                     log.warning("cannot %s %s (attempt %d of %d, next in %.1f s): %s", what, self.uri(key),
-                                attempt, attempts, delay, _one_line(error))
+                                attempt, attempts, delay, one_line(error))
                     time.sleep(delay)
                     delay *= 2
                     continue
                 tries = f" ({attempt} attempts)" if attempt > 1 else ""
-                raise StoreError(f"cannot {what} {self.uri(key)}: {_one_line(error)}{tries}") from error
+                raise StoreError(f"cannot {what} {self.uri(key)}: {one_line(error)}{tries}") from error
 
     # -- operations -------------------------------------------------------------------------
     def exists(self, key: str) -> bool:

@@ -88,3 +88,12 @@ def test_telemetry_on_s3_is_listed_and_read_back_by_window(aws, s3_endpoint):
     records = telemetry.read_records(store, "m", start + timedelta(minutes=1), start + timedelta(hours=1))
     assert [r["ts"] for r in records] == [telemetry.timestamp(start + timedelta(minutes=m)) for m in (5, 20)]
     assert telemetry.cohort_stats(records).requests == 2
+
+
+def test_error_text_is_one_line():
+    from pipelines.errors import one_line
+
+    assert one_line(ValueError("first\n  second\tthird")) == "first second third"
+    assert one_line(TimeoutError()) == "TimeoutError" and one_line("") == "no detail"
+    assert one_line("x" * 500, limit=10) == "x" * 9 + "…" and one_line("short", limit=10) == "short"
+    assert len(one_line("y" * 5000)) == 5000  # no limit: the reason at the end stays

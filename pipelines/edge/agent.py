@@ -49,6 +49,7 @@ from pipelines.edge.desired import (
     rollout_share,
     select,
 )
+from pipelines.errors import one_line
 from pipelines.gitops.manifest import manifest_checksum
 from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
 from pipelines.storage import ObjectStore, sha256_file
@@ -108,11 +109,6 @@ def _json_row(row: dict) -> dict:
     return out
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split()) or "no detail"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -165,7 +161,7 @@ def smoke_inference(model_path: Path) -> float:
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
-        raise InstallError(f"smoke test: onnxruntime cannot load the model: {_one_line(error, 160)}") from None
+        raise InstallError(f"smoke test: onnxruntime cannot load the model: {one_line(error, 160)}") from None
     feeds = {}
     for item in session.get_inputs():
         shape = [1 if i == 0 or not isinstance(d, int) or d <= 0 else d for i, d in enumerate(item.shape)]
@@ -179,7 +175,7 @@ def smoke_inference(model_path: Path) -> float:
     try:
         session.run(None, feeds)
     except Exception as error:
-        raise InstallError(f"smoke test: inference failed: {_one_line(error, 160)}") from None
+        raise InstallError(f"smoke test: inference failed: {one_line(error, 160)}") from None
     return (time.perf_counter() - start) * 1000
 
 
@@ -311,7 +307,7 @@ class EdgeAgent:
         try:
             objects = self.source.fetch()
         except Exception as error:  # any source failure: keep serving what is installed
-            message = f"desired state unavailable: {_one_line(error)}"
+            message = f"desired state unavailable: {one_line(error, 300)}"
             log.warning("%s: %s", self.device_id, message)
             results = [AgentResult(m, info.get("version"), "failed", message, group=info.get("group"))
                        for m, info in sorted(self.state["models"].items())]
@@ -348,7 +344,8 @@ class EdgeAgent:
             digest = manifest_checksum(obj)
             wanted = _version_number(version)
         except (ValueError, InstallError) as error:
-            return AgentResult(model, version or None, "failed", f"bad manifest: {_one_line(error)}", group=group)
+            return AgentResult(model, version or None, "failed", f"bad manifest: {one_line(error, 300)}",
+                               group=group)
         if installed and installed["version"] == version and installed["sha256"] == digest:
             if self.state["backoff"].pop(model, None) is not None:
                 self._save_state()
@@ -372,8 +369,8 @@ class EdgeAgent:
         try:
             latency = self._install(model, version, digest, ref)
         except Exception as error:  # every failure is reported the same way; nothing was switched
-            message = _one_line(error) if isinstance(error, InstallError) else \
-                _one_line(f"{type(error).__name__}: {error}")
+            message = one_line(error, 300) if isinstance(error, InstallError) else \
+                one_line(f"{type(error).__name__}: {error}", 300)
             failures = backoff["failures"] + 1 if backoff and backoff["target"] == target else 1
             delay = min(self.backoff_base_s * 2 ** (failures - 1), self.backoff_max_s)
             self.state["backoff"][model] = {"target": target, "failures": failures, "error": message,
@@ -475,7 +472,7 @@ class EdgeAgent:
         except OSError as error:
             raise InstallError(f"cannot download {what} {uri}: {error.strerror or error}") from None
         except Exception as error:  # StoreError and whatever boto3 raises
-            raise InstallError(f"cannot download {what}: {_one_line(error, 200)}") from None
+            raise InstallError(f"cannot download {what}: {one_line(error, 200)}") from None
 
     def _verify(self, artifact: Path, bundle: Path, digest: str, size: int | None) -> None:
         from pipelines.gitops.signing import SignatureError, verify_artifact
@@ -491,7 +488,7 @@ class EdgeAgent:
             verify_artifact(artifact, bundle, self.trusted_public_key)
         except SignatureError as error:
             detail = str(error).replace(str(artifact.parent) + os.sep, "")
-            raise InstallError(f"signature check failed ({error.reason}): {_one_line(detail, 200)}") from None
+            raise InstallError(f"signature check failed ({error.reason}): {one_line(detail, 200)}") from None
 
     def _switch(self, model_dir: Path, folder: str) -> None:
         tmp = model_dir / "active.tmp"
@@ -521,7 +518,7 @@ class EdgeAgent:
             telemetry.write_record(self._telemetry_store(), record)
         except Exception as error:  # telemetry must never stop serving
             self.telemetry_dropped += 1
-            self.telemetry_error = _one_line(error, 200)
+            self.telemetry_error = one_line(error, 200)
             log.warning("%s: telemetry for %s not written: %s", self.device_id, record.get("model"),
                         self.telemetry_error)
 

@@ -125,11 +125,16 @@ def _git(
     except subprocess.TimeoutExpired:
         raise GitError(redact(f"git {' '.join(args)} timed out after {_GIT_TIMEOUT_S}s")) from None
     if check and result.returncode != 0:
-        # One line: git's own lines joined (the last 2,000 characters; the end says why).
-        detail = " | ".join(line.strip() for line in (result.stderr.strip() or result.stdout.strip()).splitlines()
-                            if line.strip())[-2000:]
-        raise GitError(redact(f"git {' '.join(args)} failed ({result.returncode}): {detail}"))
+        raise _failure(args, result)
     return result
+
+
+def _failure(args: tuple[str, ...], result: subprocess.CompletedProcess[str]) -> GitError:
+    """A failed git command as one line: git's own lines joined (the last 2,000 characters;
+    the end says why), credentials redacted."""
+    detail = " | ".join(line.strip() for line in (result.stderr.strip() or result.stdout.strip()).splitlines()
+                        if line.strip())[-2000:]
+    return GitError(redact(f"git {' '.join(args)} failed ({result.returncode}): {detail}"))
 
 
 def _author_env(author: tuple[str, str]) -> dict[str, str]:
@@ -149,12 +154,15 @@ def _remote_has_branch(remote: str, branch: str) -> bool:
     return bool(result.stdout.strip())
 
 
+def _absent(remote: str) -> bool:
+    """Whether `remote` (resolved) is a local repository that does not exist yet."""
+    return _is_local(remote) and not _local_path(remote).exists()
+
+
 def has_branch(remote: str, branch: str) -> bool:
     """Whether the remote exists and has `branch` (False before the first release)."""
     remote = _resolve(remote)
-    if _is_local(remote) and not _local_path(remote).exists():
-        return False
-    return _remote_has_branch(remote, branch)
+    return not _absent(remote) and _remote_has_branch(remote, branch)
 
 
 def ensure_remote(remote: str, branch: str, author: tuple[str, str]) -> None:
@@ -224,12 +232,16 @@ def _open_clone(remote: str, work_dir: Path) -> Path:
     return clone
 
 
-def _fetch(clone: Path, branch: str) -> None:
-    _git(
-        "fetch", "-q", "--prune", "origin",
-        f"+refs/heads/{branch}:refs/remotes/origin/{branch}",
-        cwd=clone,
-    )
+def _fetch(clone: Path, branch: str, missing_ok: bool = False) -> bool:
+    """Fetch `branch` into `origin/<branch>`. With `missing_ok`, a remote that has no such
+    branch yet (an empty repository) answers False instead of failing."""
+    args = ("fetch", "-q", "--prune", "origin", f"+refs/heads/{branch}:refs/remotes/origin/{branch}")
+    result = _git(*args, cwd=clone, check=False)
+    if result.returncode == 0:
+        return True
+    if missing_ok and "couldn't find remote ref" in result.stderr:
+        return False
+    raise _failure(args, result)
 
 
 def _sync(clone: Path, branch: str) -> None:
@@ -404,13 +416,14 @@ def _record(remote: str, branch: str, commit: str, changed: list[str], created: 
 def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None:
     """Text of `path` at the tip of the remote `branch`, or None if it is absent (as it is
     while the remote, or its branch, does not exist yet)."""
-    if not has_branch(remote, branch):
-        return None
     remote = _resolve(remote)
+    if _absent(remote):
+        return None
     clone = _clone_dir(remote, Path(work_dir))
     with _locked(clone):
         clone = _open_clone(remote, Path(work_dir))
-        _fetch(clone, branch)
+        if not _fetch(clone, branch, missing_ok=True):
+            return None
         spec = f"refs/remotes/origin/{branch}:{path.lstrip('/')}"
         kind = _git("cat-file", "-t", spec, cwd=clone, check=False)
         if kind.returncode != 0 or kind.stdout.strip() != "blob":

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines.errors import one_line
 from pipelines.records import RegisteredVersion
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def with_retries(call, where: str):
         try:
             return call()
         except Exception as error:  # MLflow raises its own exception types
-            detail = " ".join(str(error).split()) or type(error).__name__
+            detail = one_line(error)
             if attempt < REGISTER_ATTEMPTS and unreachable(error):
                 log.warning("MLflow at %s unreachable (attempt %d of %d, next in %.1f s): %s", where, attempt,
                             REGISTER_ATTEMPTS, delay, detail)

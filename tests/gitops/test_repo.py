@@ -303,3 +303,15 @@ def test_a_git_failure_is_one_line(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "\n" not in message and "does not appear to be a git repository" in message
     assert "Could not read from remote repository" in message
+
+
+def test_reading_a_remote_without_the_branch_yet_finds_nothing(tmp_path: Path) -> None:
+    """An empty repository (served remotes start so) and a remote not created yet read as
+    nothing: no release is deployed. One fetch, no separate probe of the remote."""
+    empty = tmp_path / "empty.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(empty)], check=True)
+    assert read_file(str(empty), BRANCH, "apps/m/base/x.yaml", tmp_path / "w") is None
+    assert read_file(str(tmp_path / "absent.git"), BRANCH, "apps/m/base/x.yaml", tmp_path / "w") is None
+    (tmp_path / "not-a-repo.git").mkdir()
+    with pytest.raises(GitError, match="does not appear to be a git repository"):
+        read_file(str(tmp_path / "not-a-repo.git"), BRANCH, "apps/m/base/x.yaml", tmp_path / "w")
