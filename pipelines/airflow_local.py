@@ -184,8 +184,9 @@ class EmbeddedAirflow:
                 log = open(self.log_dir / f"{name}.log", "ab")
                 self._logs.append(log)
                 # A session of its own: stop() signals the component and its workers as a group.
-                self.processes[name] = subprocess.Popen(command, env=envs.get(name, self.env), stdout=log, stderr=subprocess.STDOUT,
-                                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                self.processes[name] = subprocess.Popen(command, env=envs.get(name, self.env), stdout=log,
+                                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                        start_new_session=True)
             self.wait_healthy(timeout)
             for name, service in self.services.items():
                 if service.health:

@@ -98,6 +98,10 @@ class ProductionStack:
         self.credentials = {"AWS_ACCESS_KEY_ID": f"edge-{self.token}",
                             "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
                             "AWS_DEFAULT_REGION": "us-east-1"}
+        self.queue = f"edge-{self.token}"  # a Celery queue of this stack's own on a shared Redis
+        # Workers present tokens the api-server signed: one secret for every component.
+        self._jwt_secret = secrets.token_urlsafe(32)
+        self._fernet_key = _fernet_key()
         self.airflow: EmbeddedAirflow | None = None
         self._created: list[str] = []
 
@@ -126,12 +130,11 @@ class ProductionStack:
         return {
             "AIRFLOW__CELERY__BROKER_URL": self.redis_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database,
-            # A queue of this stack's own on a shared Redis.
-            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": f"edge-{self.token}",
-            # Workers present tokens the api-server signed: one secret for every component.
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-            "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
-            # Releases start from the REST API (as from the UI), never from a schedule here.
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._jwt_secret,
+            "AIRFLOW__CORE__FERNET_KEY": self._fernet_key,
+            # DAGs run as soon as they are parsed; the stack's specs (`demo_spec_copies`) carry
+            # no cron, so only runs started through the REST API release anything.
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         }
 

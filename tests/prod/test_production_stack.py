@@ -103,7 +103,7 @@ def test_both_demo_specs_release_at_once_on_the_production_stack(stack):
     assert sorted(rows) == [(f"edge_release__{model}", "success") for model in DEMO]
     queues = _metadata(stack, "SELECT DISTINCT queue FROM task_instance WHERE dag_id = ANY(%s)",
                        [f"edge_release__{model}" for model in DEMO])
-    assert queues == [(stack.airflow_env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"],)]
+    assert queues == [(stack.queue,)]
     [(succeeded,)] = _metadata(stack, "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'")
     [(ran,)] = _metadata(stack, "SELECT count(*) FROM task_instance WHERE state = 'success' AND dag_id = ANY(%s)",
                          [f"edge_release__{model}" for model in DEMO])
