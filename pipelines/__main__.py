@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.errors import one_line
 from pipelines.specs import SpecError
 
 
@@ -97,37 +98,99 @@ def _model_spec(model: str) -> Path | None:
 
 
 def _edge_agent(args) -> int:
-    """Poll once (exit 1 if a model failed) or forever every --interval seconds."""
+    """Poll once (exit 1 if a model failed, was refused or is stale) or forever every --interval s."""
     import time
 
-    from pipelines.edge.agent import EdgeAgent
-    from pipelines.edge.desired import GitSource
+    from pipelines.edge.agent import AgentBusy, EdgeAgent
+    from pipelines.edge.desired_state import EntryError, check_name
     from pipelines.settings import get_settings
 
     try:
         labels = parse_labels(args.labels)
-    except ValueError as error:
-        print(f"error: --labels: {error}", file=sys.stderr)
+        check_name(args.device_id, "device id")
+        if args.group is not None:
+            check_name(args.group, "device group")
+    except (ValueError, EntryError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.interval is not None and args.interval <= 0:
         print("error: --interval must be positive", file=sys.stderr)
         return 2
     settings = get_settings()
     state = args.state or settings.state / "agents" / args.device_id
-    public_key = settings.signing_public_key or settings.signing_keys()[1]
-    agent = EdgeAgent(args.device_id, labels, state, GitSource(settings.remote, settings.gitops_branch,
-                                                               state / "gitops"),
-                      public_key, settings.store_url, settings.s3_endpoint_url)
+    # A device never makes keys: the release public key and the TUF root are provisioned.
+    public_key = args.public_key or settings.signing_public_key or settings.state / "keys" / "signing.pub"
+    if not Path(public_key).is_file():
+        print(f"error: --public-key: {public_key} does not exist (the device's trusted release key)", file=sys.stderr)
+        return 2
+    try:
+        source = _agent_source(args, settings, state, public_key)
+        agent = EdgeAgent(args.device_id, labels, state, source, public_key, settings.telemetry_url,
+                          settings.s3_endpoint_url, lock_wait_s=args.lock_wait)
+    except (AgentBusy, ValueError, OSError) as error:
+        print(f"error: {args.device_id}: {error}", file=sys.stderr)
+        return 2
+    bad = ("failed", "refused", "stale")
     try:
         while True:
-            results = agent.poll_once()
+            try:
+                results = agent.poll_once()
+            except AgentBusy as error:
+                print(f"error: {args.device_id}: {error}", file=sys.stderr)
+                return 2
             for result in results:
                 print(result.line(), flush=True)
             if args.interval is None:
-                return 1 if any(r.state == "failed" for r in results) else 0
+                return 1 if any(r.state in bad for r in results) else 0
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def _agent_source(args, settings, state: Path, public_key: Path):
+    """The agent's desired-state source: the TUF repository (default) or the GitOps repository."""
+    from pipelines.edge.sources import GitDesiredState, TufDesiredState
+
+    if args.source == "git":
+        return GitDesiredState(settings.remote, settings.gitops_branch, state / "gitops", settings.store_url,
+                               public_key, settings.s3_endpoint_url)
+    if not args.group:
+        raise ValueError("--group is required with --source tuf (the device group it was provisioned in)")
+    root = args.trusted_root or state / "root.json"
+    if not Path(root).is_file():
+        raise ValueError(f"--trusted-root: {root} does not exist (the TUF root the device was provisioned with)")
+    return TufDesiredState(args.tuf_url or settings.device_tuf_url, args.group, state, Path(root).read_bytes())
+
+
+def _tuf_command(args) -> int:
+    from pipelines.edge import publish
+    from pipelines.edge.tuf_repo import TufError
+    from pipelines.settings import get_settings
+
+    settings = get_settings()
+    try:
+        if args.command == "tuf-init":
+            keys = settings.tuf_keys()
+            root = args.root_key or keys["root"]
+            repository = publish.repository(settings)
+            if repository.exists():
+                print(f"error: a TUF repository already exists at {settings.store_url}/{settings.tuf_prefix}",
+                      file=sys.stderr)
+                return 2
+            repository.initialize([root], keys["targets"], keys["snapshot"], keys["timestamp"])
+            print(f"created the TUF repository at {settings.store_url}/{settings.tuf_prefix}")
+        elif args.command == "tuf-root":
+            args.output.write_bytes(publish.ensure_repository(settings).trusted_root())
+            print(f"wrote {args.output}")
+        elif args.refresh_only:
+            print(publish.refresh_timestamp(settings).line())
+        else:
+            result = publish.publish_desired_state(settings)
+            print(result.model_dump_json() if args.json else "\n".join(result.lines()))
+    except (TufError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,9 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     finops.add_argument("--json", action="store_true")
     schema = commands.add_parser("schema", help="write the JSON schema of model specs")
     schema.add_argument("--output", type=Path, default=None)
-    agent = commands.add_parser("edge-agent", help="reconcile one device with the GitOps repository")
+    agent = commands.add_parser("edge-agent", help="reconcile one device with the signed desired state")
     agent.add_argument("--device-id", required=True)
     agent.add_argument("--labels", required=True, help="the device's labels: k=v,k=v")
+    agent.add_argument("--group", default=None, help="the device group it was provisioned in (TUF source)")
+    agent.add_argument("--source", choices=["tuf", "git"], default="tuf",
+                       help="tuf: the TUF repository (default); git: the GitOps repository's attested manifests")
+    agent.add_argument("--tuf-url", default=None, help="default: $EDGE_TUF_URL, or the local store's repository")
+    agent.add_argument("--trusted-root", type=Path, default=None,
+                       help="the TUF root.json the device was provisioned with (default: <state>/root.json)")
+    agent.add_argument("--public-key", type=Path, default=None,
+                       help="the release public key (default: $EDGE_SIGNING_PUBLIC_KEY or the demo key)")
+    agent.add_argument("--lock-wait", type=float, default=10.0, metavar="S",
+                       help="wait S seconds for another agent on the same folder, then exit 2")
     agent.add_argument("--state", type=Path, default=None,
                        help="the device's folder (default: <state>/agents/<device-id>)")
     when = agent.add_mutually_exclusive_group()
@@ -198,8 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--fault", action="append", default=[], metavar="SPEC",
                           help="inject a fault: e.g. version=2,error_rate=0.2 / group=branch-kiosks,latency_ms=40 / "
                                "shift=age:+20;hours_per_week:+10 (repeatable)")
-    simulate.add_argument("--git", choices=["auto", "per-device", "shared"], default="auto",
-                          help="a clone per device, or one fetch per round shared by all (auto: by fleet size)")
+    simulate.add_argument("--source", choices=["tuf", "git"], default="tuf",
+                          help="tuf: each device reads the TUF repository (default); git: a clone per device")
+    publish = commands.add_parser("publish-desired-state",
+                                  help="publish the GitOps tip as signed desired state (TUF repository)")
+    publish.add_argument("--refresh-only", action="store_true",
+                         help="only sign the timestamp again if it nears expiry")
+    publish.add_argument("--json", action="store_true")
+    tuf_init = commands.add_parser("tuf-init", help="create the TUF repository (with the offline root key)")
+    tuf_init.add_argument("--root-key", type=Path, default=None, help="default: $EDGE_TUF_ROOT_KEY or the demo key")
+    tuf_root = commands.add_parser("tuf-root", help="write the trusted root.json devices are provisioned with")
+    tuf_root.add_argument("--output", type=Path, required=True)
     ui = commands.add_parser("ui", help="the Airflow UI and the MLflow UI on the embedded state, on 127.0.0.1")
     ui.add_argument("--port", type=int, default=os.environ.get("UI_PORT") or "8080",
                     help="the Airflow UI's port (default: $UI_PORT or 8080)")
@@ -300,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: --fault: {error}", file=sys.stderr)
                 return 2
             print(format_convergence(simulate_fleet(args.devices, args.rounds, get_settings(), seed=args.seed,
-                                                    git=args.git, keep=args.keep, serve=args.serve,
+                                                    source=args.source, keep=args.keep, serve=args.serve,
                                                     faults=faults)))
         elif args.command == "monitor":
             from pipelines.monitor import check_drift, format_check
@@ -320,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(result.lines()))
             if result.commit:
                 print(f"commit: {result.commit}")
+        elif args.command in ("publish-desired-state", "tuf-init", "tuf-root"):
+            return _tuf_command(args)
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

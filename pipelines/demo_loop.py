@@ -116,7 +116,7 @@ def run(state: Path) -> int:
             return 1
 
         _step(2, f"A fleet of {DEVICES} simulated devices installs it and serves census rows")
-        fleet = Fleet(DEVICES, settings, seed=11, git="shared")
+        fleet = Fleet(DEVICES, settings, seed=11)
         fleet.poll_round()
         _say(f"   {fleet.rounds[-1]['models'][MODEL]['selected']} devices selected by the model's groups; {_versions(fleet)}")
         _serve(fleet, [], rounds=2)

@@ -391,6 +391,8 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     """Render the MobileAIModelDeployment, commit it to the GitOps remote, and move the
     MLflow alias `champion` to this version once the commit has landed."""
     from pipelines import registry
+    from pipelines.edge.desired_state import attest_commit
+    from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops import manifest, repo
     from pipelines.rollout import initial_rollout
 
@@ -436,6 +438,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
            f"{rollout['steps']}), control v{rollout['previousVersion']}\n" if rollout else "")
     )
     files[f"apps/{spec.name}/RELEASE.md"] = _release_notes(spec, registered, published, plan, verdicts, approval, cost)
+    files = attest_commit(settings, spec.name, files)
     review = [t.name for t in spec.targets if t.requires_review]
     if review:
         # A device group that requires review puts the whole release on a review branch: the
@@ -451,6 +454,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     else:
         result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
                                      settings.work_dir / "gitops")
+        publish_after_commit(settings)
     registry.mark_version(settings.tracking_uri, spec.name, registered.version,
                           {"release_status": "released", "gitops_commit": result.commit},
                           alias=registry.CHAMPION_ALIAS)
@@ -615,12 +619,16 @@ def rollback_release(model: str, target: str | None, reason: str, by: str, setti
     `champion` alias on the restored version, the rolled-back version tagged so it is not
     committed again by a re-run of its release."""
     from pipelines import registry
+    from pipelines.edge.desired_state import attest_commit
+    from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops.rollback import rollback
 
     settings = settings or get_settings()
     result = rollback(settings.remote, settings.gitops_branch, model, target, reason, by,
                       (settings.git_author_name, settings.git_author_email), settings.work_dir / "gitops",
-                      details=details, expect_tree=expect_tree)
+                      details=details, expect_tree=expect_tree,
+                      attest=lambda files: attest_commit(settings, model, files))
+    publish_after_commit(settings)
     registry.mark_version(settings.tracking_uri, model, result.from_version,
                           {"release_status": "rolled_back", "rolled_back_by": by, "rollback_reason": reason,
                            "rollback_commit": result.commit})

@@ -190,6 +190,8 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     """Analyse the model's canary and act on it by a commit (unless `dry_run`)."""
     import yaml
 
+    from pipelines.edge.desired_state import attest_commit
+    from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops import repo
     from pipelines.gitops.manifest import _dump, read_manifest
     from pipelines.storage import ObjectStore
@@ -222,8 +224,10 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     step = result.step + 1 if result.next_share < 100 else result.steps
     doc["spec"]["rollout"] = {**doc["spec"]["rollout"], "share": result.next_share, "step": step}
     files[path] = _dump(doc)
+    files = attest_commit(settings, spec.name, files)
     message = (f"rollout({spec.name}): version {result.version} {result.share}% -> {result.next_share}%\n\n"
                f"{details}\n")
     committed = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message,
                                     (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
+    publish_after_commit(settings)
     return result.model_copy(update={"commit": committed.commit})

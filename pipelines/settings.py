@@ -32,6 +32,15 @@ class Settings(BaseSettings):
     fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
     signing_key: Path | None = Field(None, description="Private key (PEM) that signs artifacts. Default: demo keys.")
     signing_public_key: Path | None = Field(None, description="Public key (PEM) that verifies them.")
+    tuf_prefix: str = Field("tuf", description="Where the TUF repository of desired states lives in the artifact store.")
+    tuf_url: str | None = Field(
+        None, description="The TUF repository as devices reach it (tuf+https://cdn/..., tuf+file://...). "
+                          "Default: tuf+file:// of a local artifact store.")
+    tuf_keys_dir: Path | None = Field(None, description="Demo TUF keys (root, snapshot, timestamp). Default: <state>/keys/tuf.")
+    tuf_root_key: Path | None = Field(None, description="Root key (PEM): needed only to create the repository or rotate keys.")
+    tuf_snapshot_key: Path | None = Field(None, description="Online snapshot key (PEM) of the publisher.")
+    tuf_timestamp_key: Path | None = Field(None, description="Online timestamp key (PEM) of the publisher.")
+    tuf_timestamp_expiry_hours: float = Field(24.0, gt=0, description="How long a signed timestamp is valid.")
     gitops_branch: str = "main"
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
@@ -80,6 +89,31 @@ class Settings(BaseSettings):
         from pipelines.gitops.signing import ensure_demo_keys
 
         return ensure_demo_keys(self.state / "keys")
+
+    @property
+    def device_tuf_url(self) -> str:
+        """The TUF repository's URL for devices."""
+        if self.tuf_url:
+            return self.tuf_url
+        if not self.store_url.startswith("file://"):
+            raise ValueError("EDGE_TUF_URL is not set: devices reach an S3 store's TUF repository over "
+                             "HTTP(S) (tuf+https://<bucket website or CDN>/<prefix>)")
+        return "tuf+" + self.store_url.rstrip("/") + "/" + self.tuf_prefix
+
+    def tuf_keys(self) -> dict[str, Path | None]:
+        """Key files by TUF role: targets is the release signing key; root only where it is
+        configured (offline in production), demo keys under the state folder otherwise."""
+        targets = self.signing_keys()[0]
+        if self.tuf_snapshot_key or self.tuf_timestamp_key:
+            if not (self.tuf_snapshot_key and self.tuf_timestamp_key):
+                raise ValueError("EDGE_TUF_SNAPSHOT_KEY and EDGE_TUF_TIMESTAMP_KEY are set together")
+            return {"root": self.tuf_root_key, "targets": targets, "snapshot": self.tuf_snapshot_key,
+                    "timestamp": self.tuf_timestamp_key}
+        from pipelines.edge.tuf_repo import ensure_demo_tuf_keys
+
+        demo = ensure_demo_tuf_keys(self.tuf_keys_dir or self.state / "keys" / "tuf")
+        return {"root": self.tuf_root_key or demo["root"], "targets": targets, "snapshot": demo["snapshot"],
+                "timestamp": demo["timestamp"]}
 
     @property
     def work_dir(self) -> Path:

@@ -161,7 +161,7 @@ def test_canary_rolled_back_on_errors_then_a_healthy_one_advances_to_everyone(st
     (tmp_path / "fleet.yaml").write_text(PHONES_FLEET)
     settings = Settings(specs_dir=specs)
     _release(spec, "first")
-    fleet = Fleet(30, settings, seed=3, fleet_path=tmp_path / "fleet.yaml", git="shared")
+    fleet = Fleet(30, settings, seed=3, fleet_path=tmp_path / "fleet.yaml")
     fleet.poll_round()
     assert fleet.rounds[-1]["models"]["canary-model"]["versions"] == {"1": 30}
 

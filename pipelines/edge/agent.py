@@ -1,10 +1,17 @@
 """The edge agent: reconciles one device with the desired state, one poll at a time.
 
+The desired state is a list of entries the release key vouches for (`pipelines.edge.sources`:
+a TUF repository over HTTP, or an attested Git checkout). The device acts on nothing else:
+names are DNS labels and paths are checked before they touch its folder, downloads are bounded
+by the signed length and by time, a replayed (older) desired state is refused, and a version
+lower than the installed one needs a signed rollback. A device outside a canary's share runs
+the control version the entry names.
+
 Per selected model, a poll installs a new version in this order, and any failure leaves the
 active model as it was:
 
 1. download the artifact and its signature bundle into `staging/` (nothing else sees it);
-2. check the size, the sha256 of the manifest and the signature with the trusted key;
+2. check the size and sha256 the entry signs, and the bundle's signature with the trusted key;
 3. rename (fsynced) into `models/<model>/<version>-<sha12>/`;
 4. run one inference with onnxruntime on zeros;
 5. switch `models/<model>/active` with a symlink swap (`active.tmp` + `os.replace`),
@@ -18,7 +25,7 @@ telemetry outage never stops the device from serving.
 
 `serve()` runs the active model on requests, one inference each, and counts them in a
 window; `flush_telemetry()` sends one inference record per model (counts, latency and
-prediction histograms, sampled inputs; Laplace noise when the manifest asks for privacy,
+prediction histograms, sampled inputs; Laplace noise when the entry asks for privacy,
 see `pipelines.edge.telemetry`).
 """
 
@@ -29,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,26 +45,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlparse
 
 from pipelines.edge import telemetry
-from pipelines.edge.desired import (
-    Conflict,
-    DesiredStateSource,
-    group_of,
-    in_rollout,
-    model_of,
-    rollout_share,
-    select,
-)
+from pipelines.edge.desired import Conflict, in_rollout
+from pipelines.edge.desired_state import MAX_BUNDLE_BYTES, Entry, Release, check_name, is_dns_label
+from pipelines.edge.sources import DesiredStateSource, DownloadError, StaleError
 from pipelines.errors import one_line
-from pipelines.gitops.manifest import manifest_checksum
-from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
 from pipelines.storage import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 
-State = Literal["active", "unchanged", "refused", "failed", "not_selected"]
+State = Literal["active", "unchanged", "refused", "failed", "stale", "not_selected"]
 DEVICE_CLASS_LABEL = "apexlogic.dev/device-class"
 MODEL_FILE = "model.onnx"
 BUNDLE_FILE = "model.onnx.sig"
@@ -141,13 +140,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def _version_number(version: str) -> int:
-    try:
-        return int(version)
-    except ValueError:
-        raise InstallError(f"version {version!r} is not an integer") from None
-
-
 def smoke_inference(model_path: Path) -> float:
     """Run the model once on zeros (empty strings for string inputs), batch 1; milliseconds."""
     import numpy as np
@@ -179,41 +171,79 @@ def smoke_inference(model_path: Path) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+class AgentBusy(RuntimeError):
+    """Another agent works on the same device folder."""
+
+
+_FOLDER = re.compile(r"^[1-9][0-9]{0,8}-[0-9a-f]{12}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _clean_state(state: object, device_id: str) -> tuple[dict, str | None]:
+    """`state` if it has the shape this agent writes, else an empty state and the reason."""
+    empty = {"models": {}, "backoff": {}, "sequences": {}, "device_id": device_id}
+    if not isinstance(state, dict):
+        return empty, "not an object"
+    models, backoff, sequences = state.get("models", {}), state.get("backoff", {}), state.get("sequences", {})
+    if not all(isinstance(x, dict) for x in (models, backoff, sequences)):
+        return empty, "models, backoff and sequences must be objects"
+    for model, info in models.items():
+        if not is_dns_label(model) or not isinstance(info, dict) or not isinstance(info.get("version"), str) \
+                or not _HEX64.match(str(info.get("sha256", ""))) or not _FOLDER.match(str(info.get("folder", ""))) \
+                or (info.get("previous") is not None and not _FOLDER.match(str(info["previous"]))):
+            return empty, f"models.{str(model)[:63]} is malformed"
+    for model, info in backoff.items():
+        if not is_dns_label(model) or not isinstance(info, dict) or not isinstance(info.get("target"), str) \
+                or not isinstance(info.get("failures"), int) \
+                or not isinstance(info.get("next_attempt"), (int, float)):
+            return empty, f"backoff.{str(model)[:63]} is malformed"
+    if not all(is_dns_label(m) and isinstance(v, int) and not isinstance(v, bool) for m, v in sequences.items()):
+        return empty, "sequences is malformed"
+    return {"models": models, "backoff": backoff, "sequences": sequences, "device_id": device_id}, None
+
+
 class EdgeAgent:
     """Reconciles the models of one device (see the module docstring for the order of steps).
 
-    `before_switch(model, version)` is a test hook called after the new version is verified,
-    installed and smoke-tested, just before the symlink switch. `clock` returns epoch seconds
-    (the backoff's time; tests move it forward).
+    `source` gives signed desired-state entries and the files they name
+    (`pipelines.edge.sources`). `before_switch(model, version)` is a test hook called after the
+    new version is verified, installed and smoke-tested, just before the symlink switch.
+    `clock` returns epoch seconds (the backoff's time; tests move it forward). A second agent
+    on the same folder waits up to `lock_wait_s` for the first one's poll, then raises
+    AgentBusy.
     """
 
     def __init__(self, device_id: str, labels: dict[str, str], state_dir: Path, source: DesiredStateSource,
                  trusted_public_key: Path, telemetry_root_url: str, s3_endpoint_url: str | None = None, *,
                  before_switch: Callable[[str, str], None] | None = None, backoff_base_s: float = 30.0,
                  backoff_max_s: float = 3600.0, clock: Callable[[], float] = time.time,
-                 sessions: dict | None = None, seed: int | None = None):
+                 sessions: dict | None = None, seed: int | None = None, lock_wait_s: float = 10.0):
+        check_name(device_id, "device id")
         self.device_id = device_id
         self.labels = dict(labels)
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(os.path.abspath(state_dir))
         self.source = source
         self.trusted_public_key = Path(trusted_public_key)
+        if not self.trusted_public_key.is_file():
+            # A device never makes keys: the key it trusts is provisioned with it.
+            raise FileNotFoundError(f"trusted public key {self.trusted_public_key} does not exist")
         self.telemetry_root_url = telemetry_root_url
         self.s3_endpoint_url = s3_endpoint_url
         self.before_switch = before_switch
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.clock = clock
+        self.lock_wait_s = lock_wait_s
         self.downloads = 0  # artifacts (model files) fetched by this process
         self.downloaded_bytes = 0  # artifacts and signature bundles
         self.telemetry_dropped = 0  # records the telemetry store did not take
         self.telemetry_error: str | None = None  # why the last one was dropped
         self.conflicts: list[Conflict] = []
-        self._stores: dict[str, ObjectStore] = {}
         self._telemetry: ObjectStore | None = None
         # Inference sessions by model file; a simulator shares one dict between its devices.
         self._sessions = sessions if sessions is not None else {}
         self._windows: dict[str, telemetry.InferenceWindow] = {}
-        self._reporting: dict[str, dict] = {}  # model -> spec.telemetry of the selected manifest
+        self._reporting: dict[str, dict] = {}  # model -> telemetry settings of the selected entry
         self._seed = seed
         import numpy as np
 
@@ -224,24 +254,31 @@ class EdgeAgent:
         self.models_dir = self.state_dir / "models"
         self.staging_dir = self.state_dir / "staging"
         self.state_file = self.state_dir / "state.json"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.state = self._load_state()
-        self._recover()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.models_dir, self.staging_dir):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise InstallError(f"{folder} is not a folder of this device (a link or a file)")
+        self.models_dir.mkdir(exist_ok=True)
+        with self._locked():
+            self.state = self._load_state()
+            self._recover()
 
     # -- state ---------------------------------------------------------------------------
     def _load_state(self) -> dict:
         try:
-            state = json.loads(self.state_file.read_text())
+            if self.state_file.is_symlink():
+                raise ValueError("it is a symbolic link")
+            loaded = json.loads(self.state_file.read_text())
         except FileNotFoundError:
-            state = {}
+            loaded = {}
         except (OSError, ValueError) as error:
-            # Renames make a torn file impossible; this is a disk fault. The links still say
-            # what is installed (see _recover), so start over rather than stop serving.
-            log.error("%s unreadable (%s); rebuilding it from the active links", self.state_file, error)
-            state = {}
-        state.setdefault("models", {})
-        state.setdefault("backoff", {})
-        state["device_id"] = self.device_id
+            # Renames make a torn file impossible; this is a disk fault or a hostile edit. The
+            # links still say what is installed (see _recover), so start over rather than stop.
+            log.error("%s unreadable (%s); rebuilding it from the active links", self.state_file, one_line(error))
+            loaded = {}
+        state, problem = _clean_state(loaded, self.device_id)
+        if problem and loaded:
+            log.error("%s has the wrong shape (%s); rebuilding it from the active links", self.state_file, problem)
         return state
 
     def _save_state(self) -> None:
@@ -251,21 +288,26 @@ class EdgeAgent:
         """Drop what an interrupted poll left behind and trust the active links over state.json."""
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         changed = False
-        for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        for model_dir in sorted(self.models_dir.iterdir()):
+            model = model_dir.name
+            if model_dir.is_symlink() or not model_dir.is_dir() or not is_dns_label(model):
+                continue
             (model_dir / "active.tmp").unlink(missing_ok=True)
             link = model_dir / "active"
-            model = model_dir.name
             if not link.is_symlink():
                 continue
             folder = os.readlink(link)
             recorded = self.state["models"].get(model) or {}
-            if recorded.get("folder") == folder or not (model_dir / folder / MODEL_FILE).is_file():
+            artifact = model_dir / folder / MODEL_FILE
+            if recorded.get("folder") == folder or not _FOLDER.match(folder) or artifact.is_symlink() \
+                    or not artifact.is_file():
                 continue
-            # Died between the link switch and the state write: the link wins.
+            # Died between the link switch and the state write (or the state was lost): the link wins.
+            previous = recorded.get("folder")
             self.state["models"][model] = {
-                "version": folder.rsplit("-", 1)[0], "sha256": sha256_file(model_dir / folder / MODEL_FILE),
-                "folder": folder, "previous": recorded.get("folder"), "group": recorded.get("group"),
-                "installed_at": recorded.get("installed_at"),
+                "version": folder.split("-", 1)[0], "sha256": sha256_file(artifact),
+                "folder": folder, "previous": previous if previous and _FOLDER.match(previous) else None,
+                "group": recorded.get("group"), "installed_at": recorded.get("installed_at"),
             }
             changed = True
         if changed:
@@ -274,28 +316,54 @@ class EdgeAgent:
     def installed_version(self, model: str) -> str | None:
         return (self.state["models"].get(model) or {}).get("version")
 
+    def _model_dir(self, model: str) -> Path:
+        """`models/<model>`, after checking the name and that the path stays in the device folder."""
+        path = self.models_dir / check_name(model, "model name")
+        if path.is_symlink() or not os.path.abspath(path).startswith(str(self.models_dir) + os.sep):
+            raise InstallError(f"{path} is not a folder of this device")
+        return path
+
     def active_model_path(self, model: str) -> Path | None:
         """The file the device serves for `model` (symlink resolved), or None."""
+        if not is_dns_label(model):
+            return None
         path = self.models_dir / model / "active" / MODEL_FILE
-        return path.resolve() if path.is_file() else None
+        if not path.is_file():
+            return None
+        resolved = path.resolve()
+        return resolved if resolved.is_relative_to(self.models_dir.resolve()) else None
 
     # -- poll ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """One poll at a time per state folder (a `--once` run beside a running agent waits)."""
+        """One agent at a time per device folder: a second one waits for the first one's poll
+        (up to `lock_wait_s`) and never touches its staging files."""
         try:
             import fcntl
         except ImportError:  # not POSIX: one agent per folder is then the caller's promise
             yield
             return
-        with open(self.state_dir / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        lock = self.state_dir / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + self.lock_wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise AgentBusy(f"another agent is working on {self.state_dir} "
+                                        f"(waited {self.lock_wait_s:g} s)") from None
+                    time.sleep(0.05)
             yield
+        finally:
+            os.close(fd)
 
     def poll_once(self) -> list[AgentResult]:
         """Fetch the desired state and reconcile every model; one result per model.
 
-        Models this device runs but no overlay selects any more keep running (nothing is
+        Models this device runs but no entry selects any more keep running (nothing is
         pruned) and are reported as not_selected with their installed version.
         """
         with self._locked():
@@ -305,71 +373,86 @@ class EdgeAgent:
 
     def _poll(self) -> list[AgentResult]:
         try:
-            objects = self.source.fetch()
+            desired = self.source.fetch()
         except Exception as error:  # any source failure: keep serving what is installed
-            message = f"desired state unavailable: {one_line(error, 300)}"
+            stale = isinstance(error, StaleError)
+            message = f"{'desired state is stale' if stale else 'desired state unavailable'}: {one_line(error, 300)}"
             log.warning("%s: %s", self.device_id, message)
-            results = [AgentResult(m, info.get("version"), "failed", message, group=info.get("group"))
+            state = "stale" if stale else "failed"
+            results = [AgentResult(m, info.get("version"), state, message, group=info.get("group"))
                        for m, info in sorted(self.state["models"].items())]
-            results = results or [AgentResult("-", None, "failed", message)]
+            results = results or [AgentResult("-", None, state, message)]
             self._report(results)
             return results
         conflicts: list[Conflict] = []
-        selected = {model_of(o): o for o in select(objects, self.labels, conflicts)}
+        selected = select_entries(desired.entries, self.labels, conflicts)
         self.conflicts = conflicts
         notes = {c.model: f"also matched by {', '.join(c.ignored)} (ignored)" for c in conflicts}
         results = []
-        for model in sorted({model_of(o) for o in objects} | set(selected) | set(self.state["models"])):
+        known = {e.model for e in desired.entries} | set(selected) | set(self.state["models"]) | set(desired.refused)
+        for model in sorted(known):
+            if model in desired.refused and model not in selected:
+                results.append(AgentResult(model, self.installed_version(model), "refused", desired.refused[model],
+                                           group=(self.state["models"].get(model) or {}).get("group")))
+                continue
             if model not in selected:
                 results.append(AgentResult(model, self.installed_version(model), "not_selected"))
                 continue
-            result = self._reconcile(model, selected[model])
+            try:
+                result = self._reconcile(selected[model])
+            except InstallError as error:
+                result = AgentResult(model, self.installed_version(model), "refused", one_line(error, 300))
             if model in notes:
                 result.note = "; ".join(filter(None, [result.note, notes[model]]))
             results.append(result)
         self._report(results)
         return results
 
-    def _reconcile(self, model: str, obj: dict) -> AgentResult:
-        ref = (obj.get("spec") or {}).get("modelRef") or {}
-        group = group_of(obj) or None
-        self._reporting[model] = (obj.get("spec") or {}).get("telemetry") or {}
-        version = str(ref.get("version", ""))
+    def _reconcile(self, entry: Entry) -> AgentResult:
+        model, group = entry.model, entry.group
+        self._reporting[model] = entry.telemetry.model_dump(by_alias=True, exclude_none=True)
         installed = self.state["models"].get(model)
-        if installed and not (self.models_dir / model / "active" / MODEL_FILE).is_file():
+        if installed and not (self._model_dir(model) / "active" / MODEL_FILE).is_file():
             log.warning("%s: %s v%s is recorded but its files are gone; installing again", self.device_id, model,
                         installed["version"])
             installed = None
-        try:
-            digest = manifest_checksum(obj)
-            wanted = _version_number(version)
-        except (ValueError, InstallError) as error:
-            return AgentResult(model, version or None, "failed", f"bad manifest: {one_line(error, 300)}",
-                               group=group)
+        seen = self.state["sequences"].get(model)
+        if seen is not None and entry.sequence < seen:
+            return AgentResult(model, self.installed_version(model), "refused",
+                               f"desired state sequence {entry.sequence} is older than the {seen} already applied "
+                               "(replayed)", group=group)
+        release: Release = entry
+        note = None
+        if entry.rollout is not None and not in_rollout(self.device_id, entry.rollout.salt, entry.rollout.share):
+            if entry.rollout.control is None:
+                return AgentResult(model, installed["version"] if installed else None,
+                                   "unchanged" if installed else "not_selected", group=group,
+                                   note=f"outside the {entry.rollout.share:g}% rollout of v{entry.version}; "
+                                        "no control version named")
+            release = entry.rollout.control
+            note = f"control: outside the {entry.rollout.share:g}% rollout of v{entry.version}"
+        version, digest = release.version, release.artifact.sha256
         if installed and installed["version"] == version and installed["sha256"] == digest:
-            if self.state["backoff"].pop(model, None) is not None:
+            changed = self.state["backoff"].pop(model, None) is not None
+            if self.state["sequences"].get(model) != entry.sequence:
+                self.state["sequences"][model] = entry.sequence
+                changed = True
+            if changed:
                 self._save_state()
-            return AgentResult(model, version, "unchanged", group=group)
-        share = rollout_share(obj)
-        if not in_rollout(self.device_id, model, share):
-            return AgentResult(model, installed["version"] if installed else None,
-                               "unchanged" if installed else "not_selected", group=group,
-                               note=f"outside the {share:g}% rollout of v{version}")
-        annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        if installed and wanted < _version_number(installed["version"]) \
-                and str(annotations.get(ROLLBACK_ANNOTATION)).lower() != "true":
+            return AgentResult(model, version, "unchanged", group=group, note=note)
+        if installed and int(version) < int(installed["version"]) and not entry.rollback:
             return AgentResult(model, version, "refused",
-                               f"v{version} is lower than the installed v{installed['version']} and the "
-                               f"manifest is not marked {ROLLBACK_ANNOTATION}: \"true\"", group=group)
+                               f"v{version} is lower than the installed v{installed['version']} and the signed "
+                               "desired state is not a rollback", group=group)
         target = f"{version}:{digest}"
         backoff = self.state["backoff"].get(model)
         if backoff and backoff["target"] == target and self.clock() < backoff["next_attempt"]:
             wait = backoff["next_attempt"] - self.clock()
             return AgentResult(model, version, "failed", f"{backoff['error']} (retry in {wait:.0f} s)", group=group)
         try:
-            latency = self._install(model, version, digest, ref)
+            latency = self._install(model, release)
         except Exception as error:  # every failure is reported the same way; nothing was switched
-            message = one_line(error, 300) if isinstance(error, InstallError) else \
+            message = one_line(error, 300) if isinstance(error, (InstallError, DownloadError)) else \
                 one_line(f"{type(error).__name__}: {error}", 300)
             failures = backoff["failures"] + 1 if backoff and backoff["target"] == target else 1
             delay = min(self.backoff_base_s * 2 ** (failures - 1), self.backoff_max_s)
@@ -378,53 +461,50 @@ class EdgeAgent:
             self._save_state()
             log.warning("%s: %s v%s failed (attempt %d, next in %.0f s): %s", self.device_id, model, version,
                         failures, delay, message)
-            return AgentResult(model, version, "failed", message, group=group)
+            return AgentResult(model, version, "failed", message, group=group, note=note)
         previous = installed["folder"] if installed else None
         self.state["models"][model] = {
             "version": version, "sha256": digest, "folder": f"{version}-{digest[:12]}", "previous": previous,
             "group": group, "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        self.state["sequences"][model] = entry.sequence
         self.state["backoff"].pop(model, None)
         self._save_state()
         self._prune(model)
-        return AgentResult(model, version, "active", latency_ms=round(latency, 3), group=group)
+        return AgentResult(model, version, "active", latency_ms=round(latency, 3), group=group, note=note)
 
     # -- installation --------------------------------------------------------------------
-    def _install(self, model: str, version: str, digest: str, ref: dict) -> float:
-        source_uri = ref.get("sourceUri")
-        bundle_uri = (ref.get("signatureRef") or {}).get("uri")
-        if not source_uri:
-            raise InstallError("bad manifest: no spec.modelRef.sourceUri")
-        if not bundle_uri:
-            raise InstallError("manifest has no spec.modelRef.signatureRef: unsigned artifacts are not installed")
-        model_dir = self.models_dir / model
+    def _install(self, model: str, release: Release) -> float:
+        version, digest = release.version, release.artifact.sha256
+        model_dir = self._model_dir(model)
         folder = f"{version}-{digest[:12]}"
         final = model_dir / folder
         kept = {self._link_target(model_dir), (self.state["models"].get(model) or {}).get("previous")}
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{model}-", dir=self.staging_dir))
         created = False
         try:
             artifact, bundle = final / MODEL_FILE, final / BUNDLE_FILE
-            reused = artifact.is_file() and bundle.is_file()
+            reused = not final.is_symlink() and artifact.is_file() and not artifact.is_symlink() \
+                and bundle.is_file() and not bundle.is_symlink()
             if reused:
                 # Kept from before (the previous version on a rollback, or an interrupted
                 # switch): verified again, so the folder itself need not be trusted.
                 try:
-                    self._verify(artifact, bundle, digest, ref.get("sizeBytes"))
+                    self._verify(artifact, bundle, release)
                 except InstallError as error:
                     log.warning("%s: local copy of %s v%s is bad (%s); downloading it again", self.device_id,
                                 model, version, error)
                     reused = False
-                    if folder not in kept:
-                        shutil.rmtree(final, ignore_errors=True)
             if not reused:
+                if folder not in kept and (final.exists() or final.is_symlink()):
+                    _remove(final)
                 artifact, bundle = staging / MODEL_FILE, staging / BUNDLE_FILE
-                self._download(source_uri, artifact, "artifact")
+                self.source.download(release.artifact, artifact, release.artifact.length)
                 self.downloads += 1
-                self._download(bundle_uri, bundle, "signature bundle")
+                self.source.download(release.signature, bundle, release.signature.length or MAX_BUNDLE_BYTES)
                 self.downloaded_bytes += artifact.stat().st_size + bundle.stat().st_size
-                self._verify(artifact, bundle, digest, ref.get("sizeBytes"))
+                self._verify(artifact, bundle, release)
                 created = not final.exists()
                 final.mkdir(parents=True, exist_ok=True)
                 for path in (bundle, artifact):
@@ -449,41 +529,17 @@ class EdgeAgent:
         link = model_dir / "active"
         return os.readlink(link) if link.is_symlink() else None
 
-    def _store_for(self, root: str) -> ObjectStore:
-        if root not in self._stores:
-            self._stores[root] = ObjectStore(root, self.s3_endpoint_url)
-        return self._stores[root]
-
-    def _download(self, uri: str, target: Path, what: str) -> None:
-        parsed = urlparse(uri)
-        try:
-            if parsed.scheme in ("", "file"):
-                source = Path(unquote(parsed.path) if parsed.scheme else uri)
-                with open(source, "rb") as reader, open(target, "wb") as writer:
-                    shutil.copyfileobj(reader, writer, 1 << 20)
-            elif parsed.scheme == "s3":
-                self._store_for(f"s3://{parsed.netloc}").get_file(parsed.path.lstrip("/"), target)
-            else:
-                raise InstallError(f"cannot download {what} {uri}: unsupported scheme {parsed.scheme!r}")
-        except InstallError:
-            raise
-        except FileNotFoundError:
-            raise InstallError(f"cannot download {what} {uri}: it does not exist") from None
-        except OSError as error:
-            raise InstallError(f"cannot download {what} {uri}: {error.strerror or error}") from None
-        except Exception as error:  # StoreError and whatever boto3 raises
-            raise InstallError(f"cannot download {what}: {one_line(error, 200)}") from None
-
-    def _verify(self, artifact: Path, bundle: Path, digest: str, size: int | None) -> None:
+    def _verify(self, artifact: Path, bundle: Path, release: Release) -> None:
         from pipelines.gitops.signing import SignatureError, verify_artifact
 
         actual_size = artifact.stat().st_size
-        if size is not None and actual_size != int(size):
-            raise InstallError(f"artifact is {actual_size} bytes, the manifest says {size} "
+        if actual_size != release.artifact.length:
+            raise InstallError(f"artifact is {actual_size} bytes, the desired state says {release.artifact.length} "
                                "(download cut off or another file)")
         actual = sha256_file(artifact)
-        if actual != digest:
-            raise InstallError(f"sha256 mismatch: artifact is {actual[:12]}…, the manifest says {digest[:12]}…")
+        if actual != release.artifact.sha256:
+            raise InstallError(f"sha256 mismatch: artifact is {actual[:12]}…, the desired state says "
+                               f"{release.artifact.sha256[:12]}…")
         try:
             verify_artifact(artifact, bundle, self.trusted_public_key)
         except SignatureError as error:
@@ -499,12 +555,15 @@ class EdgeAgent:
         _fsync_dir(model_dir)
 
     def _prune(self, model: str) -> None:
-        """Keep the active version and the one before it (an instant rollback); drop the rest."""
+        """Keep the active version and the one before it (an instant rollback); drop the rest
+        of this model's version folders (and nothing else)."""
         info = self.state["models"][model]
-        keep = {info["folder"], info.get("previous"), "active"}
-        for path in (self.models_dir / model).iterdir():
-            if path.name not in keep and path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+        keep = {info["folder"], info.get("previous")}
+        model_dir = self._model_dir(model)
+        for path in model_dir.iterdir():
+            if path.name not in keep and _FOLDER.match(path.name):
+                _remove(path)
+
 
     # -- telemetry -----------------------------------------------------------------------
     def _telemetry_store(self) -> ObjectStore:
@@ -609,3 +668,32 @@ class EdgeAgent:
                 "telemetry_dropped": self.telemetry_dropped, "telemetry_error": self.telemetry_error,
                 "models": {m: dict(v) for m, v in self.state["models"].items()},
                 "conflicts": [asdict(c) for c in self.conflicts]}
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` itself: a link is unlinked (never followed), a folder removed."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def select_entries(entries: list[Entry], labels: dict[str, str],
+                   conflicts: list[Conflict] | None = None) -> dict[str, Entry]:
+    """Per model, the entry whose selector the device's labels satisfy (the first by group name
+    when several do; the others are reported as conflicts)."""
+    by_model: dict[str, list[Entry]] = {}
+    for entry in entries:
+        if entry.selects(labels):
+            by_model.setdefault(entry.model, []).append(entry)
+    chosen = {}
+    for model in sorted(by_model):
+        candidates = sorted(by_model[model], key=lambda e: e.group)
+        chosen[model] = candidates[0]
+        if len(candidates) > 1:
+            conflict = Conflict(model, candidates[0].group, tuple(e.group for e in candidates[1:]))
+            log.warning("%s: device matches groups %s; using %s", model,
+                        ", ".join([conflict.chosen, *conflict.ignored]), conflict.chosen)
+            if conflicts is not None:
+                conflicts.append(conflict)
+    return chosen

@@ -245,12 +245,13 @@ def group_of(obj: dict) -> str:
 
 
 def match_labels(obj: dict) -> dict[str, str] | None:
-    """The object's selector; None when it has none (it then selects no device)."""
+    """The object's selector; None when it has none or an empty one (it then selects no device:
+    an empty selector must never mean "every device")."""
     target = (obj.get("spec") or {}).get("targetDevices") or {}
     selector = target.get("selector")
-    if not isinstance(selector, dict):
+    if not isinstance(selector, dict) or not isinstance(selector.get("matchLabels"), dict):
         return None
-    return {str(k): str(v) for k, v in (selector.get("matchLabels") or {}).items()}
+    return {str(k): str(v) for k, v in selector["matchLabels"].items()} or None
 
 
 @dataclass(frozen=True)

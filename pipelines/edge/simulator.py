@@ -5,12 +5,11 @@ counts (largest remainder, then shuffled with the seed), ids `dev-00001`..., and
 folder each under `<state>/fleet/<device_id>`. Every round, every device polls once, in
 turn; a round's seconds are the wall time of all those polls on this host.
 
-Git: in `per-device` mode each device keeps its own shallow clone, as a real device does.
-In `shared` mode (the default above `PER_DEVICE_GIT_LIMIT` devices, where a thousand clones
-and fetches per round would dominate the run) one clone is fetched once per round and every
-device reads that round's objects. The bytes reported per device are then the shared
-clone's: exactly what each device's own incremental fetch would transfer, because every
-device polls every round and so sits at the same commit as the shared clone.
+Source: by default (`tuf`) every device reads its group's signed desired state from the TUF
+repository of the settings' store, each with its own metadata cache, as a real device does;
+a round first publishes the GitOps tip (`publish_desired_state`, a no-op when nothing
+changed), as the publisher does after every commit. With `git`, each device keeps its own
+shallow clone of the GitOps repository and checks the attested manifests itself.
 
 Traffic: with `serve`, after each round's polls every device runs its active models on
 `serve` requests drawn from the model's production-like data (the spec's
@@ -33,11 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.edge.agent import EdgeAgent
-from pipelines.edge.desired import GitSource
+from pipelines.edge.sources import GitDesiredState, TufDesiredState
 from pipelines.settings import Settings
 
-PER_DEVICE_GIT_LIMIT = 200
-GitMode = Literal["auto", "per-device", "shared"]
+SourceMode = Literal["tuf", "git"]
 
 
 @dataclass(frozen=True)
@@ -117,16 +115,6 @@ def _shifted(rows, shift: dict[str, float]):
     return rows
 
 
-class _RoundSource:
-    """The objects the shared clone fetched this round (shared mode)."""
-
-    def __init__(self) -> None:
-        self.objects: list[dict] = []
-
-    def fetch(self) -> list[dict]:
-        return self.objects
-
-
 def assign_groups(groups: list, devices: int, seed: int = 0) -> list:
     """`devices` group picks in proportion to each group's device count (largest remainder)."""
     total = sum(g.devices for g in groups)
@@ -155,24 +143,25 @@ class Fleet:
     """N agents on the settings' GitOps remote and artifact store; `poll_round()` runs one round."""
 
     def __init__(self, devices: int, settings: Settings, seed: int = 0, fleet_path: Path | None = None,
-                 git: GitMode = "auto", keep: bool = False):
+                 source: SourceMode = "tuf", keep: bool = False):
         from pipelines.finops.catalog import load_catalog, load_fleet
 
         if devices < 1:
             raise ValueError("a fleet needs at least one device")
         fleet = load_fleet(Path(fleet_path or settings.fleet_path), load_catalog())
         self.settings = settings
-        self.git_mode = git if git != "auto" else ("per-device" if devices <= PER_DEVICE_GIT_LIMIT else "shared")
+        self.source_mode = source
         self.root = settings.state / "fleet"
         # The simulator owns this folder: a previous run's devices would start converged, which
         # is what `keep` asks for (the same devices see the next release or a rollback).
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
         public_key = settings.signing_public_key or settings.signing_keys()[1]
-        self._shared: GitSource | None = None
-        self._round_source = _RoundSource()
-        if self.git_mode == "shared":
-            self._shared = GitSource(settings.remote, settings.gitops_branch, self.root / "_shared-gitops")
+        trusted_root = None
+        if source == "tuf":
+            from pipelines.edge.publish import ensure_repository
+
+            trusted_root = ensure_repository(settings).trusted_root()
         self.groups = {}
         self.agents: list[EdgeAgent] = []
         self.seed = seed
@@ -180,9 +169,13 @@ class Fleet:
         for index, group in enumerate(assign_groups(fleet.groups, devices, seed), start=1):
             device_id = f"dev-{index:05d}"
             folder = self.root / device_id
-            source = self._round_source if self._shared else \
-                GitSource(settings.remote, settings.gitops_branch, folder / "gitops")
-            self.agents.append(EdgeAgent(device_id, dict(group.labels), folder, source, public_key,
+            if source == "tuf":
+                device_source = TufDesiredState(settings.device_tuf_url, group.name, folder, trusted_root,
+                                                root_check_interval_s=0)
+            else:
+                device_source = GitDesiredState(settings.remote, settings.gitops_branch, folder / "gitops",
+                                                settings.store_url, public_key, settings.s3_endpoint_url)
+            self.agents.append(EdgeAgent(device_id, dict(group.labels), folder, device_source, public_key,
                                          settings.telemetry_url, settings.s3_endpoint_url, sessions=sessions,
                                          seed=seed))
             self.groups[device_id] = group.name
@@ -224,16 +217,23 @@ class Fleet:
         return {model: {version: dict(c) for version, c in sorted(by_version.items())}
                 for model, by_version in sorted(served.items())}
 
-    def _git_bytes(self) -> list[int]:
-        if self._shared is not None:
-            return [self._shared.stats[-1].bytes] * len(self.agents)
-        return [a.source.stats[-1].bytes if a.source.stats else 0 for a in self.agents]
+    def _source_bytes(self, before: list[int]) -> list[int]:
+        """Bytes each device's source brought in during this round."""
+        return [now - then for now, then in zip(self._wire_bytes(), before)]
+
+    def _wire_bytes(self) -> list[int]:
+        if self.source_mode == "tuf":
+            return [a.source.stats["wire_bytes"] for a in self.agents]
+        return [sum(s.bytes for s in a.source.stats) for a in self.agents]
 
     def poll_round(self) -> dict:
         """Every device polls once; returns this round's record (also kept in `rounds`)."""
+        if self.source_mode == "tuf":
+            from pipelines.edge.publish import publish_desired_state
+
+            publish_desired_state(self.settings)
+        before = self._wire_bytes()
         start = time.perf_counter()
-        if self._shared is not None:
-            self._round_source.objects = self._shared.fetch()
         states: Counter[str] = Counter()
         selected: dict[str, dict[str, str]] = {}  # model -> device -> desired version
         poll_ms: list[float] = []
@@ -254,11 +254,10 @@ class Fleet:
             on_desired = sum(1 for d, v in wanted.items() if by_id[d].installed_version(model) == v)
             models[model] = {"desired": sorted(set(wanted.values())), "selected": len(wanted),
                              "on_desired": on_desired, "versions": dict(sorted(versions.items()))}
-        git_bytes = self._git_bytes()
+        source_bytes = self._source_bytes(before)
         record = {"round": len(self.rounds) + 1, "seconds": round(seconds, 3),
-                  "git_kind": (self._shared.stats[-1].kind if self._shared else
-                               Counter(a.source.stats[-1].kind for a in self.agents).most_common(1)[0][0]),
-                  "git_bytes_per_device": {"mean": round(statistics.fmean(git_bytes), 1), "max": max(git_bytes)},
+                  "source_bytes_per_device": {"mean": round(statistics.fmean(source_bytes), 1),
+                                              "max": max(source_bytes)},
                   "device_poll_ms": _percentiles(poll_ms), "states": dict(sorted(states.items())), "models": models}
         self.rounds.append(record)
         return record
@@ -283,7 +282,7 @@ class Fleet:
         chosen = [downloads[d] for d in sorted(selected_devices)] or [0]
         artifact_bytes = [a.downloaded_bytes for a in self.agents if a.device_id in selected_devices] or [0]
         return {
-            "devices": len(self.agents), "git_mode": self.git_mode,
+            "devices": len(self.agents), "source": self.source_mode,
             "groups": dict(sorted(Counter(self.groups.values()).items())),
             "rounds": self.rounds, "converged_round": converged_round,
             "seconds_total": round(sum(r["seconds"] for r in self.rounds), 3),
@@ -296,11 +295,11 @@ class Fleet:
 
 
 def simulate(devices: int, rounds: int, settings: Settings, seed: int = 0, fleet_path: Path | None = None,
-             git: GitMode = "auto", keep: bool = False, serve: int = 0, faults: list[Fault] = ()) -> dict:
+             source: SourceMode = "tuf", keep: bool = False, serve: int = 0, faults: list[Fault] = ()) -> dict:
     """Run `rounds` polls of `devices` agents (fresh, or those of the last run with `keep`),
     each followed by `serve` requests per device and model; convergence per round and per
     model, and the traffic served."""
-    fleet = Fleet(devices, settings, seed, fleet_path, git, keep)
+    fleet = Fleet(devices, settings, seed, fleet_path, source, keep)
     served = []
     for _ in range(rounds):
         fleet.poll_round()
@@ -315,9 +314,9 @@ def simulate(devices: int, rounds: int, settings: Settings, seed: int = 0, fleet
 def format_convergence(result: dict) -> str:
     """The simulation as a table: one row per round, then downloads and convergence."""
     models = sorted({m for r in result["rounds"] for m in r["models"]})
-    lines = [f"Fleet of {result['devices']} devices (git: {result['git_mode']}); groups: "
+    lines = [f"Fleet of {result['devices']} devices (source: {result['source']}); groups: "
              + ", ".join(f"{g} {n}" for g, n in result["groups"].items()), ""]
-    header = f"{'round':>5}  {'seconds':>8}  {'git bytes/device':>16}  " + "  ".join(f"{m:<28}" for m in models) \
+    header = f"{'round':>5}  {'seconds':>8}  {'bytes/device':>12}  " + "  ".join(f"{m:<28}" for m in models) \
         + "  states"
     lines.append(header)
     for record in result["rounds"]:
@@ -329,9 +328,9 @@ def format_convergence(result: dict) -> str:
                 continue
             versions = ", ".join(f"v{v} {n}" if v != "none" else f"none {n}" for v, n in info["versions"].items())
             cells.append(f"{info['on_desired']}/{info['selected']} ({versions})"[:28].ljust(28))
-        git = f"{record['git_bytes_per_device']['mean']:,.0f} ({record['git_kind']})"
+        wire = f"{record['source_bytes_per_device']['mean']:,.0f}"
         states = ", ".join(f"{s} {n}" for s, n in record["states"].items())
-        lines.append(f"{record['round']:>5}  {record['seconds']:>8.2f}  {git:>16}  " + "  ".join(cells) + f"  {states}")
+        lines.append(f"{record['round']:>5}  {record['seconds']:>8.2f}  {wire:>12}  " + "  ".join(cells) + f"  {states}")
     downloads = result["downloads_per_device"]
     lines += ["", f"artifact downloads per device with a model: min {downloads['min']}, mean {downloads['mean']:.2f}, "
                   f"max {downloads['max']} ({downloads['devices_with_models']} devices, {downloads['total']} in all)"]

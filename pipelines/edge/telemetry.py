@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -136,12 +138,26 @@ def write_record(store: ObjectStore, record: dict) -> None:
     line = json.dumps(record, sort_keys=True, separators=(",", ":"))
     local = store.local_path(f"{key}.jsonl")
     if local is not None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        # One write() in append mode: concurrent writers never interleave a line.
-        with open(local, "a") as handle:
-            handle.write(line + "\n")
+        _append_no_follow(store.local_path(""), local, (line + "\n").encode())
     else:
         store.put_bytes(line.encode(), f"{key}-{int(moment.timestamp() * 1000)}.json")
+
+
+def _append_no_follow(root: Path, path: Path, data: bytes) -> None:
+    """Append `data` to `path` below `root` without following a symbolic link on the way: a
+    device's own disk may hold links planted to make it write elsewhere."""
+    folder = root
+    for part in path.relative_to(root).parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink():
+            raise OSError(f"{folder} is a symbolic link; telemetry is not written through links")
+        folder.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        # One write() in append mode: concurrent writers never interleave a line.
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def read_records(store: ObjectStore, model: str, since: datetime, until: datetime | None = None,

@@ -10,6 +10,7 @@ release is not committed again by a re-run.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -119,9 +120,11 @@ def choose_target(history: list[dict], target: str | None) -> dict:
 
 
 def rollback(remote: str, branch: str, model: str, target: str | None, reason: str, by: str,
-             author: tuple[str, str], work_dir: Path, details: str = "", expect_tree: str | None = None) -> Rollback:
+             author: tuple[str, str], work_dir: Path, details: str = "", expect_tree: str | None = None,
+             attest: Callable[[dict[str, str]], dict[str, str]] | None = None) -> Rollback:
     """Commit the target release's files again, marked as a rollback, with who and why
-    (`details` is appended to the commit message; `expect_tree`, see `repo.commit_release`)."""
+    (`details` is appended to the commit message; `expect_tree`, see `repo.commit_release`;
+    `attest` signs the files' desired state anew, see `pipelines.edge.desired_state`)."""
     if len(reason.strip()) < 5:
         raise RollbackError("reason: a rollback needs a reason (at least 5 characters)")
     history = release_history(remote, branch, model, work_dir)
@@ -136,6 +139,8 @@ def rollback(remote: str, branch: str, model: str, target: str | None, reason: s
     base["metadata"].setdefault("annotations", {}).update(
         {ROLLBACK_ANNOTATION: "true", ROLLBACK_FROM_ANNOTATION: current["version"]})
     files[_base_path(model)] = _dump(base)
+    if attest is not None:
+        files = attest(files)
     message = (f"rollback({model}): version {current['version']} -> {chosen['version']}\n\n"
                f"Rolled back by: {by}\nReason: {' '.join(reason.split())}\n"
                f"Restores the files of {chosen['commit']} (version {chosen['version']}, {chosen['checksum']}).\n"
