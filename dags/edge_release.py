@@ -21,7 +21,6 @@ happened).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from datetime import datetime, timedelta
@@ -32,9 +31,12 @@ from airflow.sdk import Asset, AssetOrTimeSchedule, Param, dag, get_current_cont
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from pipelines import connections
+from pipelines.edge import DESIRED_STATE_ASSET_URI
 from pipelines.specs import SpecError, discover_specs, load_spec
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
+# A commit to the GitOps branch raises it; edge_publish_desired_state runs on it.
+DESIRED_STATE_ASSET = Asset(DESIRED_STATE_ASSET_URI)
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=5), "retry_exponential_backoff": True}
 
 
@@ -51,38 +53,6 @@ def _stage(name: str, call):
         raise AirflowFailException(str(error)) from None
     get_current_context()["ti"].xcom_push(key="seconds", value=round(time.perf_counter() - start, 3))
     return record.to_xcom()
-
-
-SIGNING_CONNECTION = "edge_signing"
-
-
-@contextlib.contextmanager
-def _signing_settings():
-    """Settings whose signing keys come from the Airflow connection `edge_signing` when it
-    exists (private key PEM as its password, public key PEM as extra `public_key`), written
-    to private temporary files removed after use; otherwise the environment's settings."""
-    import shutil
-    import tempfile
-
-    from airflow.exceptions import AirflowNotFoundException
-    from airflow.sdk import Connection
-
-    from pipelines.settings import get_settings
-
-    try:
-        connection = Connection.get(SIGNING_CONNECTION)
-    except AirflowNotFoundException:
-        yield get_settings()
-        return
-    folder = Path(tempfile.mkdtemp(prefix="edge-signing-"))
-    try:
-        private, public = folder / "signing.key", folder / "signing.pub"
-        private.touch(mode=0o600)
-        private.write_text(connection.password or "")
-        public.write_text(connection.extra_dejson.get("public_key", ""))
-        yield get_settings().model_copy(update={"signing_key": private, "signing_public_key": public})
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def drift_asset(model: str) -> Asset:
@@ -330,12 +300,12 @@ def build_release_dag(spec_path: Path):
             from pipelines import release as stages
             from pipelines.records import ModelCard, QuantizationPlan, RegisteredVersion
 
-            with _signing_settings() as settings:
+            with connections.signing_settings() as settings:
                 return _stage("publish", lambda: stages.publish(
                     path, RegisteredVersion.model_validate(registered), QuantizationPlan.model_validate(plan),
                     ModelCard.model_validate(card), cost, settings=settings))
 
-        @task(**IO_RETRIES)
+        @task(**IO_RETRIES, outlets=[DESIRED_STATE_ASSET])
         def commit(data: dict, trained: dict, registered: dict, published: dict, plan: dict, verdicts: list,
                    cost: dict):
             from pipelines import release as stages
@@ -347,10 +317,15 @@ def build_release_dag(spec_path: Path):
                 TrainedModel,
             )
 
-            return _stage("commit", lambda: stages.commit(
-                path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
-                RegisteredVersion.model_validate(registered), PublishedArtifact.model_validate(published),
-                QuantizationPlan.model_validate(plan), _verdicts(verdicts, cost), _approval(), cost))
+            with connections.signing_settings() as settings:
+                result = _stage("commit", lambda: stages.commit(
+                    path, DataCheck.model_validate(data), TrainedModel.model_validate(trained),
+                    RegisteredVersion.model_validate(registered), PublishedArtifact.model_validate(published),
+                    QuantizationPlan.model_validate(plan), _verdicts(verdicts, cost), _approval(), cost,
+                    settings=settings))
+            if result.get("created"):
+                get_current_context()["outlet_events"][DESIRED_STATE_ASSET].extra = {"commit": result.get("commit")}
+            return result
 
         @task(trigger_rule="none_failed_min_one_success")
         def summarize(data: dict, trained: dict, plan: dict, registered: dict, verdicts: list, card: dict,

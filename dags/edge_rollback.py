@@ -13,9 +13,10 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from pipelines import connections
+from pipelines.edge import DESIRED_STATE_ASSET_URI
 from pipelines.specs import discover_specs
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -31,7 +32,7 @@ MODELS = sorted(discover_specs(SPECS_DIR)) or ["none"]
          "reason": Param("", type="string", minLength=5, description="Why (recorded in the commit and MLflow)."),
      })
 def edge_rollback():
-    @task(retries=2)
+    @task(retries=2, outlets=[Asset(DESIRED_STATE_ASSET_URI)])
     def roll_back():
         from airflow.exceptions import AirflowFailException
 
@@ -42,7 +43,9 @@ def edge_rollback():
         params = context["params"]
         by = getattr(context["dag_run"], "triggering_user_name", None) or "airflow"
         try:
-            result = rollback_release(params["model"], params["target"] or None, params["reason"], by)
+            with connections.signing_settings() as settings:
+                result = rollback_release(params["model"], params["target"] or None, params["reason"], by,
+                                          settings=settings, publish=False)
         except RollbackError as error:
             raise AirflowFailException(f"{params['model']}: {error}") from None
         print(f"ROLLED BACK {result.model}: version {result.from_version} -> {result.to_version}, "

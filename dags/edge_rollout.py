@@ -20,9 +20,10 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from pipelines import connections
+from pipelines.edge import DESIRED_STATE_ASSET_URI
 from pipelines.specs import SpecError, discover_specs, load_spec, parse_duration
 
 SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
@@ -36,11 +37,13 @@ def build_rollout_dag(spec_path: Path, spec):
          default_args={"pre_execute": connections.pre_execute},
          params={"dry_run": Param(False, type="boolean", description="Analyse only; commit nothing.")})
     def rollout():
-        @task(retries=2, retry_delay=timedelta(seconds=10))
+        @task(retries=2, retry_delay=timedelta(seconds=10), outlets=[Asset(DESIRED_STATE_ASSET_URI)])
         def analyze_and_act():
             from pipelines.rollout import step_rollout
 
-            result = step_rollout(spec_path, dry_run=bool(get_current_context()["params"]["dry_run"]))
+            with connections.signing_settings() as settings:
+                result = step_rollout(spec_path, dry_run=bool(get_current_context()["params"]["dry_run"]),
+                                      settings=settings, publish=False)
             print("\n".join(result.lines()))
             if result.commit:
                 print(f"{result.decision.upper()} committed: {result.commit}")

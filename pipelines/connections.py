@@ -11,18 +11,24 @@ variables `pipelines.settings` and the libraries read, in this task's process on
 | `edge_s3` (type aws) | login = access key id, password = secret key, extra `endpoint_url`, `region_name`, `artifact_store`, `telemetry_store` | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `EDGE_S3_ENDPOINT_URL`, `AWS_DEFAULT_REGION`, `EDGE_ARTIFACT_STORE`, `EDGE_TELEMETRY_STORE` |
 | `edge_gitops` | host = the remote URL, extra `branch`, login/password for HTTPS | `EDGE_GITOPS_REMOTE`, `EDGE_GITOPS_BRANCH`, an HTTP Authorization header for that URL through `GIT_CONFIG_*` (never in the URL, so never in a clone's config or a message) |
 
-The signing key has its own connection (`edge_signing`, see dags/edge_release.py), read into
-private temporary files only while the publish step runs. A connection's values win over the
+The keys have their own connection, `edge_signing` (`signing_settings()`): the release key's
+private PEM as its password, the public PEM as extra `public_key`, and the TUF repository's
+online keys as extras `tuf_snapshot_key` and `tuf_timestamp_key` (PEM). They are written to
+private temporary files only while a task that signs (publish, commit, rollout, rollback,
+the desired-state publisher) runs, and removed after it. A connection's values win over the
 worker's environment; a missing connection changes nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
-MLFLOW, S3, GITOPS = "edge_mlflow", "edge_s3", "edge_gitops"
+MLFLOW, S3, GITOPS, SIGNING = "edge_mlflow", "edge_s3", "edge_gitops", "edge_signing"
 
 
 def _airflow_connection(conn_id: str):
@@ -107,3 +113,37 @@ def pre_execute(context) -> None:
     """The `pre_execute` hook of every task in the product's DAGs (their `default_args`): the
     connections apply before the task reads any setting; a failure to read one fails the task."""
     apply_connections()
+
+
+@contextlib.contextmanager
+def signing_settings() -> Iterator[Any]:
+    """Settings whose keys come from the connection `edge_signing` when it exists (see the
+    module docstring), written to private temporary files removed after use; otherwise the
+    environment's settings."""
+    import shutil
+    import tempfile
+
+    from pipelines.settings import get_settings
+
+    connection = _airflow_connection(SIGNING)
+    if connection is None:
+        yield get_settings()
+        return
+    folder = Path(tempfile.mkdtemp(prefix="edge-signing-"))
+    folder.chmod(0o700)
+    try:
+        def write(name: str, text: str, mode: int = 0o600) -> Path:
+            path = folder / name
+            path.touch(mode=mode)
+            path.write_text(text)
+            return path
+
+        extra = _extra(connection)
+        update: dict[str, Any] = {"signing_key": write("signing.key", connection.password or ""),
+                                  "signing_public_key": write("signing.pub", extra.get("public_key", ""), 0o644)}
+        if extra.get("tuf_snapshot_key") and extra.get("tuf_timestamp_key"):
+            update["tuf_snapshot_key"] = write("snapshot.key", extra["tuf_snapshot_key"])
+            update["tuf_timestamp_key"] = write("timestamp.key", extra["tuf_timestamp_key"])
+        yield get_settings().model_copy(update=update)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

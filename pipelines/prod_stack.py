@@ -24,6 +24,7 @@ with (its process group).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -121,6 +122,12 @@ class ProductionStack:
             "EDGE_GITOPS_BRANCH": self.branch,
             "EDGE_SIGNING_KEY": str(keys / "signing.key"),
             "EDGE_SIGNING_PUBLIC_KEY": str(keys / "signing.pub"),
+            # The TUF repository: online keys as mounted files; devices read the repository's
+            # prefix over plain HTTP (public-read, as a CDN in front of the bucket would serve it).
+            "EDGE_TUF_ROOT_KEY": str(keys / "tuf-root.key"),
+            "EDGE_TUF_SNAPSHOT_KEY": str(keys / "tuf-snapshot.key"),
+            "EDGE_TUF_TIMESTAMP_KEY": str(keys / "tuf-timestamp.key"),
+            "EDGE_TUF_URL": f"tuf+{self.s3_url}/{BUCKETS['models']}/releases/tuf",
             **self.credentials,
         }
 
@@ -239,6 +246,8 @@ class ProductionStack:
         keys.mkdir(parents=True, exist_ok=True)
         os.chmod(keys, 0o700)
         generate_key_pair(keys / "signing.key", keys / "signing.pub")
+        for role in ("root", "snapshot", "timestamp"):
+            generate_key_pair(keys / f"tuf-{role}.key", keys / f"tuf-{role}.pub")
 
     def _create_buckets(self) -> None:
         import boto3
@@ -248,6 +257,11 @@ class ProductionStack:
                           region_name=self.credentials["AWS_DEFAULT_REGION"])
         for bucket in BUCKETS.values():
             s3.create_bucket(Bucket=bucket)
+        # Only the TUF repository is readable without credentials: devices fetch nothing else.
+        s3.put_bucket_policy(Bucket=BUCKETS["models"], Policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                           "Resource": f"arn:aws:s3:::{BUCKETS['models']}/releases/tuf/*"}]}))
 
 
 def _fernet_key() -> str:

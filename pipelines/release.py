@@ -392,7 +392,6 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     MLflow alias `champion` to this version once the commit has landed."""
     from pipelines import registry
     from pipelines.edge.desired_state import attest_commit
-    from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops import manifest, repo
     from pipelines.rollout import initial_rollout
 
@@ -438,8 +437,9 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
            f"{rollout['steps']}), control v{rollout['previousVersion']}\n" if rollout else "")
     )
     files[f"apps/{spec.name}/RELEASE.md"] = _release_notes(spec, registered, published, plan, verdicts, approval, cost)
-    files = attest_commit(settings, spec.name, files)
     review = [t.name for t in spec.targets if t.requires_review]
+    files = attest_commit(settings, spec.name, files,
+                          branch=f"release/{spec.name}/{registered.version}" if review else None)
     if review:
         # A device group that requires review puts the whole release on a review branch: the
         # base manifest is shared by every group, so no group can move without the others.
@@ -454,7 +454,6 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
     else:
         result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
                                      settings.work_dir / "gitops")
-        publish_after_commit(settings)
     registry.mark_version(settings.tracking_uri, spec.name, registered.version,
                           {"release_status": "released", "gitops_commit": result.commit},
                           alias=registry.CHAMPION_ALIAS)
@@ -608,16 +607,23 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
         published = timed("publish", publish, spec_path, registered, plan, card, cost.to_xcom())
         committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
                           approval, cost.to_xcom())
+        if committed.branch == (settings or get_settings()).gitops_branch:
+            # Without Airflow no publisher DAG runs after the commit: devices get it now.
+            from pipelines.edge.publish import publish_after_commit
+
+            publish_after_commit(settings or get_settings())
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
                      approval if decision.outcome == "await_approval" and not options.dry_run else None, timings,
                      trigger, cost.to_xcom(), settings, options)
 
 
 def rollback_release(model: str, target: str | None, reason: str, by: str, settings: Settings | None = None,
-                     details: str = "", expect_tree: str | None = None):
+                     details: str = "", expect_tree: str | None = None, publish: bool = True):
     """Put a model's previous release back: a GitOps commit saying who and why, MLflow's
     `champion` alias on the restored version, the rolled-back version tagged so it is not
-    committed again by a re-run of its release."""
+    committed again by a re-run of its release. `publish`: publish the desired state at once
+    (the CLI); Airflow's tasks leave it to the desired-state publisher DAG, which runs one at a
+    time."""
     from pipelines import registry
     from pipelines.edge.desired_state import attest_commit
     from pipelines.edge.publish import publish_after_commit
@@ -628,7 +634,8 @@ def rollback_release(model: str, target: str | None, reason: str, by: str, setti
                       (settings.git_author_name, settings.git_author_email), settings.work_dir / "gitops",
                       details=details, expect_tree=expect_tree,
                       attest=lambda files: attest_commit(settings, model, files))
-    publish_after_commit(settings)
+    if publish:
+        publish_after_commit(settings)
     registry.mark_version(settings.tracking_uri, model, result.from_version,
                           {"release_status": "rolled_back", "rolled_back_by": by, "rollback_reason": reason,
                            "rollback_commit": result.commit})

@@ -186,8 +186,9 @@ def _base_path(model: str) -> str:
 
 
 def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: datetime | None = None,
-                 dry_run: bool = False) -> RolloutStep:
-    """Analyse the model's canary and act on it by a commit (unless `dry_run`)."""
+                 dry_run: bool = False, publish: bool = True) -> RolloutStep:
+    """Analyse the model's canary and act on it by a commit (unless `dry_run`); `publish` the
+    desired state at once (the CLI; Airflow leaves it to the publisher DAG)."""
     import yaml
 
     from pipelines.edge.desired_state import attest_commit
@@ -218,7 +219,7 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
         from pipelines.release import rollback_release
 
         done = rollback_release(spec.name, result.previous_version, f"canary analysis failed: {result.reason}",
-                                ROLLOUT_BY, settings, details=details, expect_tree=tree)
+                                ROLLOUT_BY, settings, details=details, expect_tree=tree, publish=publish)
         return result.model_copy(update={"commit": done.commit})
     doc = yaml.safe_load(files[path])
     step = result.step + 1 if result.next_share < 100 else result.steps
@@ -229,5 +230,6 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
                f"{details}\n")
     committed = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message,
                                     (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
-    publish_after_commit(settings)
+    if publish:
+        publish_after_commit(settings)
     return result.model_copy(update={"commit": committed.commit})

@@ -1,7 +1,14 @@
-"""The edge side: an agent that reconciles one device against the GitOps repository.
+"""The edge side: signed desired state for devices, and an agent that acts only on it.
 
-Phones and small devices run no Kubernetes, so the agent resolves the kustomize overlays of
-`apps/<model>/` itself (`desired`), installs what selects the device after checking the
-checksum, the signature and a smoke inference (`agent`), and a simulator runs a fleet of
-agents to measure convergence (`simulator`). Nothing here imports MLflow or Airflow.
+Phones and small devices run no Kubernetes and cannot run git at fleet scale, so a publisher
+(`publish`) renders the GitOps tip, checked against the release key's attestation
+(`desired_state`), into one document per device group of a TUF repository in the artifact
+store (`tuf_repo`), which any static web server or CDN serves. The agent (`agent`) reads its
+group's document through python-tuf's client (`tuf_client`, `sources`), or the attested Git
+checkout itself (`desired` resolves the kustomize overlays as kustomize would), installs what
+selects the device after checking length, sha256, signature and a smoke inference, and a
+simulator runs a fleet of agents (`simulator`). Nothing here imports MLflow or Airflow.
 """
+
+# Raised by every commit to the GitOps branch; the desired-state publisher DAG runs on it.
+DESIRED_STATE_ASSET_URI = "edge-desired-state://gitops"

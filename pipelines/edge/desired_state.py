@@ -393,13 +393,18 @@ def entry_dict(entry: Entry) -> dict:
     return entry.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def attest_commit(settings, model: str, files: dict[str, str]) -> dict[str, str]:
-    """`files` of a commit the pipeline is about to make, with the model's attestation signed
-    by the release key (the previous one at the tip gives the sequence and the control)."""
+def attest_commit(settings, model: str, files: dict[str, str], branch: str | None = None) -> dict[str, str]:
+    """`files` of a commit the pipeline is about to make to `branch` (default: the GitOps
+    branch), with the model's attestation signed by the release key; the previous one on that
+    branch (else on the GitOps branch) gives the sequence and the control."""
     from pipelines.gitops import repo
 
     private_key, public = settings.signing_keys()
-    previous = repo.read_file(settings.remote, settings.gitops_branch, f"apps/{model}/{ATTESTATION_FILE}",
-                              settings.work_dir / "gitops") if repo.has_branch(settings.remote,
-                                                                              settings.gitops_branch) else None
+    path, work = f"apps/{model}/{ATTESTATION_FILE}", settings.work_dir / "gitops"
+    previous = None
+    for name in dict.fromkeys([branch or settings.gitops_branch, settings.gitops_branch]):
+        if repo.has_branch(settings.remote, name):
+            previous = repo.read_file(settings.remote, name, path, work)
+            if previous:
+                break
     return attest(model, files, settings.store_url, private_key, previous, public)

@@ -16,6 +16,7 @@ Review branches are never read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -153,12 +154,29 @@ def document(group: str, labels: dict[str, str], entries: list[Entry]) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
+@contextlib.contextmanager
+def _one_publisher(settings: Settings):
+    """One publication at a time on this machine: two would sign the same versions with
+    different contents. (Across machines the publisher DAG runs one at a time.)"""
+    import fcntl
+
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.work_dir / "tuf-publish.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def publish_desired_state(settings: Settings | None = None) -> DesiredStatePublished:
     """Render the GitOps tip into the TUF repository (see the module docstring)."""
+    settings = settings or get_settings()
+    with _one_publisher(settings):
+        return _publish(settings)
+
+
+def _publish(settings: Settings) -> DesiredStatePublished:
     from pipelines.finops.catalog import load_catalog, load_fleet
     from pipelines.gitops import repo as gitrepo
 
-    settings = settings or get_settings()
     keys = settings.tuf_keys()
     tuf = ensure_repository(settings)
     published = tuf.targets()
@@ -223,7 +241,8 @@ def refresh_timestamp(settings: Settings | None = None, force: bool = False):
     """Sign the timestamp again when it nears expiry (or `force`); the schedule's job."""
     settings = settings or get_settings()
     keys = settings.tuf_keys()
-    return ensure_repository(settings).refresh_timestamp(keys["snapshot"], keys["timestamp"], force=force)
+    with _one_publisher(settings):
+        return ensure_repository(settings).refresh_timestamp(keys["snapshot"], keys["timestamp"], force=force)
 
 
 def publish_after_commit(settings: Settings) -> DesiredStatePublished | None:

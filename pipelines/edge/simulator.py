@@ -149,7 +149,8 @@ class Fleet:
         if devices < 1:
             raise ValueError("a fleet needs at least one device")
         fleet = load_fleet(Path(fleet_path or settings.fleet_path), load_catalog())
-        self.settings = settings
+        # The publisher renders one document per group of this very fleet file.
+        self.settings = settings if fleet_path is None else settings.model_copy(update={"fleet_file": Path(fleet_path)})
         self.source_mode = source
         self.root = settings.state / "fleet"
         # The simulator owns this folder: a previous run's devices would start converged, which
@@ -161,7 +162,7 @@ class Fleet:
         if source == "tuf":
             from pipelines.edge.publish import ensure_repository
 
-            trusted_root = ensure_repository(settings).trusted_root()
+            trusted_root = ensure_repository(self.settings).trusted_root()
         self.groups = {}
         self.agents: list[EdgeAgent] = []
         self.seed = seed

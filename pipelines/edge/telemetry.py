@@ -145,7 +145,9 @@ def write_record(store: ObjectStore, record: dict) -> None:
 
 def _append_no_follow(root: Path, path: Path, data: bytes) -> None:
     """Append `data` to `path` below `root` without following a symbolic link on the way: a
-    device's own disk may hold links planted to make it write elsewhere."""
+    device's own disk may hold links planted to make it write elsewhere. The root itself is
+    configured, not planted: it is created when missing."""
+    root.mkdir(parents=True, exist_ok=True)
     folder = root
     for part in path.relative_to(root).parts[:-1]:
         folder = folder / part

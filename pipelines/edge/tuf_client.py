@@ -96,8 +96,9 @@ class ConditionalFetcher(_BoundedFetcher):
       `read_timeout` between bytes and `deadline_s` per download, else `SlowRetrievalError`.
 
     `clock` is the time source of deadlines and of the root-probe memory (its values are stored
-    in `cache_dir`; a value from the future, e.g. after a reboot, counts as expired). Not thread
-    safe, like python-tuf's Updater.
+    in `cache_dir`; a value from the future, e.g. after a reboot, counts as expired). `pool`
+    replaces the PoolManager, e.g. by a urllib3.ProxyManager (environment proxies are not read)
+    or one with a private CA. Not thread safe, like python-tuf's Updater.
     """
 
     def __init__(
@@ -357,13 +358,15 @@ class TufClient:
             self.refresh()
         return self._updater.get_targetinfo(path)
 
-    def target_bytes(self, path: str, max_length: int | None = None) -> bytes:
-        """The bytes of target `path`, verified (length and hashes); kept in `targets-tmp`.
+    def target_bytes(self, path: str, max_length: int | None = None) -> bytes | None:
+        """The bytes of target `path`, verified (length and hashes), or None if it is not signed.
 
-        Raises LookupError for an unknown target and DownloadLengthMismatchError when its
-        signed length exceeds `max_length`.
+        Kept in `targets-tmp`, so an unchanged target is read once. DownloadLengthMismatchError
+        when its signed length exceeds `max_length`.
         """
-        info = self._require(path)
+        info = self.targetinfo(path)
+        if info is None:
+            return None
         if max_length is not None and info.length > max_length:
             raise DownloadLengthMismatchError(f"{path}: {info.length} bytes signed, {max_length} allowed")
         local = self._updater.find_cached_target(info) or self._updater.download_target(info)
@@ -372,7 +375,8 @@ class TufClient:
     def download(self, path: str, dest: Path) -> int:
         """Write target `path`, verified, to `dest` (replaced atomically); returns its length.
 
-        On failure `dest` is left as it was and no partial file remains.
+        LookupError for a target that is not signed. On failure `dest` is left as it was and no
+        partial file remains.
         """
         info = self._require(path)
         dest = Path(dest)

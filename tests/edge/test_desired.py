@@ -129,15 +129,16 @@ def test_select_matches_label_subsets_and_records_conflicts():
         _obj("meter", "phones-eu", {"apexlogic.dev/device-class": "android-phone", "region": "eu"}),
         _obj("meter", "all-phones", {"apexlogic.dev/device-class": "android-phone"}),
         _obj("meter", "tablets", {"apexlogic.dev/device-class": "android-tablet"}),
-        _obj("ocr", "everyone", {}),
+        _obj("ocr", "empty-selector", {}),
         _obj("fraud", "nobody", None),
     ]
     conflicts: list[Conflict] = []
     chosen = select(objects, phone, conflicts)
-    assert [(model_of(o), group_of(o)) for o in chosen] == [("meter", "all-phones"), ("ocr", "everyone")]
+    # An empty selector selects no device: it must never mean "every device".
+    assert [(model_of(o), group_of(o)) for o in chosen] == [("meter", "all-phones")]
     assert conflicts == [Conflict("meter", "all-phones", ("phones-eu",))]
-    assert select(objects, {"apexlogic.dev/device-class": "ios-phone"}) == [objects[3]]
-    assert select(objects, {}) == [objects[3]]
+    assert select(objects, {"apexlogic.dev/device-class": "ios-phone"}) == []
+    assert select(objects, {}) == []
 
 
 def test_in_rollout_is_deterministic_and_near_the_share():

@@ -115,18 +115,22 @@ def test_both_demo_specs_release_at_once_on_the_production_stack(stack):
     print(f"\nproduction stack up in {stack.started_in:.0f} s; both demo releases at once: {seconds:.0f} s")
 
 
-def test_a_fleet_reconciles_from_git_daemon_and_reports_telemetry_to_s3(stack):
-    """Devices take the manifests over git://, the ONNX files from S3 (signature checked), and
-    write their telemetry to the S3 telemetry store."""
+def test_a_fleet_updates_over_http_from_the_tuf_repository_and_reports_telemetry_to_s3(stack):
+    """Devices take their group's signed desired state and the ONNX files over plain HTTP from
+    the TUF repository in the S3 store (every byte verified), and write their telemetry to the
+    S3 telemetry store; one device on Git checks the attested manifests over git://."""
     from pipelines.edge.simulator import Fleet
     from pipelines.edge.telemetry import read_records
     from pipelines.storage import ObjectStore
 
     settings = Settings()
     began = datetime.now(timezone.utc) - timedelta(seconds=1)
-    fleet = Fleet(12, settings, seed=3, git="per-device")
+    assert settings.device_tuf_url.startswith("tuf+http://127.0.0.1:")
+    fleet = Fleet(12, settings, seed=3)
     fleet.poll_round()
     record = fleet.poll_round()
+    assert record["states"].get("failed", 0) == 0 and record["states"].get("refused", 0) == 0, record
+    assert record["source_bytes_per_device"]["max"] < 1000, record  # a quiet poll: one 304
     assert set(record["models"]) >= set(DEMO), record
     for model in DEMO:
         assert record["models"][model]["selected"] > 0
@@ -140,6 +144,10 @@ def test_a_fleet_reconciles_from_git_daemon_and_reports_telemetry_to_s3(stack):
         assert inference and all(r["model"] == model for r in inference)
         assert sum(v["requests"] for v in served[model].values()) == 5 * record["models"][model]["selected"]
     assert any(key.startswith("fleet/telemetry/") for key in _s3_keys(stack, "edge-telemetry"))
+    # An operator's device on Git: the attested manifests over git://, the files from S3.
+    git_round = Fleet(2, settings, seed=5, source="git").poll_round()
+    assert git_round["states"].get("active", 0) > 0 and not git_round["states"].get("refused"), git_round
+    assert not git_round["states"].get("failed"), git_round
 
 
 def test_four_releases_in_parallel_lose_no_commit_and_no_version(stack):
