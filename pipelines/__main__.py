@@ -182,6 +182,20 @@ def _tuf_command(args) -> int:
         elif args.command == "tuf-root":
             args.output.write_bytes(publish.ensure_repository(settings).trusted_root())
             print(f"wrote {args.output}")
+        elif args.command == "tuf-rotate":
+            keys = settings.tuf_keys()
+            root = args.root_key or keys["root"]
+            if root is None:
+                print("error: --root-key: the current root key is needed to sign a new root", file=sys.stderr)
+                return 2
+            replace = {role: getattr(args, f"new_{role}_key") for role in ("snapshot", "timestamp")
+                       if getattr(args, f"new_{role}_key")}
+            version = publish.repository(settings).rotate_root(
+                [root], [args.new_root_key] if args.new_root_key else None, replace=replace,
+                snapshot_key=replace.get("snapshot", keys["snapshot"]),
+                timestamp_key=replace.get("timestamp", keys["timestamp"]), targets_key=keys["targets"])
+            changed = ", ".join(["root"] * bool(args.new_root_key) + sorted(replace)) or "nothing (expiry renewed)"
+            print(f"root v{version} signed; new keys: {changed}")
         elif args.refresh_only:
             print(publish.refresh_timestamp(settings).line())
         else:
@@ -280,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--json", action="store_true")
     tuf_init = commands.add_parser("tuf-init", help="create the TUF repository (with the offline root key)")
     tuf_init.add_argument("--root-key", type=Path, default=None, help="default: $EDGE_TUF_ROOT_KEY or the demo key")
+    rotate = commands.add_parser("tuf-rotate", help="sign a new TUF root: rotate the root key, or revoke and "
+                                                    "replace a leaked online key")
+    rotate.add_argument("--root-key", type=Path, default=None,
+                        help="the current root key (default: $EDGE_TUF_ROOT_KEY or the demo key)")
+    rotate.add_argument("--new-root-key", type=Path, default=None, help="replace the root key by this one")
+    for role in ("snapshot", "timestamp"):
+        rotate.add_argument(f"--new-{role}-key", type=Path, default=None,
+                            help=f"revoke the {role} key and trust this one (private PEM; configure it as "
+                                 f"EDGE_TUF_{role.upper()}_KEY afterwards)")
     tuf_root = commands.add_parser("tuf-root", help="write the trusted root.json devices are provisioned with")
     tuf_root.add_argument("--output", type=Path, required=True)
     ui = commands.add_parser("ui", help="the Airflow UI and the MLflow UI on the embedded state, on 127.0.0.1")
@@ -402,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(result.lines()))
             if result.commit:
                 print(f"commit: {result.commit}")
-        elif args.command in ("publish-desired-state", "tuf-init", "tuf-root"):
+        elif args.command in ("publish-desired-state", "tuf-init", "tuf-root", "tuf-rotate"):
             return _tuf_command(args)
         elif args.command == "schema":
             from pipelines.specs import json_schema
