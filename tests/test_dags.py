@@ -98,3 +98,18 @@ def test_an_invalid_spec_gets_a_failing_dag_and_spares_the_others(tmp_path, monk
     bad = bag.dags["edge_release__bad-model"]
     assert [t.task_id for t in bad.tasks] == ["spec_is_invalid"]
     assert "finops.monthlyBudgetUsd" in bad.description
+
+
+def test_every_gitops_commit_raises_the_desired_state_asset_and_the_publisher_runs_on_it():
+    from pipelines.edge import DESIRED_STATE_ASSET_URI
+
+    bag = _bag()
+    publisher = bag.dags["edge_publish_desired_state"]
+    assert type(publisher.timetable).__name__ == "AssetOrTimeSchedule"
+    assert [t.task_id for t in publisher.tasks] == ["publish"] and publisher.max_active_runs == 1
+    committing = [bag.dags["edge_release__adult-income"].get_task("commit"),
+                  bag.dags["edge_rollback"].get_task("roll_back")]
+    committing += [d.get_task("analyze_and_act") for i, d in bag.dags.items() if i.startswith("edge_rollout__")]
+    assert len(committing) >= 3
+    for task in committing:
+        assert DESIRED_STATE_ASSET_URI.rstrip("/") in {o.uri.rstrip("/") for o in task.outlets}, task.task_id
