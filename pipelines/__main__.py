@@ -107,6 +107,10 @@ def _edge_agent(args) -> int:
 
     try:
         labels = parse_labels(args.labels)
+    except ValueError as error:
+        print(f"error: --labels: {error}", file=sys.stderr)
+        return 2
+    try:
         check_name(args.device_id, "device id")
         if args.group is not None:
             check_name(args.group, "device group")
