@@ -124,7 +124,6 @@ class ProductionStack:
             "EDGE_SIGNING_PUBLIC_KEY": str(keys / "signing.pub"),
             # The TUF repository: online keys as mounted files; devices read the repository's
             # prefix over plain HTTP (public-read, as a CDN in front of the bucket would serve it).
-            "EDGE_TUF_ROOT_KEY": str(keys / "tuf-root.key"),
             "EDGE_TUF_SNAPSHOT_KEY": str(keys / "tuf-snapshot.key"),
             "EDGE_TUF_TIMESTAMP_KEY": str(keys / "tuf-timestamp.key"),
             "EDGE_TUF_URL": f"tuf+{self.s3_url}/{BUCKETS['models']}/releases/tuf",
@@ -183,6 +182,7 @@ class ProductionStack:
                 parallelism=self.concurrency, log_dir=self.root / "logs")
             self.airflow.start(timeout)
             self._create_buckets()
+            self._create_tuf_repository()
         except BaseException:
             self.stop()
             raise
@@ -248,6 +248,16 @@ class ProductionStack:
         generate_key_pair(keys / "signing.key", keys / "signing.pub")
         for role in ("root", "snapshot", "timestamp"):
             generate_key_pair(keys / f"tuf-{role}.key", keys / f"tuf-{role}.pub")
+
+    def _create_tuf_repository(self) -> None:
+        """The offline step of a deployment: the TUF repository created with the root key,
+        which no worker holds."""
+        keys = self.root / "secrets"
+        env = {**os.environ, **self.edge_env, "PYTHONWARNINGS": "ignore"}
+        done = subprocess.run([sys.executable, "-m", "pipelines", "tuf-init", "--root-key", str(keys / "tuf-root.key")],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"tuf-init failed: {done.stderr.strip()[-500:]}")
 
     def _create_buckets(self) -> None:
         import boto3

@@ -104,9 +104,11 @@ class Settings(BaseSettings):
         """Key files by TUF role: targets is the release signing key; root only where it is
         configured (offline in production), demo keys under the state folder otherwise."""
         targets = self.signing_keys()[0]
-        if self.tuf_snapshot_key or self.tuf_timestamp_key:
+        if self.tuf_snapshot_key or self.tuf_timestamp_key or self.signing_key:
+            # Configured keys (production): never fall back to demo keys beside them.
             if not (self.tuf_snapshot_key and self.tuf_timestamp_key):
-                raise ValueError("EDGE_TUF_SNAPSHOT_KEY and EDGE_TUF_TIMESTAMP_KEY are set together")
+                raise ValueError("EDGE_TUF_SNAPSHOT_KEY and EDGE_TUF_TIMESTAMP_KEY must be set (with "
+                                 "EDGE_SIGNING_KEY, the TUF repository's online keys are configured too)")
             return {"root": self.tuf_root_key, "targets": targets, "snapshot": self.tuf_snapshot_key,
                     "timestamp": self.tuf_timestamp_key}
         from pipelines.edge.tuf_repo import ensure_demo_tuf_keys

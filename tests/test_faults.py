@@ -7,11 +7,13 @@ Retry counts and delays are the product's own module constants, made small here.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import threading
@@ -425,7 +427,7 @@ def test_a_device_keeps_serving_when_its_telemetry_store_fails(published, tmp_pa
 
     from pipelines.edge import telemetry
     from pipelines.edge.agent import EdgeAgent
-    from pipelines.edge.desired import GitSource
+    from pipelines.edge.sources import GitDesiredState
 
     remote = tmp_path / "gitops.git"
     _commit(published, remote)
@@ -439,7 +441,19 @@ def test_a_device_keeps_serving_when_its_telemetry_store_fails(published, tmp_pa
         day = datetime.now(timezone.utc)
         log = root / f"{telemetry.record_key('fault-model', 'phones', 'dev-f', day)}.jsonl"
         log.parent.mkdir(parents=True)
-        log.symlink_to("/dev/full")  # every write: ENOSPC
+        # The device's own log file is /dev/full (a character device, not a link: the agent
+        # opens telemetry files with O_NOFOLLOW): every write fails with ENOSPC.
+        try:
+            os.mknod(log, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+        except PermissionError:  # no CAP_MKNOD: fail the same writes at the system call
+            real_write = os.write
+
+            def full(fd, data):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(log):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real_write(fd, data)
+
+            monkeypatch.setattr(os, "write", full)
         root, expected = root.as_uri(), "No space left on device"
     else:
         for name, value in {"AWS_ACCESS_KEY_ID": "AKIAEDGEFAULTS", "AWS_SECRET_ACCESS_KEY": "edge-faults-secret",
@@ -448,8 +462,9 @@ def test_a_device_keeps_serving_when_its_telemetry_store_fails(published, tmp_pa
         endpoint = f"http://127.0.0.1:{_free_port()}"
         root, expected = "s3://edge-telemetry/fleet", "Could not connect to the endpoint URL"
     folder = tmp_path / "device"
-    agent = EdgeAgent("dev-f", {"apexlogic.dev/device-class": "android-phone"}, folder,
-                      GitSource(str(remote), "main", folder / "gitops"), published.settings.signing_keys()[1],
+    public_key = published.settings.signing_keys()[1]
+    source = GitDesiredState(str(remote), "main", folder / "gitops", published.settings.store_url, public_key)
+    agent = EdgeAgent("dev-f", {"apexlogic.dev/device-class": "android-phone"}, folder, source, public_key,
                       root, endpoint)
 
     [result] = agent.poll_once()

@@ -49,7 +49,7 @@ from typing import Literal
 from pipelines.edge import telemetry
 from pipelines.edge.desired import Conflict, in_rollout
 from pipelines.edge.desired_state import MAX_BUNDLE_BYTES, Entry, Release, check_name, is_dns_label
-from pipelines.edge.sources import DesiredStateSource, DownloadError, StaleError
+from pipelines.edge.sources import DesiredStateSource, DownloadError, RefusedError, StaleError
 from pipelines.errors import one_line
 from pipelines.storage import ObjectStore, sha256_file
 
@@ -277,7 +277,7 @@ class EdgeAgent:
             log.error("%s unreadable (%s); rebuilding it from the active links", self.state_file, one_line(error))
             loaded = {}
         state, problem = _clean_state(loaded, self.device_id)
-        if problem and loaded:
+        if problem:
             log.error("%s has the wrong shape (%s); rebuilding it from the active links", self.state_file, problem)
         return state
 
@@ -375,10 +375,11 @@ class EdgeAgent:
         try:
             desired = self.source.fetch()
         except Exception as error:  # any source failure: keep serving what is installed
-            stale = isinstance(error, StaleError)
-            message = f"{'desired state is stale' if stale else 'desired state unavailable'}: {one_line(error, 300)}"
+            state, what = ("stale", "desired state is stale") if isinstance(error, StaleError) else \
+                ("refused", "desired state refused") if isinstance(error, RefusedError) else \
+                ("failed", "desired state unavailable")
+            message = f"{what}: {one_line(error, 300)}"
             log.warning("%s: %s", self.device_id, message)
-            state = "stale" if stale else "failed"
             results = [AgentResult(m, info.get("version"), state, message, group=info.get("group"))
                        for m, info in sorted(self.state["models"].items())]
             results = results or [AgentResult("-", None, state, message)]
@@ -391,6 +392,9 @@ class EdgeAgent:
         results = []
         known = {e.model for e in desired.entries} | set(selected) | set(self.state["models"]) | set(desired.refused)
         for model in sorted(known):
+            if not is_dns_label(model):  # no source lets one through; never a path, never reported
+                results.append(AgentResult(model[:63], None, "refused", f"model name {model[:63]!r} is not a DNS label"))
+                continue
             if model in desired.refused and model not in selected:
                 results.append(AgentResult(model, self.installed_version(model), "refused", desired.refused[model],
                                            group=(self.state["models"].get(model) or {}).get("group")))
@@ -582,10 +586,11 @@ class EdgeAgent:
                         self.telemetry_error)
 
     def _report(self, results: list[AgentResult]) -> None:
-        """One status record per result; models that do not select the device are not reported."""
+        """One status record per result; models that do not select the device, and names that are
+        not DNS labels (they become paths in the telemetry store), are not reported."""
         ts = telemetry.timestamp(telemetry.utc_now())
         for result in results:
-            if result.state == "not_selected" or result.model == "-":
+            if result.state == "not_selected" or not is_dns_label(result.model):
                 continue
             record = {"kind": "status", "device_id": self.device_id, "model": result.model,
                       "version": result.version, "state": result.state, "error": result.error,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from pipelines.errors import one_line
 
 DOWNLOAD_DEADLINE_S = 300.0
 _CHUNK = 1 << 16
+
+
+class RefusedError(SourceError):
+    """The desired state failed verification (a signature, version, length or hash): an attack
+    or a broken repository, not an outage."""
 
 
 class StaleError(SourceError):
@@ -185,6 +191,14 @@ class GitDesiredState:
 
 # --- TUF -------------------------------------------------------------------------------------
 
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S*?/(?:[0-9a-f]{64}\.)?([^/\s]+?): ")
+
+
+def _tuf_reason(error: Exception) -> str:
+    """python-tuf's message in one line, each URL its fetchers put in front cut to the file's
+    name: a full target URL (two digests) would crowd the reason out of the 200 characters."""
+    return one_line(_URL.sub(r"\1: ", str(error)), 200)
+
 
 def group_target(group: str) -> str:
     """The TUF target path of a device group's desired-state document."""
@@ -215,11 +229,11 @@ class TufDesiredState:
             self.client.refresh()
             data = self.client.target_bytes(group_target(self.group))
         except exceptions.ExpiredMetadataError as error:
-            raise StaleError(f"the signed desired state has expired: {one_line(error, 200)}") from None
+            raise StaleError(f"the signed desired state has expired: {_tuf_reason(error)}") from None
         except exceptions.RepositoryError as error:
-            raise SourceError(f"refused by TUF ({type(error).__name__}): {one_line(error, 200)}") from None
+            raise RefusedError(f"refused by TUF ({type(error).__name__}): {_tuf_reason(error)}") from None
         except exceptions.DownloadError as error:
-            raise SourceError(f"download failed ({type(error).__name__}): {one_line(error, 200)}") from None
+            raise SourceError(f"download failed ({type(error).__name__}): {_tuf_reason(error)}") from None
         except OSError as error:
             raise SourceError(f"cannot keep TUF metadata: {error.strerror or error}") from None
         if data is None:
@@ -250,7 +264,7 @@ class TufDesiredState:
         try:
             self.client.download(ref.path, target)
         except exceptions.RepositoryError as error:
-            raise DownloadError(f"{ref.path}: refused by TUF ({type(error).__name__}): {one_line(error, 200)}") \
+            raise DownloadError(f"{ref.path}: refused by TUF ({type(error).__name__}): {_tuf_reason(error)}") \
                 from None
         except exceptions.DownloadError as error:
-            raise DownloadError(f"{ref.path}: {type(error).__name__}: {one_line(error, 200)}") from None
+            raise DownloadError(f"{ref.path}: {type(error).__name__}: {_tuf_reason(error)}") from None

@@ -148,8 +148,11 @@ def _append_no_follow(root: Path, path: Path, data: bytes) -> None:
     device's own disk may hold links planted to make it write elsewhere. The root itself is
     configured, not planted: it is created when missing."""
     root.mkdir(parents=True, exist_ok=True)
+    parts = path.relative_to(root).parts
+    if any(part in ("", ".", "..") for part in parts):
+        raise OSError(f"{path}: a '..' in a telemetry key; nothing is written outside {root}")
     folder = root
-    for part in path.relative_to(root).parts[:-1]:
+    for part in parts[:-1]:
         folder = folder / part
         if folder.is_symlink():
             raise OSError(f"{folder} is a symbolic link; telemetry is not written through links")

@@ -1,7 +1,12 @@
 """The edge agent against a real release: install, tampering, crash safety, backoff, fleet, CLI.
 
-One release for the module (about 15 s). Every test gets its own copy of the GitOps remote
-and of the artifact (a `World`), so tampering never leaks into the next test.
+One release for the module (about 12 s). Every test gets a `World`: its own copy of the
+GitOps remote, of the artifact store (the released model under its real key
+`models/<model>/<sha256>/model.onnx`) and of the pipeline's settings, with the release key.
+`World.release` does what the pipeline does for a new version (edit the base manifest,
+attest it with the release key, commit, push, publish the TUF repository); `World.hand_edit`
+is a Git writer without the key. Devices read the TUF repository (`tuf+file://`) by default,
+or the attested Git checkout (`source="git"`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -22,39 +30,45 @@ from conftest import ROOT, tabular_frame, write_spec
 
 from pipelines.edge import telemetry
 from pipelines.edge.agent import EdgeAgent
-from pipelines.edge.desired import GitSource, in_rollout
-from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
+from pipelines.edge.desired import in_rollout
+from pipelines.edge.desired_state import ROLLBACK_ANNOTATION, attest_commit
+from pipelines.edge.publish import DesiredStatePublished, ensure_repository, publish_desired_state
+from pipelines.edge.sources import GitDesiredState, TufDesiredState
+from pipelines.gitops import repo
 from pipelines.gitops.signing import generate_key_pair, sign_artifact
 from pipelines.settings import Settings
-from pipelines.storage import sha256_file
+from pipelines.storage import ObjectStore, sha256_file
 
 MODEL = "edge-model"
 BASE = f"apps/{MODEL}/base/mobileaimodeldeployment.yaml"
+OVERLAY = f"apps/{MODEL}/overlays/phones/kustomization.yaml"
+GROUP = "meter-phones-android"  # the fleet file's group whose labels the release's selector matches
 PHONE = {"apexlogic.dev/device-class": "android-phone", "app": "meter-reading"}
+SOURCES = ["tuf", "git"]
 
 
-def _git(*args: str, cwd: Path | None = None) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory):
-    """One real release of a tiny spec targeting android phones, in its own state folder."""
+def release_model(folder: Path, name: str = MODEL, **spec) -> dict:
+    """One real release of a tiny spec (targeting android phones unless `spec` says otherwise)
+    in `folder/state`: its settings (which keep pointing there) and summary."""
     from pipelines.release import run_release
 
-    folder = tmp_path_factory.mktemp("edge-agent")
     previous = os.environ.get("EDGE_STATE_DIR")
     os.environ["EDGE_STATE_DIR"] = str(folder / "state")
     try:
         tabular_frame().to_csv(folder / "data.csv", index=False)
-        summary = run_release(write_spec(folder, MODEL, "data.csv"))
+        summary = run_release(write_spec(folder, name, "data.csv", **spec))
         assert summary.status == "released", summary.reasons
-        yield {"settings": Settings(), "summary": summary}
+        return {"settings": Settings(), "summary": summary}
     finally:
         if previous is None:
             os.environ.pop("EDGE_STATE_DIR", None)
         else:
             os.environ["EDGE_STATE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return release_model(tmp_path_factory.mktemp("edge-agent"))
 
 
 class Clock:
@@ -65,64 +79,160 @@ class Clock:
         return self.now
 
 
-class World:
-    """A private copy of the remote and the artifact, and helpers to change them."""
+@dataclass(frozen=True)
+class Released:
+    """A released model file in the original store."""
 
-    def __init__(self, released: dict, tmp: Path):
-        settings, summary = released["settings"], released["summary"]
+    path: Path
+    sha: str
+    size: int
+
+
+class World:
+    """A private GitOps remote, artifact store, TUF repository and telemetry store, and the
+    pipeline's moves on them (with the release key) and an intruder's (without it).
+
+    `released` is what `release_model` returned, plus `others` (model -> summary) for further
+    models released into the same state folder.
+    """
+
+    def __init__(self, released: dict, tmp: Path, *, store_url: str | None = None, s3_endpoint: str | None = None,
+                 tuf_url: str | None = None, telemetry_url: str | None = None):
+        source = released["settings"]
+        summaries = {MODEL: released["summary"], **released.get("others", {})}
         self.tmp = tmp
         self.remote = tmp / "remote.git"
-        shutil.copytree(settings.remote, self.remote)
-        self.private_key, self.public_key = settings.signing_keys()
-        self.artifact = Path(unquote(urlparse(summary.artifact_uri).path))
-        self.sha = summary.artifact_sha256
+        shutil.copytree(source.remote, self.remote)
+        self.private_key, self.public_key = source.signing_keys()
+        tuf_keys = source.tuf_keys()  # the release's demo TUF keys, configured explicitly here
+        self.models = {}
+        for model, summary in summaries.items():
+            path = Path(unquote(urlparse(summary.artifact_uri).path))
+            self.models[model] = Released(path, summary.artifact_sha256, path.stat().st_size)
+        self.artifact, self.sha, self.size = self.models[MODEL].path, self.models[MODEL].sha, self.models[MODEL].size
         self.telemetry = tmp / "telemetry"
+        self.store_dir = tmp / "store"
         self.clock = Clock()
-        self.work = tmp / "work"
-        _git("clone", "-q", str(self.remote), str(self.work))
-        self.commit(lambda doc: self.point_at(doc, self.publish("v1")))
+        self.settings = Settings(
+            state_dir=tmp / "state", artifact_store=store_url or self.store_dir.as_uri(),
+            gitops_remote=str(self.remote), signing_key=self.private_key, signing_public_key=self.public_key,
+            telemetry_store=telemetry_url or self.telemetry.as_uri(), s3_endpoint_url=s3_endpoint, tuf_url=tuf_url,
+            tuf_root_key=tuf_keys["root"], tuf_snapshot_key=tuf_keys["snapshot"],
+            tuf_timestamp_key=tuf_keys["timestamp"])
+        self.tuf_url = self.settings.device_tuf_url
+        self.store = ObjectStore(self.settings.store_url, s3_endpoint)
+        self.genuine: dict[str, dict[str, str]] = {}  # model -> its files as the pipeline last committed them
+        for model in self.models:  # the pipeline's commit of each model, pointing at this store
+            self.release("1", model=model, publish=False)
+        self.published = publish_desired_state(self.settings)
+        assert self.published.refused == {}, self.published.refused
+        self.trusted_root = ensure_repository(self.settings).trusted_root()
 
-    def publish(self, name: str) -> Path:
-        """A copy of the released artifact and its bundle under store/<name>/."""
-        folder = self.tmp / "store" / name
-        folder.mkdir(parents=True)
-        shutil.copyfile(self.artifact, folder / "model.onnx")
-        shutil.copyfile(f"{self.artifact}.sig", folder / "model.onnx.sig")
-        return folder / "model.onnx"
+    # -- the store ---------------------------------------------------------------------------
+    def key(self, variant: str | None = None, sha: str | None = None, model: str = MODEL) -> str:
+        """The store key of a model file: `models/<model>/<sha>/[variants/<variant>/]model.onnx`."""
+        middle = f"variants/{variant}/" if variant else ""
+        return f"models/{model}/{sha or self.models[model].sha}/{middle}model.onnx"
 
-    @staticmethod
-    def point_at(doc: dict, artifact: Path) -> None:
+    def put(self, variant: str | None = None, model: str = MODEL) -> str:
+        """The released artifact and its bundle under `key(variant)`; the key."""
+        key = self.key(variant, model=model)
+        self.store.put_file(self.models[model].path, key)
+        self.store.put_file(f"{self.models[model].path}.sig", f"{key}.sig")
+        return key
+
+    def path(self, key: str) -> Path:
+        """The local file of a key (file:// stores)."""
+        return self.store.local_path(key)
+
+    # -- Git ---------------------------------------------------------------------------------
+    def files(self, model: str = MODEL) -> dict[str, str]:
+        """The model's files at the tip of the GitOps branch."""
+        return repo.app_files(self.settings.remote, "main", model, self.settings.work_dir / "gitops")[0]
+
+    def commit(self, edit: Callable[[dict[str, str]], None], *, attest: bool = True, model: str = MODEL,
+               message: str = "edit", publish: bool = True) -> DesiredStatePublished | None:
+        """Edit the model's files, commit, push, and publish the TUF repository. With `attest`
+        this is the pipeline: it starts from what it committed last and signs the result with
+        the release key. Without, a Git writer who holds no key edits the tip."""
+        files = dict(self.genuine.get(model) or self.files(model)) if attest else self.files(model)
+        edit(files)
+        if attest:
+            files = attest_commit(self.settings, model, files)
+            self.genuine[model] = files
+        repo.commit_release(self.settings.remote, "main", model, files, message,
+                            ("test", "test@example.com"), self.settings.work_dir / "gitops")
+        return publish_desired_state(self.settings) if publish else None
+
+    def edit_base(self, change: Callable[[dict], None], *, attest: bool = True, model: str = MODEL,
+                  publish: bool = True) -> DesiredStatePublished | None:
+        base = f"apps/{model}/base/mobileaimodeldeployment.yaml"
+
+        def edit(files: dict[str, str]) -> None:
+            doc = yaml.safe_load(files[base])
+            change(doc)
+            files[base] = yaml.safe_dump(doc, sort_keys=False)
+
+        return self.commit(edit, attest=attest, model=model, publish=publish)
+
+    def hand_edit(self, change: Callable[[dict], None]) -> DesiredStatePublished:
+        """A commit by someone who can push but holds no key; then the publisher runs."""
+        return self.edit_base(change, attest=False)
+
+    def point_at(self, doc: dict, key: str, sha: str | None = None, size: int | None = None,
+                 model: str = MODEL) -> None:
         ref = doc["spec"]["modelRef"]
-        ref["sourceUri"] = artifact.as_uri()
-        ref["signatureRef"] = {"uri": Path(f"{artifact}.sig").as_uri()}
+        ref["sourceUri"] = self.store.uri(key)
+        ref["signatureRef"] = {"uri": self.store.uri(f"{key}.sig")}
+        ref["checksum"] = f"sha256:{sha or self.models[model].sha}"
+        ref["sizeBytes"] = size or self.models[model].size
 
-    def commit(self, edit) -> None:
-        path = self.work / BASE
-        doc = yaml.safe_load(path.read_text())
-        edit(doc)
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        _git("commit", "-q", "-am", "edit", "--allow-empty", cwd=self.work)
-        _git("push", "-q", "origin", "HEAD:main", cwd=self.work)
+    def release(self, version: str, variant: str | None = None, *, rollback: bool = False,
+                tamper: Callable[[World, str], None] | None = None, spec: dict | None = None,
+                model: str = MODEL, publish: bool = True) -> DesiredStatePublished | None:
+        """Version `version` of the released artifact, copied under `key(variant)` (after
+        `tamper(world, key)` changed the copy, if given), committed by the pipeline with `spec`
+        merged into the manifest's spec, and published."""
+        key = self.put(variant, model)
+        if tamper is not None:
+            tamper(self, key)
 
-    def release(self, version: str, name: str | None = None, **annotations: str) -> Path:
-        """Commit `version` pointing at a fresh copy of the artifact (store/<name>)."""
-        artifact = self.publish(name or f"v{version}")
-
-        def edit(doc: dict) -> None:
+        def change(doc: dict) -> None:
             doc["spec"]["modelRef"]["version"] = version
-            doc["metadata"]["annotations"].pop(ROLLBACK_ANNOTATION, None)
-            doc["metadata"]["annotations"].update(annotations)
-            self.point_at(doc, artifact)
+            self.point_at(doc, key, model=model)
+            annotations = doc["metadata"].setdefault("annotations", {})
+            annotations.pop(ROLLBACK_ANNOTATION, None)
+            if rollback:
+                annotations[ROLLBACK_ANNOTATION] = "true"
+            doc["spec"].update(spec or {})
 
-        self.commit(edit)
-        return artifact
+        return self.edit_base(change, model=model, publish=publish)
 
-    def agent(self, device: str = "dev-a", labels: dict | None = None, **options) -> EdgeAgent:
-        folder = self.tmp / "devices" / device
+    # -- devices -----------------------------------------------------------------------------
+    def device_dir(self, device: str) -> Path:
+        return self.tmp / "devices" / device
+
+    def source(self, device: str, kind: str = "tuf", group: str = GROUP, **options):
+        folder = self.device_dir(device)
+        if kind == "git":
+            return GitDesiredState(self.settings.remote, "main", folder / "gitops", self.settings.store_url,
+                                   self.public_key, self.settings.s3_endpoint_url)
+        return TufDesiredState(self.tuf_url, group, folder, self.trusted_root, root_check_interval_s=0, **options)
+
+    def agent(self, device: str = "dev-a", labels: dict | None = None, *, source: str = "tuf",
+              group: str = GROUP, fetcher=None, **options) -> EdgeAgent:
         options.setdefault("clock", self.clock)
-        return EdgeAgent(device, PHONE if labels is None else labels, folder,
-                         GitSource(str(self.remote), "main", folder / "gitops"), self.public_key,
-                         self.telemetry.as_uri(), **options)
+        extra = {"fetcher": fetcher} if fetcher is not None else {}
+        return EdgeAgent(device, PHONE if labels is None else labels, self.device_dir(device),
+                         self.source(device, source, group, **extra), self.public_key, self.settings.telemetry_url,
+                         self.settings.s3_endpoint_url, **options)
+
+    def status_records(self, device: str, group: str = "phones") -> list[dict]:
+        day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        log = self.telemetry / "telemetry" / MODEL / day / group / f"{device}.jsonl"
+        if not log.is_file():
+            return []
+        return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "status"]
 
 
 @pytest.fixture
@@ -140,8 +250,9 @@ def _no_leftovers(agent: EdgeAgent) -> None:
 
 
 # -- (a) install, unchanged, not selected ------------------------------------------------------
-def test_agent_installs_a_verified_model_and_reports_it(world):
-    agent = world.agent()
+@pytest.mark.parametrize("source", SOURCES)
+def test_agent_installs_a_verified_model_and_reports_it(world, source):
+    agent = world.agent(source=source)
     [result] = agent.poll_once()
     assert (result.model, result.version, result.state, result.error) == (MODEL, "1", "active", None)
     assert result.group == "phones" and result.latency_ms > 0
@@ -153,11 +264,10 @@ def test_agent_installs_a_verified_model_and_reports_it(world):
     assert sha256_file(active) == world.sha and (active.parent / "model.onnx.sig").is_file()
     state = json.loads((agent.state_dir / "state.json").read_text())
     assert state["models"][MODEL]["version"] == "1" and state["backoff"] == {}
+    assert state["sequences"][MODEL] > 0
     _no_leftovers(agent)
 
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    log = world.telemetry / "telemetry" / MODEL / day / "phones" / "dev-a.jsonl"
-    [record] = [json.loads(line) for line in log.read_text().splitlines()]
+    [record] = world.status_records("dev-a")
     assert record["state"] == "active" and record["version"] == "1" and record["device_id"] == "dev-a"
     assert record["device_class"] == "android-phone" and record["latency_ms"] > 0 and record["ts"].endswith("Z")
 
@@ -165,144 +275,225 @@ def test_agent_installs_a_verified_model_and_reports_it(world):
     [again] = agent.poll_once()
     assert again.state == "unchanged" and again.version == "1"
     assert agent.downloads == 1 and active.stat().st_mtime_ns == mtime
-    assert len(log.read_text().splitlines()) == 2
+    assert len(world.status_records("dev-a")) == 2
 
-    other = world.agent("dev-b", {"apexlogic.dev/device-class": "ios-phone"})
+    # A device of the group whose labels the entry does not select.
+    other = world.agent("dev-b", {"apexlogic.dev/device-class": "ios-phone", "app": "meter-reading"},
+                        source=source)
     [skipped] = other.poll_once()
     assert skipped.state == "not_selected" and skipped.version is None
     assert other.active_model_path(MODEL) is None and other.downloads == 0
     assert not any(other.models_dir.iterdir())
+    if source == "tuf":  # the iOS group's document offers nothing at all
+        ios = world.agent("dev-c", {"apexlogic.dev/device-class": "ios-phone", "app": "meter-reading"},
+                          group="meter-phones-ios")
+        assert ios.poll_once() == [] and ios.downloads == 0
 
 
 # -- (b) tampering ----------------------------------------------------------------------------
-def _flip_byte(artifact: Path, world: World) -> None:
-    data = bytearray(artifact.read_bytes())
+# A store file changed after the pipeline signed and attested it. Through Git the device reads
+# the store itself and refuses the file; through TUF the publisher refuses to publish it, so
+# devices keep the last good state and never see it.
+def _flip_byte(world: World, key: str) -> None:
+    path = world.path(key)
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    artifact.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
 
 
-def _foreign_signature(artifact: Path, world: World) -> None:
+def _foreign_signature(world: World, key: str) -> None:
     keys = world.tmp / "other-keys"
     keys.mkdir()
     generate_key_pair(keys / "other.key", keys / "other.pub")
-    sign_artifact(artifact, Path(f"{artifact}.sig"), keys / "other.key")
+    sign_artifact(world.path(key), Path(f"{world.path(key)}.sig"), keys / "other.key")
 
 
-def _drop_signature(artifact: Path, world: World) -> None:
-    Path(f"{artifact}.sig").unlink()
+def _drop_signature(world: World, key: str) -> None:
+    Path(f"{world.path(key)}.sig").unlink()
 
 
-def _edit_checksum(artifact: Path, world: World) -> None:
-    world.commit(lambda doc: doc["spec"]["modelRef"].update(checksum="sha256:" + "ab" * 32))
+def _cut_off(world: World, key: str) -> None:
+    path = world.path(key)
+    path.write_bytes(path.read_bytes()[: world.size // 2])
 
 
-def _store_unreachable(artifact: Path, world: World) -> None:
-    world.commit(lambda doc: doc["spec"]["modelRef"].update(
-        sourceUri=(world.tmp / "missing" / "model.onnx").as_uri()))
+TAMPERING = {  # tampering, what the device says (Git), what the publisher says (TUF)
+    "flip-byte": (_flip_byte, r"sha256 mismatch: artifact is [0-9a-f]{12}…, the desired state says [0-9a-f]{12}…",
+                  r"the store's file is not the attested one \(length or sha256\)"),
+    "foreign-signature": (_foreign_signature, r"signature check failed \(wrong_key\)",
+                          r"signature check failed \(wrong_key\)"),
+    "drop-signature": (_drop_signature, r"variants/v2/model\.onnx\.sig: does not exist",
+                       r"variants/v2/model\.onnx\.sig: does not exist"),
+    "cut-off": (_cut_off, r"artifact is \d+ bytes, the desired state says \d+ \(download cut off or another file\)",
+                r"the store's file is not the attested one \(length or sha256\)"),
+}
 
 
-def _cut_off(artifact: Path, world: World) -> None:
-    data = artifact.read_bytes()
-    artifact.write_bytes(data[: len(data) // 2])
-
-
-def _unsigned_manifest(artifact: Path, world: World) -> None:
-    world.commit(lambda doc: doc["spec"]["modelRef"].pop("signatureRef"))
-
-
-def _signed_garbage(artifact: Path, world: World) -> None:
-    # Correct checksum and a valid signature by the trusted key, but not a model: only the
-    # smoke inference can stop it.
-    artifact.write_bytes(b"not an onnx model" * 10)
-    sign_artifact(artifact, Path(f"{artifact}.sig"), world.private_key)
-    world.commit(lambda doc: doc["spec"]["modelRef"].update(
-        checksum=f"sha256:{sha256_file(artifact)}", sizeBytes=artifact.stat().st_size))
-
-
-TAMPERING = [
-    (_flip_byte, r"sha256 mismatch"),
-    (_foreign_signature, r"signature check failed \(wrong_key\)"),
-    (_drop_signature, r"cannot download signature bundle .*does not exist"),
-    (_edit_checksum, r"sha256 mismatch: artifact is [0-9a-f]{12}…, the manifest says abababababab"),
-    (_store_unreachable, r"cannot download artifact .*missing/model.onnx: it does not exist"),
-    (_cut_off, r"download cut off"),
-    (_unsigned_manifest, r"unsigned artifacts are not installed"),
-    (_signed_garbage, r"smoke test: onnxruntime cannot load the model"),
-]
-
-
-@pytest.mark.parametrize("tamper, error", TAMPERING, ids=[t.__name__.strip("_") for t, _ in TAMPERING])
-def test_a_tampered_update_is_never_activated(world, tamper, error):
-    agent = world.agent(backoff_base_s=0)
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("tampering", TAMPERING)
+def test_a_tampered_store_file_is_never_activated(world, tampering, source):
+    tamper, device_error, publisher_error = TAMPERING[tampering]
+    agent = world.agent(source=source, backoff_base_s=0)
     assert agent.poll_once()[0].state == "active"
     before = agent.active_model_path(MODEL)
 
-    tamper(world.release("2"), world)
+    published = world.release("2", "v2", tamper=tamper)
     [result] = agent.poll_once()
-    assert result.state == "failed" and result.version == "2"
-    assert result.error and "\n" not in result.error
-    assert re.search(error, result.error), result.error
+    if source == "git":
+        assert (result.state, result.version) == ("failed", "2")
+        assert result.error and "\n" not in result.error
+        assert re.search(device_error, result.error), result.error
+        assert world.status_records("dev-a")[-1]["error"] == result.error
+    else:
+        assert re.search(publisher_error, published.refused[MODEL]), published.refused
+        assert not published.changed, "the publisher keeps the last good desired state"
+        assert (result.state, result.version, result.error) == ("unchanged", "1", None)
     assert agent.active_model_path(MODEL) == before and agent.installed_version(MODEL) == "1"
     assert _folders(agent) == ["1-" + world.sha[:12], "active"]
     _no_leftovers(agent)
 
-    # A fresh device never activates it either.
-    fresh = world.agent("dev-fresh", backoff_base_s=0)
-    assert fresh.poll_once()[0].state == "failed"
-    assert fresh.active_model_path(MODEL) is None
+    # A fresh device never activates v2 either (through TUF it gets the last good v1).
+    fresh = world.agent("dev-fresh", source=source, backoff_base_s=0)
+    [first] = fresh.poll_once()
+    assert (first.state, first.version) == (("failed", "2") if source == "git" else ("active", "1"))
+    assert fresh.installed_version(MODEL) in (None, "1")
 
 
-def test_a_lower_version_needs_the_rollback_annotation(world):
-    agent = world.agent()
-    world.release("5")
+@pytest.mark.parametrize("source", SOURCES)
+def test_signed_garbage_is_caught_by_the_smoke_test(world, source):
+    # The right length, sha256 and a valid signature by the release key, attested and
+    # published: only running it shows it is not a model.
+    garbage = world.tmp / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model" * 10)
+    sign_artifact(garbage, Path(f"{garbage}.sig"), world.private_key)
+    sha = sha256_file(garbage)
+    key = world.key(sha=sha)
+    world.store.put_file(garbage, key)
+    world.store.put_file(f"{garbage}.sig", f"{key}.sig")
+    agent = world.agent(source=source, backoff_base_s=0)
     assert agent.poll_once()[0].state == "active"
 
-    world.release("3", name="v3")
+    def change(doc: dict) -> None:
+        doc["spec"]["modelRef"]["version"] = "2"
+        world.point_at(doc, key, sha=sha, size=garbage.stat().st_size)
+
+    assert world.edit_base(change).refused == {}
+    [result] = agent.poll_once()
+    assert (result.state, result.version) == ("failed", "2")
+    assert result.error.startswith("smoke test: onnxruntime cannot load the model"), result.error
+    assert agent.installed_version(MODEL) == "1" and _folders(agent) == ["1-" + world.sha[:12], "active"]
+    _no_leftovers(agent)
+
+
+# Commits by someone who can push to the GitOps repository but holds no key: the overlays no
+# longer resolve to the attested entries. A Git device refuses the model; the publisher
+# refuses to publish it, and TUF devices keep the last good state.
+def _edit_checksum(doc: dict, world: World) -> None:
+    doc["spec"]["modelRef"]["checksum"] = "sha256:" + "ab" * 32
+
+
+def _unsigned_manifest(doc: dict, world: World) -> None:
+    doc["spec"]["modelRef"].pop("signatureRef")
+
+
+def _store_unreachable(doc: dict, world: World) -> None:
+    doc["spec"]["modelRef"]["sourceUri"] = (world.tmp / "missing" / "model.onnx").as_uri()
+
+
+UNATTESTED = {
+    "edit-checksum": (_edit_checksum, r"apps/edge-model/overlays/phones: differs from the attested desired state "
+                                      r"\(edited without the release key\)"),
+    "unsigned-manifest": (_unsigned_manifest, r"spec\.modelRef\.signatureRef: unsigned artifacts are not shipped"),
+    "store-unreachable": (_store_unreachable, r"missing/model\.onnx' is not inside the artifact store"),
+}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("edit", UNATTESTED)
+def test_an_edit_without_the_release_key_is_refused(world, edit, source):
+    change, reason = UNATTESTED[edit]
+    agent = world.agent(source=source)
+    assert agent.poll_once()[0].state == "active"
+    before = agent.active_model_path(MODEL)
+
+    published = world.hand_edit(lambda doc: change(doc, world))
+    [result] = agent.poll_once()
+    if source == "git":
+        assert (result.state, result.version) == ("refused", "1")
+        assert re.search(reason, result.error), result.error
+        assert world.status_records("dev-a")[-1]["state"] == "refused"
+    else:
+        assert re.search(reason, published.refused[MODEL]), published.refused
+        assert not published.changed
+        assert (result.state, result.version) == ("unchanged", "1")
+    assert agent.active_model_path(MODEL) == before and agent.downloads == 1
+
+
+def test_a_lower_version_needs_a_signed_rollback(world):
+    agent = world.agent()
+    world.release("5", "v5")
+    assert agent.poll_once()[0].state == "active"
+
+    assert world.release("3", "v3").refused == {}
     [refused] = agent.poll_once()
-    assert refused.state == "refused" and refused.version == "3"
-    assert "lower than the installed v5" in refused.error and ROLLBACK_ANNOTATION in refused.error
+    assert (refused.state, refused.version) == ("refused", "3")
+    assert refused.error == "v3 is lower than the installed v5 and the signed desired state is not a rollback"
     assert agent.installed_version(MODEL) == "5" and agent.downloads == 1
 
-    world.release("3", name="v3-rollback", **{ROLLBACK_ANNOTATION: "true"})
+    world.release("3", "v3-rollback", rollback=True)
     [rolled] = agent.poll_once()
     assert rolled.state == "active" and agent.installed_version(MODEL) == "3"
     # The version rolled back from stays on the device; older ones are pruned.
     assert _folders(agent) == [f"3-{world.sha[:12]}", f"5-{world.sha[:12]}", "active"]
 
 
-def test_rollout_share_limits_who_updates(world):
+def test_rollout_share_and_the_control_version(world):
     devices = [f"dev-{i}" for i in range(100)]
     outside = [d for d in devices if not in_rollout(d, MODEL, 30)]
     inside = [d for d in devices if in_rollout(d, MODEL, 30)]
     running = world.agent(outside[0])
     assert running.poll_once()[0].state == "active"
 
-    world.release("2")
-    world.commit(lambda doc: doc["spec"].update(rollout={"share": 30}))
+    world.release("2", "v2", spec={"rollout": {"share": 30, "previousVersion": "1"}})
     [kept] = running.poll_once()
-    assert (kept.state, kept.version) == ("unchanged", "1") and "outside the 30% rollout of v2" in kept.note
-    [fresh] = world.agent(outside[1]).poll_once()
-    assert fresh.state == "not_selected" and "outside the 30% rollout" in fresh.note
-    assert world.agent(inside[0]).poll_once()[0].state == "active"
+    assert (kept.state, kept.version) == ("unchanged", "1")
+    assert kept.note == "control: outside the 30% rollout of v2"
+    [fresh] = world.agent(outside[1]).poll_once()  # a new device outside the share gets the control
+    assert (fresh.state, fresh.version, fresh.note) == ("active", "1", "control: outside the 30% rollout of v2")
+    canary = world.agent(inside[0])
+    assert canary.poll_once()[0].state == "active"
+    assert canary.installed_version(MODEL) == "2"
+
+    # A canary whose manifest names no control version: devices outside keep what they run.
+    world.release("3", "v3", spec={"rollout": {"share": 30}})
+    [kept] = running.poll_once()
+    assert (kept.state, kept.version) == ("unchanged", "1") and "no control version named" in kept.note
+    [skipped] = world.agent(outside[2]).poll_once()
+    assert skipped.state == "not_selected" and "outside the 30% rollout of v3" in skipped.note
+    assert canary.poll_once()[0].state == "active" and canary.installed_version(MODEL) == "3"
 
 
 def test_a_device_no_longer_selected_keeps_serving(world):
     agent = world.agent()
     agent.poll_once()
-    overlay = world.work / f"apps/{MODEL}/overlays/phones/kustomization.yaml"
-    overlay.write_text(overlay.read_text().replace("android-phone", "ios-phone"))
-    _git("commit", "-q", "-am", "phones group now selects ios", cwd=world.work)
-    _git("push", "-q", "origin", "HEAD:main", cwd=world.work)
+
+    def to_ios(files: dict[str, str]) -> None:
+        files[OVERLAY] = files[OVERLAY].replace("android-phone", "ios-phone")
+
+    assert world.commit(to_ios).refused == {}  # the pipeline retargets the group (attested)
     [result] = agent.poll_once()
     assert (result.state, result.version) == ("not_selected", "1")
     assert agent.active_model_path(MODEL) is not None
+    ios = world.agent("dev-ios", {"apexlogic.dev/device-class": "ios-phone", "app": "meter-reading"},
+                      group="meter-phones-ios")
+    assert ios.poll_once()[0].state == "active"
 
 
 # -- (c) crash safety, recovery, backoff -------------------------------------------------------
 def test_a_crash_before_the_switch_keeps_the_old_model(world):
     assert world.agent().poll_once()[0].state == "active"
     old = world.agent().active_model_path(MODEL)
-    world.release("2")
+    world.release("2", "v2")
 
     def power_loss(model: str, version: str) -> None:
         raise RuntimeError(f"simulated power loss before switching {model} to v{version}")
@@ -324,7 +515,7 @@ def test_a_crash_before_the_switch_keeps_the_old_model(world):
 def test_the_active_link_wins_over_a_lost_state_write(world):
     agent = world.agent()
     agent.poll_once()
-    world.release("2")
+    world.release("2", "v2")
     agent.poll_once()
     state_file = agent.state_dir / "state.json"
     state = json.loads(state_file.read_text())
@@ -339,19 +530,23 @@ def test_the_active_link_wins_over_a_lost_state_write(world):
 
 
 def test_failures_back_off_exponentially_across_restarts(world):
-    artifact = world.tmp / "store" / "late" / "model.onnx"
-    world.commit(lambda doc: (doc["spec"]["modelRef"].update(version="2"), world.point_at(doc, artifact)))
+    world.release("2", "v2")
+    # The repository's copy of v2 is missing (a mirror that lost a file).
+    [target] = (world.store_dir / "tuf" / "targets").rglob("*/variants/v2/*.model.onnx")
+    hidden = world.tmp / "hidden.onnx"
+    target.rename(hidden)
     agent = world.agent(backoff_base_s=60)
-    assert agent.poll_once()[0].state == "failed"
+    [first] = agent.poll_once()
+    assert first.state == "failed" and "DownloadHTTPError" in first.error, first.error
     world.clock.now += 61
-    assert "does not exist" in agent.poll_once()[0].error  # retried: second failure, next in 120 s
+    assert "DownloadHTTPError" in agent.poll_once()[0].error  # retried: second failure, next in 120 s
     world.clock.now += 61
     [waiting] = agent.poll_once()
     assert waiting.state == "failed" and "(retry in 59 s)" in waiting.error
     backoff = json.loads((agent.state_dir / "state.json").read_text())["backoff"][MODEL]
     assert backoff["failures"] == 2
 
-    shutil.copytree(world.artifact.parent, artifact.parent)  # the store has it now
+    hidden.rename(target)  # the mirror has it again
     restarted = world.agent(backoff_base_s=60)
     assert "(retry in 59 s)" in restarted.poll_once()[0].error  # the backoff survived the restart
     world.clock.now += 60
@@ -359,42 +554,46 @@ def test_failures_back_off_exponentially_across_restarts(world):
     assert json.loads((agent.state_dir / "state.json").read_text())["backoff"] == {}
 
 
-def test_s3_store_and_s3_telemetry(world, monkeypatch):
+def test_s3_store_tuf_over_http_and_s3_telemetry(released, tmp_path, s3_endpoint, monkeypatch):
+    """The publisher writes the TUF repository into S3; devices read it over plain HTTP (a
+    public-read prefix, as a bucket website or CDN serves it) and send telemetry to S3."""
     import boto3
-    from moto import mock_aws
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with mock_aws():
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="models")
-        s3.create_bucket(Bucket="telemetry")
-        s3.upload_file(str(world.artifact), "models", "edge/model.onnx")
-        s3.upload_file(f"{world.artifact}.sig", "models", "edge/model.onnx.sig")
-        world.commit(lambda doc: doc["spec"]["modelRef"].update(
-            sourceUri="s3://models/edge/model.onnx", signatureRef={"uri": "s3://models/edge/model.onnx.sig"}))
-        folder = world.tmp / "devices" / "dev-s3"
-        agent = EdgeAgent("dev-s3", PHONE, folder, GitSource(str(world.remote), "main", folder / "gitops"),
-                          world.public_key, "s3://telemetry/fleet")
-        assert agent.poll_once()[0].state == "active"
-        assert agent.poll_once()[0].state == "unchanged"
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="telemetry")["Contents"]]
-        assert len(keys) == 2 and all(k.startswith(f"fleet/telemetry/{MODEL}/") for k in keys)
-        assert all("/phones/dev-s3-" in k and k.endswith(".json") for k in keys)
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    models, fleet = f"agent-models-{uuid.uuid4().hex[:8]}", f"agent-telemetry-{uuid.uuid4().hex[:8]}"
+    for bucket in (models, fleet):
+        s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_policy(Bucket=models, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{models}/store/tuf/*"}]}))
+    world = World(released, tmp_path, store_url=f"s3://{models}/store", s3_endpoint=s3_endpoint,
+                  tuf_url=f"tuf+{s3_endpoint}/{models}/store/tuf", telemetry_url=f"s3://{fleet}/fleet")
+    agent = world.agent("dev-s3")
+    assert agent.poll_once()[0].state == "active"
+    assert sha256_file(agent.active_model_path(MODEL)) == world.sha
+    quiet = dict(agent.source.stats)
+    assert agent.poll_once()[0].state == "unchanged"
+    assert agent.source.stats["not_modified"] == quiet["not_modified"] + 1, "a quiet poll is a 304"
+    git = world.agent("dev-s3-git", source="git")  # the Git source reads the S3 store itself
+    assert git.poll_once()[0].state == "active"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=fleet)["Contents"]]
+    assert len(keys) == 3 and all(k.startswith(f"fleet/telemetry/{MODEL}/") for k in keys)
+    assert sum(bool(re.search(r"/phones/dev-s3-\d+\.json$", k)) for k in keys) == 2
 
 
 def test_a_telemetry_outage_does_not_stop_the_device(world, caplog):
     blocked = world.tmp / "telemetry-blocked"
     blocked.write_text("a file where the telemetry folder should be")
-    folder = world.tmp / "devices" / "dev-t"
-    agent = EdgeAgent("dev-t", PHONE, folder, GitSource(str(world.remote), "main", folder / "gitops"),
-                      world.public_key, blocked.as_uri())
+    folder = world.device_dir("dev-t")
+    agent = EdgeAgent("dev-t", PHONE, folder, world.source("dev-t"), world.public_key, blocked.as_uri())
     assert agent.poll_once()[0].state == "active"
     assert "telemetry for edge-model not written" in caplog.text
+    assert agent.telemetry_dropped == 1
 
 
-def _inference_records(world, device: str) -> list[dict]:
+def _inference_records(world: World, device: str) -> list[dict]:
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     log = world.telemetry / "telemetry" / MODEL / day / "phones" / f"{device}.jsonl"
     return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "inference"]
@@ -425,8 +624,8 @@ def test_the_agent_serves_and_reports_what_it_served(world):
     assert len(_inference_records(world, "dev-a")) == 1, "nothing served, nothing sent"
 
 
-def test_privacy_in_the_manifest_noises_what_devices_send(world):
-    world.commit(lambda doc: doc["spec"]["telemetry"].update(privacy={"epsilon": 1.0}, sampleRate=0.0))
+def test_privacy_in_the_signed_state_noises_what_devices_send(world):
+    world.edit_base(lambda doc: doc["spec"]["telemetry"].update(privacy={"epsilon": 1.0}, sampleRate=0.0))
     agent = world.agent("dev-p", seed=4)
     assert agent.poll_once()[0].state == "active"
     agent.serve(MODEL, tabular_frame(rows=30, seed=6)[["x1", "x2", "colour"]])
@@ -445,17 +644,18 @@ def test_privacy_in_the_manifest_noises_what_devices_send(world):
 
 
 # -- (e) fleet, CLI, imports -------------------------------------------------------------------
-def test_a_small_fleet_converges_with_one_download_per_device(released):
+def test_a_small_fleet_converges_with_one_download_per_device(world):
     from pipelines.edge.simulator import format_convergence, simulate
 
-    result = simulate(20, 2, released["settings"])
-    assert result["git_mode"] == "per-device"
+    result = simulate(20, 2, world.settings)
+    assert result["source"] == "tuf"
     assert result["converged_round"] == {MODEL: 1}
     for record in result["rounds"]:
         info = record["models"][MODEL]
-        assert info["selected"] == info["on_desired"] == info["versions"]["1"] > 0
-    assert result["rounds"][0]["git_bytes_per_device"]["mean"] > 0
-    assert result["rounds"][1]["git_bytes_per_device"]["max"] == 0
+        assert info["selected"] == info["on_desired"] == info["versions"]["1"] == result["groups"][GROUP]
+    first, second = (r["source_bytes_per_device"]["mean"] for r in result["rounds"])
+    timestamp = world.store_dir / "tuf" / "metadata" / "timestamp.json"
+    assert first > second == timestamp.stat().st_size, "a quiet poll reads the timestamp, nothing else"
     downloads = result["downloads_per_device"]
     assert downloads["min"] == downloads["max"] == 1
     assert downloads["devices_with_models"] == result["rounds"][0]["models"][MODEL]["selected"]
@@ -463,26 +663,47 @@ def test_a_small_fleet_converges_with_one_download_per_device(released):
     assert "every selected device on the desired version since round 1" in table
 
 
-def test_cli_edge_agent_and_fleet_simulate(released, tmp_path, capsys):
+def test_cli_edge_agent_and_fleet_simulate(world, tmp_path, capsys, monkeypatch):
     from pipelines.__main__ import main
 
-    args = ["edge-agent", "--device-id", "cli-1", "--labels", "apexlogic.dev/device-class=android-phone",
+    settings = world.settings
+    for name, value in {"EDGE_STATE_DIR": settings.state_dir, "EDGE_ARTIFACT_STORE": settings.store_url,
+                        "EDGE_GITOPS_REMOTE": settings.remote, "EDGE_SIGNING_KEY": world.private_key,
+                        "EDGE_SIGNING_PUBLIC_KEY": world.public_key,
+                        "EDGE_TUF_SNAPSHOT_KEY": settings.tuf_snapshot_key,
+                        "EDGE_TUF_TIMESTAMP_KEY": settings.tuf_timestamp_key,
+                        "EDGE_TELEMETRY_STORE": settings.telemetry_url}.items():
+        monkeypatch.setenv(name, str(value))
+    root = tmp_path / "root.json"
+    assert main(["tuf-root", "--output", str(root)]) == 0
+    assert root.read_bytes() == world.trusted_root
+    assert main(["publish-desired-state"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("desired state unchanged")
+
+    labels = "apexlogic.dev/device-class=android-phone,app=meter-reading"
+    args = ["edge-agent", "--device-id", "cli-1", "--labels", labels, "--group", GROUP, "--trusted-root", str(root),
             "--state", str(tmp_path / "cli-1"), "--once"]
     assert main(args) == 0
     assert re.fullmatch(rf"{MODEL} v1 active \(group phones\) smoke \d+\.\d\d ms", capsys.readouterr().out.strip())
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == f"{MODEL} v1 unchanged (group phones)"
+    git = ["edge-agent", "--device-id", "cli-2", "--labels", labels, "--source", "git",
+           "--state", str(tmp_path / "cli-2")]
+    assert main(git) == 0
+    assert capsys.readouterr().out.startswith(f"{MODEL} v1 active (group phones)")
 
     assert main(["edge-agent", "--device-id", "x", "--labels", "a=b,broken"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: --labels: 'broken' is not key=value"
+    assert capsys.readouterr().err.strip() == "error: --labels: 'broken' is not key=value"
+    assert main(["edge-agent", "--device-id", "x", "--labels", "a=b", "--state", str(tmp_path / "x")]) == 2
+    assert "--group is required with --source tuf" in capsys.readouterr().err
 
     assert main(["fleet", "simulate", "--devices", "4", "--rounds", "1"]) == 0
-    assert "Fleet of 4 devices" in capsys.readouterr().out
+    assert "Fleet of 4 devices (source: tuf)" in capsys.readouterr().out
 
 
 def test_the_edge_package_imports_neither_mlflow_nor_airflow():
-    code = ("import sys, pipelines.edge.agent, pipelines.edge.simulator; "
+    code = ("import sys, pipelines.edge.agent, pipelines.edge.sources, pipelines.edge.tuf_client, "
+            "pipelines.edge.simulator; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'airflow')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -75,7 +75,7 @@ def test_root_rotation_and_revocation_of_a_leaked_timestamp_key(state, tmp_path,
     forged.sign(load_signer(leaked))
     (store / "timestamp.json").write_bytes(forged.to_bytes())
     [refused] = agent.poll_once()
-    assert refused.state == "failed" and refused.version == "1"
+    assert refused.state == "refused" and refused.version == "1"
     assert "refused by TUF" in refused.error and "timestamp" in refused.error.lower(), refused.error
     assert agent.installed_version(MODEL) == "1" and agent.active_model_path(MODEL) is not None
 
