@@ -171,8 +171,7 @@ class Fleet:
             device_id = f"dev-{index:05d}"
             folder = self.root / device_id
             if source == "tuf":
-                device_source = TufDesiredState(settings.device_tuf_url, group.name, folder, trusted_root,
-                                                root_check_interval_s=0)
+                device_source = TufDesiredState(settings.device_tuf_url, group.name, folder, trusted_root)
             else:
                 device_source = GitDesiredState(settings.remote, settings.gitops_branch, folder / "gitops",
                                                 settings.store_url, public_key, settings.s3_endpoint_url)
