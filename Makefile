@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser demo demo-loop ui test test-prod bench bench-prod finops-report schema clean-state
+.PHONY: venv browser nginx demo demo-loop ui test test-prod bench bench-prod finops-report schema clean-state
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ browser:
 	      || echo "Chromium could not be installed: the browser test will be skipped"; \
 	  else echo "Chromium is not installed: the browser test will be skipped"; fi; }
 
+# nginx serves the TUF repository to the simulated devices of the fleet benchmark over real
+# HTTP; Debian's nginx-light, installed when missing and this user may install packages.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing nginx (Debian package nginx-light) for the fleet benchmark"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light) >/dev/null \
+	      || echo "nginx could not be installed: the fleet benchmark needs it"; \
+	  else echo "nginx is not installed: the fleet benchmark (bench/fleet_convergence.py) needs it"; fi; }
+
 test: venv browser
 	$(VENV)/bin/ruff check pipelines dags tests plugins
 	$(PY) -m pytest
@@ -74,7 +84,7 @@ test-prod: venv
 	$(PY) -m pytest -m prod tests/prod -s
 
 # Benchmarks print figures and write JSON under the state folder; they are not tests.
-bench: venv
+bench: venv nginx
 	$(PY) bench/release_stages.py
 	$(PY) bench/dag_parse.py
 	$(PY) bench/quantization.py
