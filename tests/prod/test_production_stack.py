@@ -145,9 +145,17 @@ def test_a_fleet_updates_over_http_from_the_tuf_repository_and_reports_telemetry
         assert sum(v["requests"] for v in served[model].values()) == 5 * record["models"][model]["selected"]
     assert any(key.startswith("fleet/telemetry/") for key in _s3_keys(stack, "edge-telemetry"))
     # An operator's device on Git: the attested manifests over git://, the files from S3.
-    git_round = Fleet(2, settings, seed=5, source="git").poll_round()
-    assert git_round["states"].get("active", 0) > 0 and not git_round["states"].get("refused"), git_round
-    assert not git_round["states"].get("failed"), git_round
+    from pipelines.edge.agent import EdgeAgent
+    from pipelines.edge.sources import GitDesiredState
+
+    folder = settings.state / "git-device"
+    git_device = EdgeAgent(
+        "git-device-1", {"apexlogic.dev/device-class": "android-tablet", "apexlogic.dev/app": "loan-advisor"},
+        folder, GitDesiredState(settings.remote, settings.gitops_branch, folder / "gitops", settings.store_url,
+                                settings.signing_public_key, settings.s3_endpoint_url),
+        settings.signing_public_key, settings.telemetry_url, settings.s3_endpoint_url)
+    states = {r.model: r.state for r in git_device.poll_once()}
+    assert states.get("adult-income") == "active" and not {"failed", "refused"} & set(states.values()), states
 
 
 def test_four_releases_in_parallel_lose_no_commit_and_no_version(stack):
@@ -175,6 +183,19 @@ def test_four_releases_in_parallel_lose_no_commit_and_no_version(stack):
     overlapping = max(sum(1 for _, s, e in windows if s <= start < e) for _, start, _ in windows)
     assert overlapping >= 2, windows
     print(f"\nfour releases in parallel on the production stack: {seconds:.0f} s ({overlapping} trainings at once)")
+
+    # The fleet of the earlier test updates over HTTP: the four new models reach their devices.
+    from pipelines.edge.simulator import Fleet
+
+    fleet = Fleet(12, settings, seed=3, keep=True)
+    record = fleet.poll_round()
+    assert not record["states"].get("failed") and not record["states"].get("refused"), record
+    for model in PARALLEL:
+        info = record["models"][model]
+        assert info["selected"] > 0 and info["on_desired"] == info["selected"], (model, info)
+    assert fleet.result()["downloads_per_device"]["total"] >= sum(record["models"][m]["selected"] for m in PARALLEL)
+    quiet = fleet.poll_round()
+    assert quiet["source_bytes_per_device"]["max"] < 1000 and set(quiet["states"]) == {"unchanged"}, quiet
 
 
 def test_stopping_the_stack_stops_every_process_it_started(stack):
