@@ -103,6 +103,7 @@ def _edge_agent(args) -> int:
 
     from pipelines.edge.agent import AgentBusy, EdgeAgent
     from pipelines.edge.desired_state import EntryError, check_name
+    from pipelines.gitops.signing import PUBLIC_KEY_NAME
     from pipelines.settings import get_settings
 
     try:
@@ -123,7 +124,7 @@ def _edge_agent(args) -> int:
     settings = get_settings()
     state = args.state or settings.state / "agents" / args.device_id
     # A device never makes keys: the release public key and the TUF root are provisioned.
-    public_key = args.public_key or settings.signing_public_key or settings.state / "keys" / "signing.pub"
+    public_key = args.public_key or settings.signing_public_key or settings.state / "keys" / PUBLIC_KEY_NAME
     if not Path(public_key).is_file():
         print(f"error: --public-key: {public_key} does not exist (the device's trusted release key)", file=sys.stderr)
         return 2
@@ -176,6 +177,9 @@ def _tuf_command(args) -> int:
         if args.command == "tuf-init":
             keys = settings.tuf_keys()
             root = args.root_key or keys["root"]
+            if root is None:
+                print("error: --root-key: the root key is needed to create the repository", file=sys.stderr)
+                return 2
             repository = publish.repository(settings)
             if repository.exists():
                 print(f"error: a TUF repository already exists at {settings.store_url}/{settings.tuf_prefix}",

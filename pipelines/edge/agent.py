@@ -48,7 +48,15 @@ from typing import Literal
 
 from pipelines.edge import telemetry
 from pipelines.edge.desired import Conflict, in_rollout
-from pipelines.edge.desired_state import MAX_BUNDLE_BYTES, Entry, Release, check_name, is_dns_label
+from pipelines.edge.desired_state import (
+    MAX_BUNDLE_BYTES,
+    Entry,
+    EntryError,
+    Release,
+    check_name,
+    is_dns_label,
+    verify_files,
+)
 from pipelines.edge.sources import DesiredStateSource, DownloadError, RefusedError, StaleError
 from pipelines.errors import one_line
 from pipelines.storage import ObjectStore, sha256_file
@@ -177,6 +185,7 @@ class AgentBusy(RuntimeError):
 
 _FOLDER = re.compile(r"^[1-9][0-9]{0,8}-[0-9a-f]{12}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
 
 
 def _clean_state(state: object, device_id: str) -> tuple[dict, str | None]:
@@ -188,9 +197,11 @@ def _clean_state(state: object, device_id: str) -> tuple[dict, str | None]:
     if not all(isinstance(x, dict) for x in (models, backoff, sequences)):
         return empty, "models, backoff and sequences must be objects"
     for model, info in models.items():
-        if not is_dns_label(model) or not isinstance(info, dict) or not isinstance(info.get("version"), str) \
-                or not _HEX64.match(str(info.get("sha256", ""))) or not _FOLDER.match(str(info.get("folder", ""))) \
-                or (info.get("previous") is not None and not _FOLDER.match(str(info["previous"]))):
+        if not is_dns_label(model) or not isinstance(info, dict) or not _VERSION.match(str(info.get("version"))) \
+                or not _HEX64.match(str(info.get("sha256", ""))) \
+                or str(info.get("folder", "")) != f"{info['version']}-{str(info.get('sha256'))[:12]}" \
+                or (info.get("previous") is not None and not _FOLDER.match(str(info["previous"]))) \
+                or (info.get("group") is not None and not is_dns_label(info["group"])):
             return empty, f"models.{str(model)[:63]} is malformed"
     for model, info in backoff.items():
         if not is_dns_label(model) or not isinstance(info, dict) or not isinstance(info.get("target"), str) \
@@ -299,15 +310,16 @@ class EdgeAgent:
             folder = os.readlink(link)
             recorded = self.state["models"].get(model) or {}
             artifact = model_dir / folder / MODEL_FILE
-            if recorded.get("folder") == folder or not _FOLDER.match(folder) or artifact.is_symlink() \
-                    or not artifact.is_file():
+            if recorded.get("folder") == folder or not _FOLDER.match(folder) or (model_dir / folder).is_symlink() \
+                    or artifact.is_symlink() or not artifact.is_file():
                 continue
             # Died between the link switch and the state write (or the state was lost): the link wins.
             previous = recorded.get("folder")
             self.state["models"][model] = {
                 "version": folder.split("-", 1)[0], "sha256": sha256_file(artifact),
                 "folder": folder, "previous": previous if previous and _FOLDER.match(previous) else None,
-                "group": recorded.get("group"), "installed_at": recorded.get("installed_at"),
+                "group": recorded.get("group") if is_dns_label(recorded.get("group")) else None,
+                "installed_at": recorded.get("installed_at"),
             }
             changed = True
         if changed:
@@ -534,21 +546,10 @@ class EdgeAgent:
         return os.readlink(link) if link.is_symlink() else None
 
     def _verify(self, artifact: Path, bundle: Path, release: Release) -> None:
-        from pipelines.gitops.signing import SignatureError, verify_artifact
-
-        actual_size = artifact.stat().st_size
-        if actual_size != release.artifact.length:
-            raise InstallError(f"artifact is {actual_size} bytes, the desired state says {release.artifact.length} "
-                               "(download cut off or another file)")
-        actual = sha256_file(artifact)
-        if actual != release.artifact.sha256:
-            raise InstallError(f"sha256 mismatch: artifact is {actual[:12]}…, the desired state says "
-                               f"{release.artifact.sha256[:12]}…")
         try:
-            verify_artifact(artifact, bundle, self.trusted_public_key)
-        except SignatureError as error:
-            detail = str(error).replace(str(artifact.parent) + os.sep, "")
-            raise InstallError(f"signature check failed ({error.reason}): {one_line(detail, 200)}") from None
+            verify_files(artifact, bundle, release, self.trusted_public_key)
+        except EntryError as error:
+            raise InstallError(str(error)) from None
 
     def _switch(self, model_dir: Path, folder: str) -> None:
         tmp = model_dir / "active.tmp"

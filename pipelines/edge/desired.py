@@ -206,19 +206,24 @@ def _build(root: Path, folder: Path, depth: int = 0) -> list[dict]:
     return objects
 
 
-def resolve(checkout: Path, errors: list[str] | None = None) -> list[dict]:
-    """One resolved object per overlay of every app, ordered by model then group.
+def resolve(checkout: Path, errors: list[str] | None = None, model: str | None = None) -> list[dict]:
+    """One resolved object per overlay of every app (or of `apps/<model>/` only), ordered by
+    model then group.
 
     An overlay that cannot be resolved is skipped (logged, and appended to `errors`): one
-    broken app must not stop a device from reconciling the others.
+    broken app must not stop a device from reconciling the others. Whoever can push to Git
+    writes these files, so any failure to read one (not only a bad patch) is such a skip.
     """
     root = Path(os.path.abspath(checkout))
     resolved = []
-    for path in sorted((root / "apps").glob("*/overlays/*/kustomization.yaml")):
+    for path in sorted((root / "apps").glob(f"{model or '*'}/overlays/*/kustomization.yaml")):
         try:
             objects = [o for o in _build(root, path.parent) if o.get("kind") == KIND]
-        except DesiredStateError as error:
-            message = str(error).replace(str(root) + os.sep, "")
+        except (DesiredStateError, yaml.YAMLError, TypeError, AttributeError, KeyError, ValueError,
+                RecursionError) as error:
+            message = str(error) if isinstance(error, DesiredStateError) else \
+                f"{path}: cannot be resolved ({type(error).__name__}): {' '.join(str(error).split())}"
+            message = message.replace(str(root) + os.sep, "")
             log.warning("skipping overlay: %s", message)
             if errors is not None:
                 errors.append(message)
@@ -374,8 +379,11 @@ class GitSource:
         self._objects: list[dict] | None = None
 
     def _git(self, *args: str, cwd: Path | None = None) -> str:
+        # The clone lives on the device's disk, which may be hostile: no hook and no fsmonitor
+        # command its .git/config names is ever run.
         command = ["git", "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "fetch.unpackLimit=1",
-                   "-c", "transfer.unpackLimit=1", *args]
+                   "-c", "transfer.unpackLimit=1", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+                   *args]
         try:
             result = subprocess.run(command, cwd=cwd, env=_git_env(), capture_output=True, text=True,
                                     timeout=_GIT_TIMEOUT_S)
@@ -404,7 +412,23 @@ class GitSource:
         os.replace(partial, self.cache_dir)
         return "clone", sum(_pack_sizes(self.cache_dir).values()) + _loose_bytes(self.cache_dir)
 
+    def _write_config(self) -> None:
+        """Write the clone's `.git/config` anew: the device's disk may be hostile, and a planted
+        config can name commands git runs (an upload-pack, a filter, an ssh command)."""
+        git_dir = self.cache_dir / ".git"
+        if self.cache_dir.is_symlink() or git_dir.is_symlink() or not git_dir.is_dir():
+            raise SourceError(f"{self.cache_dir}: not a clone of this agent's (a link, or no .git folder)")
+        text = ("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+                f'[remote "origin"]\n\turl = {self.remote}\n'
+                f"\tfetch = +refs/heads/{self.branch}:refs/remotes/origin/{self.branch}\n"
+                f'[branch "{self.branch}"]\n\tremote = origin\n\tmerge = refs/heads/{self.branch}\n')
+        tmp = git_dir / "config.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, git_dir / "config")
+
     def _update(self) -> tuple[str, int]:
+        self._write_config()
         before, loose = _pack_sizes(self.cache_dir), _loose_bytes(self.cache_dir)
         self._git("fetch", "-q", "--depth", "1", "--no-tags", "origin", self.branch, cwd=self.cache_dir)
         after = _pack_sizes(self.cache_dir)
@@ -418,7 +442,8 @@ class GitSource:
             self._git("repack", "-adq", cwd=self.cache_dir)
         return "fetch", fetched
 
-    def fetch(self) -> list[dict]:
+    def sync(self) -> str:
+        """Bring the clone to the remote branch's tip (cloning when needed); its commit."""
         start = time.perf_counter()
         if (self.cache_dir / ".git").is_dir():
             try:
@@ -434,9 +459,14 @@ class GitSource:
         else:
             kind, size = self._clone()
         commit = self._git("rev-parse", "HEAD", cwd=self.cache_dir).strip()
-        changed = commit != self.commit
-        if changed or self._objects is None:
-            self._objects = resolve(self.cache_dir)
+        self.stats.append(FetchStat(kind, size, round(time.perf_counter() - start, 4), commit, commit != self.commit))
         self.commit = commit
-        self.stats.append(FetchStat(kind, size, round(time.perf_counter() - start, 4), commit, changed))
+        return commit
+
+    def fetch(self) -> list[dict]:
+        """`sync()`, then every resolved object of the tip (resolved again only when it moved)."""
+        before = self.commit
+        commit = self.sync()
+        if commit != before or self._objects is None:
+            self._objects = resolve(self.cache_dir)
         return copy.deepcopy(self._objects)

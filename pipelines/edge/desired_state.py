@@ -34,10 +34,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.edge.desired import group_of, model_of, resolve
+from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
 
 ATTESTATION_FILE = "attestation.json"
 ATTESTATION_TYPE = "edge-desired-state"
-ROLLBACK_ANNOTATION = "apexlogic.dev/rollback"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -229,13 +229,22 @@ def entry_of(obj: dict, store_root: str) -> dict:
 
 
 def entries_of_checkout(checkout: Path, model: str, store_root: str) -> dict[str, dict]:
-    """The model's entries by group, from a checkout of the GitOps repository."""
+    """The model's entries by group, from a checkout of the GitOps repository (only
+    `apps/<model>/` is read). EntryError (one line) for anything that does not render."""
     errors: list[str] = []
-    objects = [o for o in resolve(checkout, errors) if model_of(o) == model]
-    mine = [e for e in errors if e.startswith(f"apps/{model}/")]
-    if mine:
-        raise EntryError(mine[0])
-    return {group_of(o): entry_of(o, store_root) for o in objects}
+    objects = resolve(checkout, errors, model=model)
+    if errors:
+        raise EntryError(errors[0])
+    entries = {}
+    for obj in objects:
+        try:
+            entries[group_of(obj)] = entry_of(obj, store_root)
+        except EntryError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError) as error:  # a hand-edited shape
+            raise EntryError(f"apps/{model}/overlays/{group_of(obj)}: cannot be read "
+                             f"({type(error).__name__}): {' '.join(str(error).split())[:200]}") from None
+    return entries
 
 
 def entries_of_files(files: dict[str, str], model: str, store_root: str) -> dict[str, dict]:
@@ -252,24 +261,14 @@ def entries_of_files(files: dict[str, str], model: str, store_root: str) -> dict
 # --- attestation -----------------------------------------------------------------------------
 
 
-def _signer(private_key: Path):
-    from cryptography.hazmat.primitives import serialization
-    from securesystemslib.signer import CryptoSigner
-
-    key = serialization.load_pem_private_key(Path(private_key).read_bytes(), password=None)
-    return CryptoSigner(key)
-
-
 def public_key(path: Path):
-    """The release public key (PEM file) as a securesystemslib key."""
-    from cryptography.hazmat.primitives import serialization
-    from securesystemslib.signer import SSlibKey
+    """The release public key (PEM file) as a securesystemslib key; EntryError if unusable."""
+    from pipelines.edge.tuf_repo import TufError, load_public_key
 
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as error:
-        raise EntryError(f"cannot use public key {path}: {error}") from None
-    return SSlibKey.from_crypto(key)
+        return load_public_key(path)
+    except TufError as error:
+        raise EntryError(str(error)) from None
 
 
 def _control(previous: dict | None, group: str, control_version: str) -> dict | None:
@@ -316,8 +315,9 @@ def attest(model: str, files: dict[str, str], store_root: str, private_key: Path
         return {**files, f"apps/{model}/{ATTESTATION_FILE}": previous_text}
     clock_ms = int((time.time() if now is None else now) * 1000)
     signed["sequence"] = max(clock_ms, int(previous["sequence"]) + 1 if previous else 0)
-    signer = _signer(private_key)
-    signature = signer.sign(canonical(signed))
+    from pipelines.edge.tuf_repo import load_signer
+
+    signature = load_signer(private_key).sign(canonical(signed))
     document = {"signed": signed, "signatures": [{"keyid": signature.keyid, "sig": signature.signature}]}
     return {**files, f"apps/{model}/{ATTESTATION_FILE}": json.dumps(document, indent=1, sort_keys=True) + "\n"}
 
@@ -386,6 +386,46 @@ def attested_entries(checkout: Path, model: str, store_root: str, key) -> list[E
             data["rollout"] = {**data["rollout"], "control": (signed.get("control") or {}).get(group)}
         out.append(check_entry(data, f"apps/{model}/overlays/{group}"))
     return out
+
+
+def attested_checkout(checkout: Path, store_root: str, key) -> tuple[dict[str, list[Entry]], dict[str, str]]:
+    """Every model of a checkout: its attested entries, or why it is refused (a folder name
+    that is no DNS label, a missing or forged attestation, a hand edit)."""
+    entries: dict[str, list[Entry]] = {}
+    refused: dict[str, str] = {}
+    apps = Path(checkout) / "apps"
+    for folder in sorted(apps.iterdir()) if apps.is_dir() else []:
+        if folder.is_symlink() or not folder.is_dir() or not (folder / "overlays").is_dir():
+            continue
+        if not is_dns_label(folder.name):
+            refused[f"apps-{len(refused)}"] = f"apps/{folder.name[:63]!r}: the folder name is not a DNS label"
+            continue
+        try:
+            entries[folder.name] = attested_entries(checkout, folder.name, store_root, key)
+        except EntryError as error:
+            refused[folder.name] = " ".join(str(error).split())[:300]
+    return entries, refused
+
+
+def verify_files(artifact: Path, bundle: Path, release: Release, public_key_path: Path) -> None:
+    """The downloaded artifact is the one `release` names (length, sha256) and the release key
+    signed it (its model-signing bundle); EntryError (one line) naming what failed."""
+    from pipelines.gitops.signing import SignatureError, verify_artifact
+    from pipelines.storage import sha256_file
+
+    actual_size = artifact.stat().st_size
+    if actual_size != release.artifact.length:
+        raise EntryError(f"artifact is {actual_size} bytes, the desired state says {release.artifact.length} "
+                         "(download cut off or another file)")
+    actual = sha256_file(artifact)
+    if actual != release.artifact.sha256:
+        raise EntryError(f"sha256 mismatch: artifact is {actual[:12]}…, the desired state says "
+                         f"{release.artifact.sha256[:12]}…")
+    try:
+        verify_artifact(artifact, bundle, public_key_path)
+    except SignatureError as error:
+        detail = str(error).replace(str(artifact.parent) + "/", "")
+        raise EntryError(f"signature check failed ({error.reason}): {' '.join(detail.split())[:200]}") from None
 
 
 def entry_dict(entry: Entry) -> dict:

@@ -7,7 +7,8 @@ the fleet file the document `groups/<group>.json`: every entry whose selector th
 labels satisfy. The documents, each artifact and each signature bundle they name become
 targets of the TUF repository (`pipelines.edge.tuf_repo`) in the artifact store; an artifact
 is copied only after its length, sha256 and signature check out. A model that is refused
-keeps what was published for it before, and the report says why.
+keeps what was published for it before, and the report says why; so does a model whose
+folder is gone from the tip (nothing signed takes a model off the devices).
 
 Idempotent: the same tip publishes nothing new (no targets, snapshot or timestamp version),
 except a timestamp that is within half its lifetime of expiry, which is signed again.
@@ -28,12 +29,12 @@ from pipelines.edge.desired_state import (
     Entry,
     EntryError,
     Release,
-    attested_entries,
+    attested_checkout,
     check_entry,
     check_name,
     entry_dict,
-    is_dns_label,
     public_key,
+    verify_files,
 )
 from pipelines.edge.sources import group_target
 from pipelines.errors import one_line
@@ -119,8 +120,6 @@ def _releases(entry: Entry) -> list[Release]:
 def _artifact_targets(entries: list[Entry], published: dict, settings: Settings) -> dict:
     """Target path -> bytes (new) or TargetFile (already published) for every artifact and bundle."""
     from pipelines.edge.sources import StoreFiles
-    from pipelines.gitops.signing import SignatureError, verify_artifact
-    from pipelines.storage import sha256_file
 
     store = StoreFiles(settings.store_url, settings.s3_endpoint_url)
     release_key = settings.signing_keys()[1]
@@ -136,13 +135,10 @@ def _artifact_targets(entries: list[Entry], published: dict, settings: Settings)
             model_file, bundle_file = Path(folder) / "model.onnx", Path(folder) / "model.onnx.sig"
             store.download(release.artifact, model_file, release.artifact.length)
             store.download(release.signature, bundle_file, MAX_BUNDLE_BYTES)
-            if model_file.stat().st_size != release.artifact.length or \
-                    sha256_file(model_file) != release.artifact.sha256:
-                raise EntryError(f"{artifact}: the store's file is not the attested one (length or sha256)")
             try:
-                verify_artifact(model_file, bundle_file, release_key)
-            except SignatureError as error:
-                raise EntryError(f"{artifact}: signature check failed ({error.reason})") from None
+                verify_files(model_file, bundle_file, release, release_key)
+            except EntryError as error:
+                raise EntryError(f"{artifact}: the store's file is not the attested one: {error}") from None
             targets[artifact], targets[bundle] = model_file.read_bytes(), bundle_file.read_bytes()
     return targets
 
@@ -188,18 +184,11 @@ def _publish(settings: Settings) -> DesiredStatePublished:
     if gitrepo.has_branch(settings.remote, settings.gitops_branch):
         with gitrepo.tip(settings.remote, settings.gitops_branch, settings.work_dir / "gitops") as clone:
             commit = gitrepo.head(clone)
-            apps = Path(clone) / "apps"
-            for folder in sorted(apps.iterdir()) if apps.is_dir() else []:
-                if not folder.is_dir() or folder.is_symlink() or not (folder / "overlays").is_dir():
-                    continue
-                model = folder.name
-                if not is_dns_label(model):
-                    refused[model[:63]] = "the model's folder name is not a DNS label"
-                    continue
-                try:
-                    entries[model] = attested_entries(Path(clone), model, settings.store_url, key)
-                except EntryError as error:
-                    refused[model] = one_line(error, 300)
+            entries, refused = attested_checkout(Path(clone), settings.store_url, key)
+    for model in before.keys() - entries.keys() - refused.keys():
+        # Nothing the release key signed takes a model off the devices: a folder gone from the
+        # tip is a Git writer's edit like any other.
+        refused[model] = f"apps/{model} is gone from the tip without an attested change"
     for model, new in list(entries.items()):
         old = max((e.sequence for e in before.get(model, [])), default=None)
         if new and old is not None and new[0].sequence < old:
@@ -220,13 +209,12 @@ def _publish(settings: Settings) -> DesiredStatePublished:
             if model in before and before[model] is not entries[model]:
                 targets.update(_artifact_targets(before[model], published, settings))
                 usable.extend(before[model])
-    everything = usable
     fleet = load_fleet(settings.fleet_path, load_catalog())
     offered: dict[str, list[str]] = {}
     for group in fleet.groups:
         check_name(group.name, f"{settings.fleet_path}: device group")
-        targets[group_target(group.name)] = document(group.name, group.labels, everything)
-        offered[group.name] = sorted({f"{e.model} v{e.version}" for e in everything if e.selects(group.labels)})
+        targets[group_target(group.name)] = document(group.name, group.labels, usable)
+        offered[group.name] = sorted({f"{e.model} v{e.version}" for e in usable if e.selects(group.labels)})
     report = tuf.publish(targets, keys["targets"], keys["snapshot"], keys["timestamp"])
     result = DesiredStatePublished(
         commit=commit, changed=report.changed, targets_version=report.targets_version,

@@ -222,9 +222,7 @@ class Fleet:
         return [now - then for now, then in zip(self._wire_bytes(), before)]
 
     def _wire_bytes(self) -> list[int]:
-        if self.source_mode == "tuf":
-            return [a.source.stats["wire_bytes"] for a in self.agents]
-        return [sum(s.bytes for s in a.source.stats) for a in self.agents]
+        return [a.source.stats["wire_bytes"] for a in self.agents]
 
     def poll_round(self) -> dict:
         """Every device polls once; returns this round's record (also kept in `rounds`)."""

@@ -25,11 +25,10 @@ from typing import Protocol
 
 from pipelines.edge.desired import GitSource, SourceError
 from pipelines.edge.desired_state import (
-    ATTESTATION_FILE,
     Entry,
     EntryError,
     FileRef,
-    attested_entries,
+    attested_checkout,
     check_entry,
     is_dns_label,
     public_key,
@@ -106,15 +105,16 @@ class StoreFiles:
         deadline = time.monotonic() + self.deadline_s
         with open(target, "xb") as writer:
             if self.store.scheme == "file":
-                self._local(self.store.uri(path), writer, max_length, deadline, what)
+                self._local(self.store.local_path(""), path, writer, max_length, deadline, what)
             else:
                 self._s3(path, writer, max_length, deadline, what)
 
     @staticmethod
-    def _local(uri: str, writer, max_length: int, deadline: float, what: str) -> None:
-        from urllib.parse import unquote, urlparse
-
-        source = unquote(urlparse(uri).path)
+    def _local(root: Path, key: str, writer, max_length: int, deadline: float, what: str) -> None:
+        source = root / key
+        # A folder on the way may be a link out of the store: the file must resolve inside it.
+        if not os.path.realpath(source.parent).startswith(os.path.realpath(root) + os.sep):
+            raise DownloadError(f"{what}: resolves outside the artifact store")
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the file itself
             # may not be a link out of the store.
@@ -157,31 +157,18 @@ class GitDesiredState:
         self._cached: tuple[str, DesiredState] | None = None
 
     @property
-    def stats(self):
-        return self.git.stats
+    def stats(self) -> dict:
+        """Polls and the pack bytes Git wrote (the ref negotiation is not counted)."""
+        return {"requests": len(self.git.stats), "wire_bytes": sum(s.bytes for s in self.git.stats)}
 
     def fetch(self) -> DesiredState:
-        self.git.fetch()
-        commit = self.git.commit or ""
+        if Path(self.git.cache_dir).is_symlink():
+            raise SourceError(f"{self.git.cache_dir} is a symbolic link; the clone is not kept through links")
+        commit = self.git.sync()
         if self._cached and self._cached[0] == commit:
             return self._cached[1]
-        entries: list[Entry] = []
-        refused: dict[str, str] = {}
-        apps = self.git.cache_dir / "apps"
-        for folder in sorted(apps.iterdir()) if apps.is_dir() else []:
-            model = folder.name
-            if not folder.is_dir() or folder.is_symlink():
-                continue
-            if not is_dns_label(model):
-                refused[model[:63]] = f"apps/{model[:63]!r}: not a DNS label"
-                continue
-            if not (folder / "overlays").is_dir() and not (folder / ATTESTATION_FILE).exists():
-                continue
-            try:
-                entries.extend(attested_entries(self.git.cache_dir, model, self.store_url, self.key))
-            except EntryError as error:
-                refused[model] = one_line(error, 300)
-        state = DesiredState(entries, refused)
+        by_model, refused = attested_checkout(self.git.cache_dir, self.store_url, self.key)
+        state = DesiredState([e for model in sorted(by_model) for e in by_model[model]], refused)
         self._cached = (commit, state)
         return state
 
@@ -249,8 +236,8 @@ class TufDesiredState:
             try:
                 entries.append(check_entry(item, f"{group_target(self.group)} entries[{index}]"))
             except EntryError as error:
-                name = str((item or {}).get("model", f"entry-{index}")) if isinstance(item, dict) else f"entry-{index}"
-                refused[name[:63]] = one_line(error, 300)
+                name = item.get("model") if isinstance(item, dict) else None
+                refused[name if is_dns_label(name) else f"entry-{index}"] = one_line(error, 300)
         return DesiredState(entries, refused)
 
     def download(self, ref: FileRef, target: Path, max_length: int) -> None:

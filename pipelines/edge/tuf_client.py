@@ -311,6 +311,8 @@ class TufClient:
     ) -> None:
         self._metadata_url, self._targets_url = parse_tuf_url(url)
         device_dir = Path(device_dir)
+        self._own = [device_dir, device_dir / "metadata", device_dir / "targets-tmp", device_dir / "http-cache"]
+        _no_links(self._own)
         self._metadata_dir = _private_dir(device_dir / "metadata")
         self._targets_dir = _private_dir(device_dir / "targets-tmp")
         if fetcher is None:
@@ -329,6 +331,7 @@ class TufClient:
         If verification fails while the root probe was answered from memory, the probe is
         forgotten and the refresh tried once more: a rotated root (new keys) shows up at once.
         """
+        _no_links(self._own)  # the device's disk may have changed since the last poll
         remembered = getattr(self.fetcher, "remembered_probes", 0)
         try:
             self._refresh_once()
@@ -432,6 +435,14 @@ def parse_tuf_url(url: str) -> tuple[str, str]:
         raise ValueError(f"bad TUF repository URL {url!r}: no host")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
     return f"{base}/metadata/", f"{base}/targets/"
+
+
+def _no_links(folders: list[Path]) -> None:
+    """OSError when one of the device's own folders is a symbolic link: metadata and downloads
+    are never written through a link planted on the device's disk."""
+    for folder in folders:
+        if folder.is_symlink():
+            raise OSError(f"{folder} is a symbolic link; TUF metadata is not kept through links")
 
 
 def _private_dir(path: Path) -> Path:

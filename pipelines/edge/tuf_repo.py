@@ -26,8 +26,6 @@ concurrent publishers would race on version numbers.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -141,30 +139,9 @@ def ensure_demo_tuf_keys(folder: str | Path) -> dict[str, Path]:
     """`{"root": folder/root.key, "snapshot": ..., "timestamp": ...}`, creating missing pairs
     (with `.pub` beside them). For the embedded demo; production keys come from a secret store.
     The targets key is the release signing key (`pipelines.gitops.signing.ensure_demo_keys`)."""
-    from cryptography.hazmat.primitives import serialization
+    from pipelines.gitops.signing import ensure_demo_keys
 
-    from pipelines.gitops.signing import generate_key_pair
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = {}
-    for role in DEMO_KEY_ROLES:
-        private, public = folder / f"{role}.key", folder / f"{role}.pub"
-        try:
-            generate_key_pair(private, public)
-        except FileExistsError:
-            pass
-        if not public.is_file():  # a crash or a racer between the two writes: derive it again
-            key = serialization.load_pem_private_key(private.read_bytes(), password=None)
-            pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-            fd, tmp = tempfile.mkstemp(prefix=f".{public.name}.", dir=folder)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(pem)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, public)
-        keys[role] = private
-    return keys
+    return {role: ensure_demo_keys(Path(folder), role)[0] for role in DEMO_KEY_ROLES}
 
 
 # --- one operation over the store ----------------------------------------------------------

@@ -97,8 +97,8 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
     _write_public_key(public_path, _public_pem(key.public_key()))
 
 
-def ensure_demo_keys(folder: Path) -> tuple[Path, Path]:
-    """Return `(folder/signing.key, folder/signing.pub)`, creating the pair on first use.
+def ensure_demo_keys(folder: Path, name: str = PRIVATE_KEY_NAME.removesuffix(".key")) -> tuple[Path, Path]:
+    """Return `(folder/<name>.key, folder/<name>.pub)`, creating the pair on first use.
 
     For demos and tests only; production keys come from a secret store. Safe under
     concurrent callers: the first private key linked into place wins, and the public key is
@@ -108,7 +108,7 @@ def ensure_demo_keys(folder: Path) -> tuple[Path, Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
+    private_path, public_path = folder / f"{name}.key", folder / f"{name}.pub"
     try:
         generate_key_pair(private_path, public_path)
     except FileExistsError:

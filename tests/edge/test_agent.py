@@ -319,13 +319,13 @@ def _cut_off(world: World, key: str) -> None:
 
 TAMPERING = {  # tampering, what the device says (Git), what the publisher says (TUF)
     "flip-byte": (_flip_byte, r"sha256 mismatch: artifact is [0-9a-f]{12}…, the desired state says [0-9a-f]{12}…",
-                  r"the store's file is not the attested one \(length or sha256\)"),
+                  r"the store's file is not the attested one: sha256 mismatch"),
     "foreign-signature": (_foreign_signature, r"signature check failed \(wrong_key\)",
                           r"signature check failed \(wrong_key\)"),
     "drop-signature": (_drop_signature, r"variants/v2/model\.onnx\.sig: does not exist",
                        r"variants/v2/model\.onnx\.sig: does not exist"),
     "cut-off": (_cut_off, r"artifact is \d+ bytes, the desired state says \d+ \(download cut off or another file\)",
-                r"the store's file is not the attested one \(length or sha256\)"),
+                r"the store's file is not the attested one: artifact is \d+ bytes"),
 }
 
 

@@ -266,29 +266,29 @@ def test_slow_retrieval(world):
          attack="slow retrieval (1 byte/s; 2 s deadline)")
 
 
-def test_mix_and_match_another_models_signed_artifact(world):
-    agent = device(world)
-    serving = agent.active_model_path(MODEL)
-    world.release("2", "v2")
+MIX_AND_MATCH = {
     # The kiosk model's file: genuine and signed by the release key, but not this target.
-    world.server.attack(target_path(world, world.key("v2")), "replace", world.models[OTHER].path.read_bytes())
-    result = poll(world, agent)
-    kept(world, agent, result, serving=serving, version="1", state="failed",
-         reason=r"(LengthOrHashMismatchError|DownloadLengthMismatchError)",
-         attack="mix-and-match: another model's signed artifact under this target")
+    "another model's signed artifact under this target": (
+        lambda world, old: (world.key("v2"), world.models[OTHER].path.read_bytes()),
+        "failed", r"(LengthOrHashMismatchError|DownloadLengthMismatchError)"),
+    "the old signed group document with new metadata": (
+        lambda world, old: (f"groups/{GROUP}.json", old), "refused",
+        r"refused by TUF \(LengthOrHashMismatchError\)"),
+}
 
 
-def test_mix_and_match_an_old_group_document_with_new_metadata(world):
+@pytest.mark.parametrize("mix", MIX_AND_MATCH)
+def test_mix_and_match(world, mix):
+    make, state, reason = MIX_AND_MATCH[mix]
     agent = device(world)
     serving = agent.active_model_path(MODEL)
-    document = f"groups/{GROUP}.json"
-    old = ensure_repository(world.settings).read_target(document)
+    old = ensure_repository(world.settings).read_target(f"groups/{GROUP}.json")
     world.release("2", "v2")
-    world.server.attack(target_path(world, document), "replace", old)
+    target, data = make(world, old)
+    world.server.attack(target_path(world, target), "replace", data)
     result = poll(world, agent)
-    kept(world, agent, result, serving=serving, version="1", state="refused",
-         reason=r"refused by TUF \(LengthOrHashMismatchError\)",
-         attack="mix-and-match: the old signed group document with new metadata")
+    kept(world, agent, result, serving=serving, version="1", state=state, reason=reason,
+         attack=f"mix-and-match: {mix}")
 
 
 def test_stolen_timestamp_key_alone(world):
@@ -364,6 +364,12 @@ def _everyone(files: dict[str, str]) -> None:
     _base(lambda doc: doc["spec"].update(rollout={"share": 100}))(files)
 
 
+def _unreadable_patch(files: dict[str, str]) -> None:
+    overlay = yaml.safe_load(files[OVERLAY])
+    overlay["patches"][0]["patch"] = "- op: [add\n  path: {"
+    files[OVERLAY] = yaml.safe_dump(overlay, sort_keys=False)
+
+
 def _rewind(world: World, v1: dict[str, str]) -> Callable[[dict[str, str]], None]:
     def edit(files: dict[str, str]) -> None:
         files.clear()
@@ -385,6 +391,12 @@ WRITERS = {
         lambda world, v1: _base(lambda doc: doc["spec"]["modelRef"].update(name="../../victim")),
         "differs from the attested"),
     "replayed old attestation and files (rewind)": (_rewind, "older than the published"),
+    # Malformed rather than merely different: refused too, and never a crash of the publisher
+    # or the agent that would hold back every other model.
+    "rollout share that is not a number": (
+        lambda world, v1: _base(lambda doc: doc["spec"].update(rollout={"share": "all"})),
+        "cannot be read (ValueError)"),
+    "an overlay patch that is not YAML": (lambda world, v1: _unreadable_patch, "cannot be resolved"),
 }
 
 
@@ -404,7 +416,7 @@ def test_compromised_git_writer_without_keys(world, push):
     assert poll(world, agent).state == "unchanged" and agent.active_model_path(MODEL) == serving
     result = poll(world, git)
     device_reason = r"older than the .* already applied \(replayed\)" if "rewind" in push else \
-        r"differs from the attested desired state \(edited without the release key\)"
+        re.escape(publisher_reason)
     assert (result.state, result.version) == ("refused", "2"), result
     assert re.search(device_reason, result.error), result.error
     assert git.installed_version(MODEL) == "2" and git.active_model_path(MODEL) == serving_git
@@ -499,8 +511,20 @@ def _dev_zero(path: Path) -> None:
     path.symlink_to("/dev/zero")
 
 
+def _folder_outside(path: Path) -> None:
+    # The genuine files, in a folder outside the store that the store links to: verified bytes,
+    # but the store is the only place a device reads from.
+    outside = path.parents[6] / "outside-store"
+    outside.mkdir()
+    for name in ("model.onnx", "model.onnx.sig"):
+        shutil.copyfile(path.parent / name, outside / name)
+    shutil.rmtree(path.parent)
+    path.parent.symlink_to(outside, target_is_directory=True)
+
+
 SPECIAL = {
     "a file larger than the signed length": (_larger, r"67108864 bytes, larger than the signed \d+"),
+    "a folder linked out of the store": (_folder_outside, r"resolves outside the artifact store"),
     "a FIFO": (_fifo, r"model\.onnx: not a regular file"),
     "a link to /dev/zero": (_dev_zero, r"model\.onnx: Too many levels of symbolic links"),
 }
@@ -521,11 +545,17 @@ def test_oversized_or_special_file_from_a_git_store(world, special):
          attack=f"oversized download from a Git store: {special}")
 
 
-@pytest.mark.parametrize("shape", ["[]", '{"models": 5}', '{"models": {"../x": {"version": "1"}}}'])
+_INSTALLED = '"sha256": "{sha}", "folder": "1-{sha12}"'
+SHAPES = ["[]", '{"models": 5}', '{"models": {"../x": {"version": "1"}}}',
+          '{"models": {"edge-model": {"version": "abc", ' + _INSTALLED + '}}}',
+          '{"models": {"edge-model": {"version": "1", "group": "../../x", ' + _INSTALLED + '}}}']
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_a_wrong_shaped_state_file_is_rebuilt_from_the_active_link(world, shape, caplog):
     agent = device(world)
     serving = agent.active_model_path(MODEL)
-    (agent.state_dir / "state.json").write_text(shape)
+    (agent.state_dir / "state.json").write_text(shape.replace("{sha}", world.sha).replace("{sha12}", world.sha[:12]))
     caplog.clear()
     restarted = world.agent("dev-a", fetcher=ConditionalFetcher(world.device_dir("dev-a") / "tuf" / "http-cache"))
     assert restarted.installed_version(MODEL) == "1"
@@ -607,3 +637,37 @@ def test_a_device_without_a_public_key(world, tmp_path, capsys, monkeypatch):
     assert not missing.exists() and not fresh.exists()
     record("device without a public key", "CLI exits 2; no key file or folder is made",
            err.replace(str(fresh), "<state>"), world)
+
+
+def test_a_tuf_cache_folder_replaced_by_a_symlink(world):
+    agent = device(world)
+    serving = agent.active_model_path(MODEL)
+    world.release("2", "v2")
+    elsewhere = world.tmp / "elsewhere-tuf"
+    elsewhere.mkdir()
+    cache = agent.state_dir / "tuf"
+    shutil.rmtree(cache)
+    cache.symlink_to(elsewhere, target_is_directory=True)
+    result = poll(world, agent)
+    assert not any(elsewhere.iterdir()), "nothing written through the link"
+    kept(world, agent, result, serving=serving, version="1", state="failed",
+         reason=r"tuf is a symbolic link; TUF metadata is not kept through links",
+         attack="the device's TUF metadata folder replaced by a symlink")
+
+
+def test_a_planted_git_config_runs_nothing(world):
+    """A clone's `.git/config` on the device's disk names commands git would run (an
+    upload-pack on fetch, an fsmonitor on reset): the agent writes its own config first."""
+    git = device(world, "dev-git", source="git")
+    world.release("2", "v2")
+    markers = [world.tmp / "upload-pack-ran", world.tmp / "fsmonitor-ran"]
+    config = git.state_dir / "gitops" / ".git" / "config"
+    config.write_text(config.read_text()
+                      + f'[core]\n\tfsmonitor = "touch {markers[1]}"\n'
+                      + f'[remote "origin"]\n\tuploadpack = "touch {markers[0]}; git-upload-pack"\n')
+    result = poll(world, git)
+    assert (result.state, result.version) == ("active", "2"), result
+    assert not any(m.exists() for m in markers), "a planted command ran"
+    record("a planted .git/config (upload-pack and fsmonitor commands) in a Git device's clone",
+           "updates to v2 as usual; runs none of the planted commands", "no error: the agent rewrites the "
+           "clone's config before each fetch and runs git without hooks or fsmonitor", world)

@@ -74,3 +74,12 @@ def test_publish_is_idempotent_refuses_unattested_edits_and_skips_review_branche
     _git("push", "-q", "origin", "release/x", cwd=work)
     assert not publish_desired_state(settings).changed
     assert _listing(settings) == before
+
+    # A Git writer deletes the model's folder: nothing signed says so, so devices keep it.
+    _git("checkout", "-q", "main", cwd=work)
+    _git("rm", "-qr", f"apps/{MODEL}", cwd=work)
+    _git("commit", "-qm", "remove", cwd=work)
+    _git("push", "-q", "origin", "HEAD:main", cwd=work)
+    removed = publish_desired_state(settings)
+    assert removed.refused == {MODEL: f"apps/{MODEL} is gone from the tip without an attested change"}
+    assert not removed.changed and _listing(settings) == before
