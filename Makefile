@@ -14,7 +14,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(EDGE_STATE_DIR)/airflow \
 	AIRFLOW__LOGGING__LOGGING_LEVEL=WARNING \
 	PYTHONWARNINGS=ignore
 
-.PHONY: venv browser nginx demo demo-loop ui test test-prod bench bench-prod finops-report schema clean-state
+.PHONY: venv browser nginx demo demo-loop ui test test-prod bench bench-prod finops-report schema clean-state docs
 
 $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,14 +44,14 @@ demo: venv $(EDGE_STATE_DIR)/airflow/airflow.db
 # a release, a simulated fleet serving, injected drift, the drift event, the retraining run it
 # starts, and the canary of the new version advanced or rolled back by the rollout DAG.
 demo-loop: venv
-	@$(PY) -m pipelines.demo_loop --state $(EDGE_STATE_DIR)/loop
+	@$(PY) -m stack demo-loop --state $(EDGE_STATE_DIR)/loop
 
 # The Airflow UI (api-server, scheduler, dag-processor, triggerer) and the MLflow UI on the
 # embedded state, bound to 127.0.0.1; prints the URLs and the admin login; Ctrl-C stops them.
 UI_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 ui: venv
-	@$(AIRFLOW_ENV) $(PY) -m pipelines ui --port $(UI_PORT) --mlflow-port $(MLFLOW_PORT)
+	@$(AIRFLOW_ENV) $(PY) -m stack ui --port $(UI_PORT) --mlflow-port $(MLFLOW_PORT)
 
 # Chromium opens the evidence (model card, Evidently report) in the browser test; Debian's
 # package, installed when missing and this user may install packages.
@@ -73,8 +73,10 @@ nginx:
 	      || echo "nginx could not be installed: the fleet benchmark needs it"; \
 	  else echo "nginx is not installed: the fleet benchmark (bench/fleet_convergence.py) needs it"; fi; }
 
+# Lint, then the suite (which also checks the import contracts of .importlinter and builds the
+# documentation site in strict mode).
 test: venv browser
-	$(VENV)/bin/ruff check pipelines dags tests plugins
+	$(VENV)/bin/ruff check pipelines dags tests plugins stack bench
 	$(PY) -m pytest
 
 # The production profile natively: Airflow on PostgreSQL with the CeleryExecutor and Redis, an
@@ -104,6 +106,12 @@ finops-report: venv
 
 schema: venv
 	$(PY) -m pipelines schema --output model_specs/model-spec.schema.json
+
+# The documentation site (MkDocs, Material theme) from docs/ and mkdocs.yml, built in strict mode
+# into the state folder.
+docs: venv
+	@NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(EDGE_STATE_DIR)/site
+	@echo "Documentation site: $(EDGE_STATE_DIR)/site/index.html"
 
 clean-state:
 	rm -rf $(EDGE_STATE_DIR)

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.monitor import REFERENCE_ROWS  # noqa: E402
+from pipelines.operate.monitor import REFERENCE_ROWS  # noqa: E402
 from pipelines.settings import get_settings  # noqa: E402
 
 SAMPLES_PER_RECORD = 50
@@ -78,7 +78,7 @@ def measure(rows: int, shift: bool, train, test, features, work: Path) -> dict:
     from pipelines.data import is_categorical
     from pipelines.edge.telemetry import read_records, samples_frame
     from pipelines.gates.drift import drift_report
-    from pipelines.monitor import PREDICTION, comparison_view
+    from pipelines.operate.monitor import PREDICTION, comparison_view
     from pipelines.storage import ObjectStore
 
     store = ObjectStore((work / f"telemetry-{rows}").as_uri())

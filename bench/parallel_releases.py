@@ -1,7 +1,7 @@
 """Four releases at once on the production profile against the same four one after another on
 the embedded set-up.
 
-- production: the native stack of `pipelines.prod_stack` (Airflow on PostgreSQL with the
+- production: the native stack of `stack.prod_stack` (Airflow on PostgreSQL with the
   CeleryExecutor, Redis, one Celery worker taking `--concurrency` tasks at once, an MLflow
   server on PostgreSQL with S3 artifacts, moto's S3 server, git daemon); the four release DAGs
   triggered together through the REST API; wall time from the first trigger to the last
@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.airflow_local import EmbeddedAirflow  # noqa: E402
-from pipelines.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack, demo_spec_copies  # noqa: E402
 from pipelines.settings import get_settings  # noqa: E402
+from stack.airflow_local import EmbeddedAirflow  # noqa: E402
+from stack.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack, demo_spec_copies  # noqa: E402
 
 MODELS = ("adult-income-p1", "adult-income-p2", "digit-recognizer-p1", "digit-recognizer-p2")
 

@@ -140,7 +140,7 @@ def _spec(name: str, folder: Path) -> Path:
 
 def measure(name: str, folder: Path) -> dict:
     from pipelines import release
-    from pipelines.context import context, splits
+    from pipelines.release.context import context, splits
 
     settings = Settings(state_dir=folder / "state")
     spec_path = _spec(name, folder)

@@ -22,27 +22,20 @@ other models are checked as usual.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, dag, get_current_context, task
+from airflow.sdk import dag, task
+from edge_airflow import connections, operations
+from edge_airflow.assets import drift_asset
+from edge_airflow.specs import specs_folder
 
-from pipelines import connections
-from pipelines.monitor import drift_asset_uri
-from pipelines.settings import get_settings
 from pipelines.specs import SpecError, discover_specs, load_spec
-
-SPECS_DIR = get_settings().specs_dir
-
-
-def _task_id(model: str) -> str:
-    return "check__" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)
 
 
 def _valid_specs() -> tuple[dict[str, str], dict[str, str]]:
     """(model -> spec path) of the specs that validate, and (model -> first error line) of the others."""
     valid, invalid = {}, {}
-    for model, path in discover_specs(SPECS_DIR).items():
+    for model, path in discover_specs(specs_folder()).items():
         try:
             valid[load_spec(path).name] = str(path)
         except SpecError as error:
@@ -61,23 +54,10 @@ _DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`:
                    "pre_execute": connections.pre_execute})
 def edge_drift_monitor():
     for model, path in SPECS.items():
-        @task(task_id=_task_id(model), outlets=[Asset(drift_asset_uri(model))])
-        def check(path: str = path, uri: str = drift_asset_uri(model)):
+        @task(task_id=operations.task_id("check", model), outlets=[drift_asset(model)])
+        def check(path: str = path, model: str = model):
             """Raise the drift Asset event with the figures, or skip (a skipped task raises none)."""
-            import logging
-
-            from airflow.exceptions import AirflowSkipException
-
-            from pipelines.monitor import check_drift
-
-            context = get_current_context()
-            result = check_drift(path, now=context["dag_run"].run_after)  # the run's own time, never now()
-            if result.status != "drift":
-                raise AirflowSkipException(f"{result.model}: {result.status}: {result.reason}")
-            logging.getLogger(__name__).warning("DRIFT %s: %s", result.model, result.reason)
-            figures = result.figures()
-            context["outlet_events"][Asset(uri)].extra = figures
-            return figures
+            return operations.check_drift(path, model)
 
         check()
 

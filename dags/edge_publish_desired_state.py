@@ -15,28 +15,19 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, AssetOrTimeSchedule, dag, task
-from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
-
-from pipelines import connections
-from pipelines.edge import DESIRED_STATE_ASSET_URI
+from airflow.sdk import dag, task
+from edge_airflow import connections, operations
+from edge_airflow.schedules import desired_state_schedule
 
 
-@dag(dag_id="edge_publish_desired_state",
-     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("17 * * * *", timezone="UTC"),
-                                  assets=[Asset(DESIRED_STATE_ASSET_URI)]),
+@dag(dag_id="edge_publish_desired_state", schedule=desired_state_schedule(),
      start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1, is_paused_upon_creation=False,
      tags=["edge-release", "desired-state"], doc_md=__doc__,
      default_args={"pre_execute": connections.pre_execute})
 def edge_publish_desired_state():
     @task(retries=3, retry_delay=timedelta(seconds=10), retry_exponential_backoff=True)
     def publish():
-        from pipelines.edge.publish import publish_desired_state
-
-        with connections.signing_settings() as settings:
-            result = publish_desired_state(settings)
-        print("\n".join(result.lines()))
-        return result.to_xcom()
+        return operations.publish_desired_state()
 
     publish()
 

@@ -16,45 +16,35 @@ Every commit message carries the analysis. The `dry_run` param analyses without 
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import dag, task
+from edge_airflow import connections, operations
+from edge_airflow.assets import DESIRED_STATE
+from edge_airflow.params import rollout_params
+from edge_airflow.schedules import rollout_schedule
+from edge_airflow.specs import specs_folder
 
-from pipelines import connections
-from pipelines.edge import DESIRED_STATE_ASSET_URI
-from pipelines.specs import SpecError, discover_specs, load_spec, parse_duration
-
-SPECS_DIR = Path(os.environ.get("EDGE_SPECS_DIR", Path(__file__).resolve().parent.parent / "model_specs"))
+from pipelines.specs import SpecError, discover_specs, load_spec
 
 
 def build_rollout_dag(spec_path: Path, spec):
-    @dag(dag_id=f"edge_rollout__{spec.name}",
-         schedule=timedelta(seconds=parse_duration(spec.deployment_strategy.canary.interval)),
+    @dag(dag_id=f"edge_rollout__{spec.name}", schedule=rollout_schedule(spec),
          start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
          tags=["edge-release", "rollout", spec.name], doc_md=__doc__,
-         default_args={"pre_execute": connections.pre_execute},
-         params={"dry_run": Param(False, type="boolean", description="Analyse only; commit nothing.")})
+         default_args={"pre_execute": connections.pre_execute}, params=rollout_params())
     def rollout():
-        @task(retries=2, retry_delay=timedelta(seconds=10), outlets=[Asset(DESIRED_STATE_ASSET_URI)])
+        @task(retries=2, retry_delay=timedelta(seconds=10), outlets=[DESIRED_STATE])
         def analyze_and_act():
-            from pipelines.rollout import step_rollout
-
-            with connections.signing_settings() as settings:
-                result = step_rollout(spec_path, dry_run=bool(get_current_context()["params"]["dry_run"]),
-                                      settings=settings, publish=False)
-            print("\n".join(result.lines()))
-            if result.commit:
-                print(f"{result.decision.upper()} committed: {result.commit}")
-            return result.to_xcom()
+            return operations.rollout_step(str(spec_path))
 
         analyze_and_act()
 
     return rollout()
 
 
-for _path in discover_specs(SPECS_DIR).values():
+for _path in discover_specs(specs_folder()).values():
     try:
         _spec = load_spec(_path)
     except SpecError:

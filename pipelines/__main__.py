@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def _model_spec(model: str) -> Path | None:
     """The spec file of a model in the specs folder, or None after printing why not."""
-    from pipelines.monitor import spec_path_of
+    from pipelines.operate.monitor import spec_path_of
 
     try:
         return spec_path_of(model)
@@ -313,11 +312,6 @@ def main(argv: list[str] | None = None) -> int:
                                  f"EDGE_TUF_{role.upper()}_KEY afterwards)")
     tuf_root = commands.add_parser("tuf-root", help="write the trusted root.json devices are provisioned with")
     tuf_root.add_argument("--output", type=Path, required=True)
-    ui = commands.add_parser("ui", help="the Airflow UI and the MLflow UI on the embedded state, on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=os.environ.get("UI_PORT") or "8080",
-                    help="the Airflow UI's port (default: $UI_PORT or 8080)")
-    ui.add_argument("--mlflow-port", type=int, default=os.environ.get("MLFLOW_PORT") or "5000",
-                    help="the MLflow UI's port (default: $MLFLOW_PORT or 5000)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -360,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             import getpass
 
             from pipelines.gitops.rollback import RollbackError
-            from pipelines.release import rollback_release
+            from pipelines.operate.rollback import rollback_release
 
             try:
                 result = rollback_release(args.model, args.to, args.reason, args.by or getpass.getuser())
@@ -371,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finops-report":
             from datetime import date, datetime, timezone
 
-            from pipelines.finops.report import finops_report
+            from pipelines.operate.finops_report import finops_report
 
             try:
                 as_of = date.fromisoformat(args.as_of) if args.as_of else datetime.now(timezone.utc).date()
@@ -393,10 +387,6 @@ def main(argv: list[str] | None = None) -> int:
                 store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
                 print(store.read_bytes(store.key_of(report.evidence["report.txt"])).decode())
                 print("\n".join(f"{name}: {uri}" for name, uri in report.evidence.items()))
-        elif args.command == "ui":
-            from pipelines.airflow_local import run_ui
-
-            return run_ui(args.port, args.mlflow_port)
         elif args.command == "edge-agent":
             return _edge_agent(args)
         elif args.command == "fleet":
@@ -416,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     source=args.source, keep=args.keep, serve=args.serve,
                                                     faults=faults)))
         elif args.command == "monitor":
-            from pipelines.monitor import check_drift, format_check
+            from pipelines.operate.monitor import check_drift, format_check
 
             spec_path = _model_spec(args.model)
             if spec_path is None:
@@ -424,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             check = check_drift(spec_path)
             print(check.model_dump_json() if args.json else format_check(check))
         elif args.command == "rollout":
-            from pipelines.rollout import step_rollout
+            from pipelines.operate.rollout import step_rollout
 
             spec_path = _model_spec(args.model)
             if spec_path is None:

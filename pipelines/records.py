@@ -30,9 +30,13 @@ class DataCheck(Record):
     snapshot_uri: str = Field(description="The exact rows later stages train and evaluate on.")
     report_uri: str
     failures: list[str] = Field(default_factory=list)
-    release_key: str = Field(description="Hash of data, spec and code: the release's identity.")
+    release_key: str = Field(description="Hash of the model's own inputs: the release's identity "
+                                         "(pipelines.identity).")
     salt: str = Field("", description="Mixed into the release key by a forced retrain (its run id); "
                                       "empty for a plain release.")
+    spec_sha256: str = Field("", description="Digest of the whole spec this run started with.")
+    spec_uri: str = Field("", description="The spec this run started with, as stored; later stages read it.")
+    evaluation_code: str = Field("", description="Digest of the evaluation code when this run started.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -87,6 +91,8 @@ class RegisteredVersion(Record):
     model_uri: str
     alias: str
     created: bool
+    release_key: str = Field("", description="The release that built this version: a rebuild whose bytes came "
+                                             "out the same is the same version, of the same release.")
 
 
 Figure = float | int | str | bool | None
@@ -119,6 +125,20 @@ class ModelCard(Record):
     json_uri: str
     html_uri: str
     sha256: str = Field(description="sha256 of the JSON card.")
+
+
+class CostReport(Record):
+    """The cost estimate, its gates, its diff against the champion, and the variant each
+    device group ships."""
+
+    estimate: dict
+    verdicts: list[GateVerdict]
+    diff: dict
+    group_variants: dict[str, str]
+    evidence: dict[str, str] = {}
+
+    def variants_in_use(self) -> list[str]:
+        return sorted(set(self.group_variants.values()))
 
 
 class Decision(Record):

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
             if not self.signing_public_key:
                 raise ValueError("EDGE_SIGNING_KEY is set but EDGE_SIGNING_PUBLIC_KEY is not")
             return self.signing_key, self.signing_public_key
-        from pipelines.gitops.signing import ensure_demo_keys
+        from pipelines.keys import ensure_demo_keys
 
         return ensure_demo_keys(self.state / "keys")
 
@@ -111,7 +111,7 @@ class Settings(BaseSettings):
                                  "EDGE_SIGNING_KEY, the TUF repository's online keys are configured too)")
             return {"root": self.tuf_root_key, "targets": targets, "snapshot": self.tuf_snapshot_key,
                     "timestamp": self.tuf_timestamp_key}
-        from pipelines.edge.tuf_repo import ensure_demo_tuf_keys
+        from pipelines.keys import ensure_demo_tuf_keys
 
         demo = ensure_demo_tuf_keys(self.tuf_keys_dir or self.state / "keys" / "tuf")
         return {"root": self.tuf_root_key or demo["root"], "targets": targets, "snapshot": demo["snapshot"],

@@ -32,7 +32,9 @@ QUANTIZATION_MODES = ("dynamic", "static")
 GATES = ("quality", "fairness", "quantization_parity", "drift")
 MIN_JUSTIFICATION = 20
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# An RFC 1123 label (lowercase letters, digits, '-', at most 63 characters): model, device
+# group and cluster names, and every folder a device makes from one.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Kubernetes label keys and values (prefix/name, name segments of at most 63 characters).
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
@@ -247,7 +249,7 @@ class DeviceGroup(_Strict):
     @field_validator("name")
     @classmethod
     def _dns(cls, name: str) -> str:
-        if not _DNS_LABEL.match(name) or len(name) > 63:
+        if not DNS_LABEL.match(name):
             raise ValueError(f"{name!r} must be a DNS label (lowercase, digits, '-')")
         return name
 
@@ -441,7 +443,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _dns(cls, name: str) -> str:
-        if not _DNS_LABEL.match(name) or len(name) > 50:
+        if not DNS_LABEL.match(name) or len(name) > 50:
             raise ValueError(f"{name!r} must be a DNS label of at most 50 characters")
         return name
 
@@ -472,6 +474,17 @@ class ModelSpec(_Strict):
     def digest(self) -> str:
         """sha256 of the spec's canonical JSON: changes exactly when the spec's meaning does."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    # The fields that shape the model itself: its name, its data (and how it is checked), its
+    # training and its export. Everything else (targets, SLOs, rollout, budget, telemetry,
+    # gate thresholds, approval, the card's prose) only decides or deploys a model.
+    def model_digest(self) -> str:
+        """sha256 of the canonical JSON of the fields that shape the model."""
+        dumped = self.model_dump(mode="json")
+        shaping = {"name": dumped["name"], "training": dumped["training"], "export": dumped["export"],
+                   "data": {k: v for k, v in dumped["data"].items() if k != "current_source"}}
+        canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -27,9 +27,9 @@ os.environ.update({
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-    # SQLite's write lock waited for up to 30 s (see pipelines.airflow_local.SQLITE_ENV).
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "pipelines.airflow_local.SQLITE_CONNECT_ARGS",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "pipelines.airflow_local.SQLITE_CONNECT_ARGS_ASYNC",
+    # SQLite's write lock waited for up to 30 s (see stack.airflow_local.SQLITE_ENV).
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "stack.airflow_local.SQLITE_CONNECT_ARGS",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "stack.airflow_local.SQLITE_CONNECT_ARGS_ASYNC",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
     "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
@@ -85,8 +85,8 @@ def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
 
 
 def release_twice(folder: Path, name: str) -> Path:
-    """Two versions of a small model in the GitOps repository (the second under a changed
-    description, so the same model gets a new release key); returns the spec's path."""
+    """Two versions of a small model in the GitOps repository (the second trained with another
+    regularisation, so its bytes differ); returns the spec's path."""
     import yaml
 
     from pipelines.__main__ import main
@@ -95,7 +95,7 @@ def release_twice(folder: Path, name: str) -> Path:
     spec = write_spec(folder, name, "data.csv")
     assert main(["release", str(spec)]) == 0
     doc = yaml.safe_load(spec.read_text())
-    doc["description"] = "the same model, released again under a new spec"
+    doc["training"]["params"] = {"C": 5.0}
     spec.write_text(yaml.safe_dump(doc))
     assert main(["release", str(spec)]) == 0
     return spec

@@ -113,3 +113,32 @@ def test_every_gitops_commit_raises_the_desired_state_asset_and_the_publisher_ru
     assert len(committing) >= 3
     for task in committing:
         assert DESIRED_STATE_ASSET_URI.rstrip("/") in {o.uri.rstrip("/") for o in task.outlets}, task.task_id
+
+
+def test_each_release_task_passes_its_stage_the_records_it_takes_in_order():
+    """A task body is one `run_stage` call whose arguments the XCom codec decodes by the stage's
+    signature: a changed signature shows here rather than in a DAG run."""
+    import ast
+    import inspect
+
+    from pipelines import release
+
+    read_by = {"every_verdict": "verdicts", "decided": "decision", "answer": "approval", "stage_seconds": "stages",
+               "trigger": "trigger", "options": "options"}
+    pulled = {"publish": "published", "commit": "committed"}
+
+    def meaning(node) -> str:
+        if isinstance(node, ast.Name):
+            return "spec_path" if node.id == "path" else node.id
+        if node.func.id == "pulled":
+            return pulled[node.args[0].value]
+        return read_by[node.func.id]
+
+    tree = ast.parse((ROOT / "dags" / "edge_release.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "run_stage"]
+    assert {c.args[0].value for c in calls} == {*release.STAGES, "summarize"} - {"decide"}  # decide: a branch
+    for call in calls:
+        parameters = list(inspect.signature(getattr(release, call.args[0].value)).parameters)
+        given = [meaning(a) for a in call.args[1:]]
+        assert given == parameters[:len(given)], call.args[0].value
+        assert {k.arg for k in call.keywords} - {"signing"} <= set(parameters[len(given):]), call.args[0].value

@@ -19,7 +19,6 @@ import os
 import posixpath
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +26,18 @@ from typing import Any, Protocol
 
 import yaml
 
+from pipelines.gitops import git
 from pipelines.gitops.manifest import DEVICE_GROUP_LABEL, KIND
 
 log = logging.getLogger(__name__)
 
 _KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 _MAX_DEPTH = 8
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SCP_LIKE = re.compile(r"^[^/:]+:")
 _GIT_TIMEOUT_S = 120
+# Fetched objects stay packs and nothing repacks on its own (see GitSource); the clone lives on
+# the device's disk, which may be hostile, so no hook or fsmonitor its .git/config names runs.
+_GIT_CONFIG = {"gc.auto": "0", "maintenance.auto": "false", "fetch.unpackLimit": "1",
+               "transfer.unpackLimit": "1", **git.UNTRUSTED_CLONE}
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -328,20 +330,9 @@ class FetchStat:
 
 def git_url(remote: str) -> str:
     """A local path as a file:// URL: git ignores --depth for plain-path clones (it hardlinks)."""
-    if _URL.match(remote) or _SCP_LIKE.match(remote):
+    if not git.is_path(remote):
         return remote
     return Path(remote).expanduser().resolve().as_uri()
-
-
-def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY")}
-    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-    return env
-
-
-def _redact(text: str) -> str:
-    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1***@", text)
 
 
 def _pack_sizes(clone: Path) -> dict[str, int]:
@@ -379,21 +370,15 @@ class GitSource:
         self._objects: list[dict] | None = None
 
     def _git(self, *args: str, cwd: Path | None = None) -> str:
-        # The clone lives on the device's disk, which may be hostile: no hook and no fsmonitor
-        # command its .git/config names is ever run.
-        command = ["git", "-c", "gc.auto=0", "-c", "maintenance.auto=false", "-c", "fetch.unpackLimit=1",
-                   "-c", "transfer.unpackLimit=1", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-                   *args]
         try:
-            result = subprocess.run(command, cwd=cwd, env=_git_env(), capture_output=True, text=True,
-                                    timeout=_GIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+            result = git.run(*args, cwd=cwd, config=_GIT_CONFIG, check=False, timeout=_GIT_TIMEOUT_S)
+        except git.GitTimeout:
             raise SourceError(f"git {args[0]} timed out after {_GIT_TIMEOUT_S}s") from None
         except OSError as error:
             raise SourceError(f"cannot run git: {error.strerror}") from None
         if result.returncode != 0:
             detail = " ".join((result.stderr.strip() or result.stdout.strip()).split())[-300:]
-            raise SourceError(_redact(f"git {args[0]} {self.remote} failed: {detail}"))
+            raise SourceError(git.redact(f"git {args[0]} {self.remote} failed: {detail}"))
         return result.stdout
 
     def _clone(self) -> tuple[str, int]:

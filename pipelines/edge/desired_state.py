@@ -34,11 +34,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.edge.desired import group_of, model_of, resolve
+from pipelines.gitops.manifest import base_manifest_path
 from pipelines.gitops.rollback import ROLLBACK_ANNOTATION
+from pipelines.specs import DNS_LABEL
 
 ATTESTATION_FILE = "attestation.json"
 ATTESTATION_TYPE = "edge-desired-state"
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -298,7 +299,7 @@ def attest(model: str, files: dict[str, str], store_root: str, private_key: Path
             previous = None  # not ours (hand-edited or another key): start a new sequence above the clock
     entries = entries_of_files({p: t for p, t in files.items() if not p.endswith(ATTESTATION_FILE)}, model,
                                store_root)
-    base = next((t for p, t in files.items() if p == f"apps/{model}/base/mobileaimodeldeployment.yaml"), "")
+    base = files.get(base_manifest_path(model), "")
     control_version = _rollout_previous(base)
     control = {}
     for group, entry in entries.items():

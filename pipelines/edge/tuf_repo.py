@@ -62,7 +62,6 @@ DEFAULT_EXPIRY = {
 BINS_THRESHOLD = 256  # more targets than this: hashed-bin delegations
 BIN_PREFIX = "bins"
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
-DEMO_KEY_ROLES = (Root.type, Snapshot.type, Timestamp.type)
 
 _NEW_SIGNED = {Root.type: Root, Targets.type: Targets, Snapshot.type: Snapshot, Timestamp.type: Timestamp}
 _PRETTY = JSONSerializer(compact=False)  # sorted keys, one key per line: deterministic and diffable
@@ -134,14 +133,6 @@ def load_public_key(path: str | Path) -> SSlibKey:
     except (ValueError, TypeError) as error:
         raise TufError(f"{path} is not a PEM public or private key") from error
 
-
-def ensure_demo_tuf_keys(folder: str | Path) -> dict[str, Path]:
-    """`{"root": folder/root.key, "snapshot": ..., "timestamp": ...}`, creating missing pairs
-    (with `.pub` beside them). For the embedded demo; production keys come from a secret store.
-    The targets key is the release signing key (`pipelines.gitops.signing.ensure_demo_keys`)."""
-    from pipelines.gitops.signing import ensure_demo_keys
-
-    return {role: ensure_demo_keys(Path(folder), role)[0] for role in DEMO_KEY_ROLES}
 
 
 # --- one operation over the store ----------------------------------------------------------

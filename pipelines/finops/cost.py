@@ -217,54 +217,100 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
+def memory_breaches(thresholds: dict, observed: dict) -> list:
+    """The edge memory rule, as `Breach`es: per device group, the model's memory above
+    resources.limits.memory or above the memory of a device class the group runs on."""
+    from pipelines.gates import Breach, number
+
+    limit = thresholds.get("limits.memory")
+    allowed = parse_quantity(str(limit)) if limit else None
+    found = []
+    for key, value in observed.items():
+        group, needed = key.removesuffix(".memory_bytes"), number(value)
+        if group == key or needed is None:
+            continue
+        if allowed is not None and needed > allowed:
+            found.append(Breach("memory_bytes", needed, allowed, "max", "resources.limits.memory", group=group,
+                                limit_text=str(limit)))
+        for name, device in thresholds.items():  # "<group>.<device class>.memory_bytes"
+            head, _, device_class = name.removesuffix(".memory_bytes").partition(".")
+            memory = number(device) if head == group and device_class and name.endswith(".memory_bytes") else None
+            if memory is not None and needed > memory:
+                found.append(Breach("memory_bytes", needed, memory, "max", f"classes.{device_class}.memory_bytes",
+                                    group=group, device_class=device_class))
+    return found
+
+
 def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -> GateVerdict:
     limit = spec.resources.limits.memory
-    problems, observed = [], {}
+    thresholds, observed = {"limits.memory": limit}, {}
     for group in estimate_.groups:
         observed[f"{group.group}.memory_bytes"] = group.memory_bytes
-        if limit and group.memory_bytes > parse_quantity(limit):
-            problems.append(f"{group.group}: {_mib(group.memory_bytes)} > limits.memory {limit}")
         for name in group.device_classes:
-            device_memory = catalog.classes[name].memory_bytes.value
-            if group.memory_bytes > device_memory:
-                problems.append(f"{group.group}: {_mib(group.memory_bytes)} > {name} memory {_mib(device_memory)}")
+            thresholds[f"{group.group}.{name}.memory_bytes"] = catalog.classes[name].memory_bytes.value
+    problems = [f"{b.group}: {_mib(b.observed)} > "
+                + (f"{b.device_class} memory {_mib(b.limit)}" if b.device_class else f"limits.memory {b.limit_text}")
+                for b in memory_breaches(thresholds, observed)]
     worst = max(g.memory_bytes for g in estimate_.groups)
     reason = "; ".join(problems) if problems else (
         f"{_mib(worst)} within limits.memory {limit}" if limit else f"{_mib(worst)}; the spec sets no memory limit")
-    return GateVerdict(gate="edge_memory", passed=not problems, thresholds={"limits.memory": limit},
-                       observed=observed, reason=reason)
+    return GateVerdict(gate="edge_memory", passed=not problems, thresholds=thresholds, observed=observed,
+                       reason=reason)
+
+
+def latency_breaches(thresholds: dict, observed: dict) -> list:
+    """The edge latency rule, as `Breach`es: each device group's projected p95 above its
+    targets[].latencySloMs."""
+    from pipelines.gates import Breach, number
+
+    found = []
+    for key, value in observed.items():
+        group = key.removesuffix(".latency_p95_ms")
+        p95, slo = number(value), number(thresholds.get(f"{group}.latency_slo_ms"))
+        if group != key and p95 is not None and slo is not None and p95 > slo:
+            found.append(Breach("latency_p95_ms", p95, slo, "max", f"targets[{group}].latencySloMs", group=group))
+    return found
 
 
 def latency_verdict(spec: ModelSpec, estimate_: CostEstimate) -> GateVerdict:
-    problems, observed, thresholds, within = [], {}, {}, []
+    observed, thresholds = {}, {}
     slos = {t.name: t.latency_slo_ms for t in spec.targets}
     for group in estimate_.groups:
-        slo = slos[group.group]
         observed[f"{group.group}.latency_p95_ms"] = round(group.latency_p95_ms, 4)
-        thresholds[f"{group.group}.latency_slo_ms"] = slo
-        if slo is None:
-            continue
-        if group.latency_p95_ms > slo:
-            problems.append(f"{group.group}: p95 {group.latency_p95_ms:.3f} ms > SLO {slo:g} ms "
-                            f"on {', '.join(group.device_classes)}")
-        else:
-            within.append(f"{group.group} {group.latency_p95_ms:.3f}/{slo:g} ms")
+        thresholds[f"{group.group}.latency_slo_ms"] = slos[group.group]
+    found = latency_breaches(thresholds, observed)
+    devices = {g.group: g.device_classes for g in estimate_.groups}
+    problems = [f"{b.group}: p95 {b.observed:.3f} ms > SLO {b.limit:g} ms on {', '.join(devices[b.group])}"
+                for b in found]
+    late = {b.group for b in found}
+    within = [f"{g.group} {g.latency_p95_ms:.3f}/{slos[g.group]:g} ms" for g in estimate_.groups
+              if slos[g.group] is not None and g.group not in late]
     reason = "; ".join(problems) if problems else (
         "p95 within SLO: " + ", ".join(within) if within else "no latency SLO set")
-    return GateVerdict(gate="edge_latency", passed=not problems, thresholds=thresholds, observed=observed,
+    return GateVerdict(gate="edge_latency", passed=not found, thresholds=thresholds, observed=observed,
                        reason=reason)
+
+
+def budget_breaches(thresholds: dict, observed: dict) -> list:
+    """The budget rule, as `Breach`es: the projected monthly total above finops.monthlyBudgetUsd."""
+    from pipelines.gates import Breach, number
+
+    total, budget = number(observed.get("total_usd_per_month")), number(thresholds.get("monthly_budget_usd"))
+    if total is None or budget is None or total <= budget:
+        return []
+    return [Breach("total_usd_per_month", total, budget, "max", "finops.monthlyBudgetUsd")]
 
 
 def budget_verdict(estimate_: CostEstimate) -> GateVerdict:
     total, budget = estimate_.total_usd_per_month, estimate_.monthly_budget_usd
     observed = {"total_usd_per_month": round(total, 2), "training_usd_per_month": round(estimate_.training_usd_per_month, 2),
                 **{f"{g.group}.usd_per_month": round(g.total_usd, 2) for g in estimate_.groups}}
-    passed = total <= budget
+    thresholds = {"monthly_budget_usd": budget}
+    passed = not budget_breaches(thresholds, observed)
     biggest = max(estimate_.groups, key=lambda g: g.total_usd)
     reason = (f"${total:,.2f}/month {'within' if passed else 'exceeds'} the ${budget:,.2f} budget "
               f"of {estimate_.cost_center}/{estimate_.project} (largest: {biggest.group} ${biggest.total_usd:,.2f})")
-    return GateVerdict(gate="budget", passed=passed, thresholds={"monthly_budget_usd": budget}, observed=observed,
-                       reason=reason)
+    return GateVerdict(gate="budget", passed=passed, thresholds=thresholds, observed=observed, reason=reason)
 
 
 # -- diff and export --------------------------------------------------------------------------------

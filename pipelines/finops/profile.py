@@ -2,8 +2,8 @@
 
 `profile_graph` reads the graph alone (no session): parameters, weight bytes, multiply-
 accumulates, FLOPs and a peak-activation estimate at batch 1. `measure_host` times the model in
-a fresh single-threaded process (the same child as `pipelines.onnx.quantize.measure_latency`)
-and also reports the child's resident memory. `calibrate_host` turns FLOPs into milliseconds
+a fresh single-threaded process (`pipelines.onnx.timing`, as `pipelines.onnx.quantize.measure_latency`
+does) and also reports the child's resident memory. `calibrate_host` turns FLOPs into milliseconds
 for this host, so that a fleet projection can scale counted FLOPs by a device's throughput.
 
 Counting rules (all at batch 1, symbolic dims set to 1):
@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -36,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.onnx.timing import check_timing_args, measure_in_child, run_module_checked, save_feed, time_inference
 from pipelines.records import Record
 
 _MODULE = "pipelines.finops.profile"
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 # Input slots holding weights, per op type; initializers reached from them are parameters.
 _WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
@@ -615,56 +613,26 @@ def _peak_rss() -> int:
 
 
 def _measure_here(model: Path, feed: Path, warmup: int, runs: int) -> dict[str, Any]:
-    """Child side of `measure_host`: the quantize module's timing loop, plus memory."""
+    """Child side of `measure_host`: `time_inference`, plus memory."""
     import onnxruntime  # noqa: F401 - the baseline includes the runtime, as on a device
 
-    from pipelines.onnx import quantize
-
     baseline = _rss_now()
-    result = quantize._time_model(model, feed, warmup, runs)
+    result = time_inference(model, feed, warmup, runs)
     result.update(baseline_rss_bytes=baseline, peak_rss_bytes=_peak_rss())
     return result
 
 
 def _calibrate_here(references: list[tuple[Path, Path]], tiny: Path, tiny_feed: Path,
                     warmup: int, runs: int, rounds: int) -> dict[str, Any]:
-    from pipelines.onnx import quantize
-
     # Alternating rounds, median per graph: a burst of load from elsewhere on a shared host
     # then hits one round of each graph rather than all of one graph's runs.
     tiny_ms, reference_ms = [], [[] for _ in references]
     for _ in range(rounds):
-        tiny_ms.append(quantize._time_model(tiny, tiny_feed, warmup, runs)["p50_ms"])
+        tiny_ms.append(time_inference(tiny, tiny_feed, warmup, runs)["p50_ms"])
         for times, (reference, feed) in zip(reference_ms, references):
-            times.append(quantize._time_model(reference, feed, warmup, runs)["p50_ms"])
+            times.append(time_inference(reference, feed, warmup, runs)["p50_ms"])
     return {"tiny_p50_ms": float(np.median(tiny_ms)),
             "reference_p50_ms": [float(np.median(times)) for times in reference_ms]}
-
-
-def _run_child(args: list[str], cwd: Path, timeout: float, what: str) -> None:
-    """Run this module's entry point in a fresh single-threaded interpreter; raise on failure."""
-    from pipelines.onnx.quantize import _tail
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", _MODULE, *args], cwd=cwd, env=env, capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ProfileError(f"{what} timed out after {timeout:.0f} s") from exc
-    if done.returncode != 0:
-        raise ProfileError(f"{what} failed (exit {done.returncode}): {_tail(done.stderr)}")
-
-
-def _check_feed(feed: dict[str, np.ndarray]) -> None:
-    if not feed:
-        raise ValueError("the feed is empty")
-    batched = {k: np.shape(v) for k, v in feed.items() if np.ndim(v) and np.shape(v)[0] != 1}
-    if batched:
-        raise ValueError(f"the feed must hold one row; got shapes {batched}")
 
 
 def measure_host(
@@ -675,17 +643,9 @@ def measure_host(
     `baseline_rss_bytes` is the child's resident memory after importing onnxruntime and before
     the session exists; `peak_rss_bytes` its high-water mark after the timed runs.
     """
-    from pipelines.onnx.quantize import _save_feed
-
-    if runs < 1 or warmup < 0:
-        raise ValueError("runs must be >= 1 and warmup >= 0")
-    _check_feed(feed)
-    with tempfile.TemporaryDirectory(prefix="finops-measure.") as tmp:
-        feed_path, result_path = Path(tmp) / "feed.npz", Path(tmp) / "result.json"
-        _save_feed(feed_path, feed)
-        _run_child(["measure", str(Path(path).resolve()), str(feed_path), str(result_path),
-                    "--warmup", str(warmup), "--runs", str(runs)], Path(tmp), timeout, f"measuring {Path(path).name}")
-        result = json.loads(result_path.read_text())
+    check_timing_args(feed, warmup, runs)
+    result = measure_in_child(_MODULE, "measure", Path(path), feed, warmup, runs, timeout,
+                              f"measuring {Path(path).name}", ProfileError)
     return HostMeasurement(
         latency_p50_ms=result["p50_ms"], latency_p95_ms=result["p95_ms"],
         peak_rss_bytes=result["peak_rss_bytes"], baseline_rss_bytes=result["baseline_rss_bytes"], threads=1,
@@ -737,8 +697,6 @@ def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeou
     cache it overflows. GFLOPS are taken net of the fixed cost; every footprint's figure is
     kept in `gflops_by_weights_mib`.
     """
-    from pipelines.onnx.quantize import _save_feed
-
     if runs < 1 or warmup < 0 or rounds < 1:
         raise ValueError("runs and rounds must be >= 1 and warmup >= 0")
     with tempfile.TemporaryDirectory(prefix="finops-calibrate.") as tmp:
@@ -749,15 +707,15 @@ def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeou
             sub = folder / f"w{width}-d{depth}"
             sub.mkdir()
             reference, tiny = _reference_models(sub, width, depth)
-            _save_feed(sub / "reference.npz", {"x": rng.standard_normal((1, width)).astype(np.float32)})
+            save_feed(sub / "reference.npz", {"x": rng.standard_normal((1, width)).astype(np.float32)})
             references += [str(reference), str(sub / "reference.npz")]
             flops.append(profile_graph(reference).flops)
             mib.append(width * width * depth * 4 / (1 << 20))
-        _save_feed(folder / "tiny.npz", {"x": np.ones((1, 1), np.float32)})
+        save_feed(folder / "tiny.npz", {"x": np.ones((1, 1), np.float32)})
         result_path = folder / "result.json"
-        _run_child(["calibrate", str(tiny), str(folder / "tiny.npz"), str(result_path), *references,
-                    "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
-                   folder, timeout, "calibration")
+        run_module_checked(_MODULE, ["calibrate", str(tiny), str(folder / "tiny.npz"), str(result_path), *references,
+                                     "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
+                           folder, timeout, "calibration", ProfileError, result_path)
         result = json.loads(result_path.read_text())
     overhead = result["tiny_p50_ms"]
     rates = {round(m, 2): f / (max(ms - overhead, 1e-6) * 1e-3) / 1e9

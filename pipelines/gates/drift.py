@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.gates import Breach, number
 from pipelines.records import GateVerdict
 
 
@@ -38,14 +39,28 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, share: float, h
     return figures
 
 
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The drift rule: the share of drifted columns must stay below gates.driftShare. A check
+    that ran without a share fails; without production data there is nothing to judge."""
+    limit = number(thresholds.get("drift_share"))
+    if limit is None or "drifted_share" not in observed:
+        return []
+    share = number(observed["drifted_share"])
+    if share is None:
+        return [Breach("drifted_share", None, limit, "missing", "gates.driftShare")]
+    return [Breach("drifted_share", share, limit, "max", "gates.driftShare")] if share >= limit else []
+
+
 def drift_verdict(figures: dict, share: float, reference_rows: int, current_rows: int,
                   evidence: dict[str, str]) -> GateVerdict:
     drifted = figures["drifted_share"]
     names = figures.get("drifted_column_names", [])
     listed = f": {', '.join(names[:5])}{' …' if len(names) > 5 else ''}" if names else ""
-    passed = drifted is not None and drifted < share
     observed = {"drifted_share": drifted, "drifted_columns": figures["drifted_columns"],
-                "reference_rows": reference_rows, "current_rows": current_rows}
+                "reference_rows": reference_rows, "current_rows": current_rows,
+                "drifted_column_names": ", ".join(names)}
+    thresholds = {"drift_share": share}
+    passed = not breaches(thresholds, observed)
     if drifted is None:
         reason = "Evidently returned no drift share"
     elif passed:
@@ -54,6 +69,5 @@ def drift_verdict(figures: dict, share: float, reference_rows: int, current_rows
     else:
         reason = (f"{figures['drifted_columns']} of {len(figures['columns'])} columns drifted "
                   f"({drifted:.0%} >= {share:.0%}){listed}")
-    observed["drifted_column_names"] = ", ".join(names)
-    return GateVerdict(gate="drift", passed=passed, thresholds={"drift_share": share}, observed=observed,
+    return GateVerdict(gate="drift", passed=passed, thresholds=thresholds, observed=observed,
                        evidence=evidence, reason=reason)

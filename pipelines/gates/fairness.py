@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.gates import rounded
+from pipelines.gates import Breach, number, rounded
 from pipelines.records import GateVerdict
 from pipelines.specs import FairnessSpec
 
@@ -70,37 +70,67 @@ def worst(report: dict, metric: str) -> tuple[float | None, str | None]:
     return max(values) if values else (None, None)
 
 
+_GAP_RULES = (("demographic_parity_difference", "bias_score", "biasScore"),
+              ("equalized_odds_difference", "equalized_odds", "equalizedOdds"))
+_MULTICLASS_RULES = (("accuracy_difference", "bias_score", "biasScore"),)
+
+
+def _worst_feature(observed: dict, metric: str) -> str | None:
+    """The sensitive feature with the largest recorded value of a gap metric (as `worst`)."""
+    values = [(number(value), key.split(".", 1)[1]) for key, value in observed.items()
+              if key.startswith(f"{metric}.") and number(value) is not None]
+    return max(values)[1] if values else None
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The fairness rules one variant's figures break: with two classes, demographic parity and
+    equalized odds differences above biasScore and equalizedOdds; otherwise the accuracy
+    difference between groups above biasScore; and the lowest group accuracy below
+    minGroupAccuracy."""
+    found = []
+    variant = observed.get("variant")
+    variant = None if variant is None else str(variant)
+    binary = number(observed.get("demographic_parity_difference")) is not None
+    for metric, key, spec_key in _GAP_RULES if binary else _MULTICLASS_RULES:
+        value, limit = number(observed.get(metric)), number(thresholds.get(key))
+        if value is not None and limit is not None and value > limit:
+            found.append(Breach(metric, value, limit, "max", f"responsibleAI.fairness.{spec_key}",
+                                group=_worst_feature(observed, metric), variant=variant))
+    lowest, floor = number(observed.get("min_group_accuracy")), number(thresholds.get("min_group_accuracy"))
+    if lowest is not None and floor is not None and lowest < floor:
+        found.append(Breach("min_group_accuracy", lowest, floor, "min", "responsibleAI.fairness.minGroupAccuracy",
+                            variant=variant))
+    return found
+
+
+def _problem(breach: Breach) -> str:
+    if breach.kind == "min":
+        return f"lowest group accuracy {breach.observed:.3f} < {breach.limit:g}"
+    return f"{breach.metric.replace('_', ' ')} {breach.observed:.3f} by {breach.group} > {breach.limit:g}"
+
+
 def fairness_verdict(report: dict, spec: FairnessSpec, evidence: dict[str, str], variant: str) -> GateVerdict:
-    problems = []
     observed: dict = {"variant": variant}
     dp, dp_feature = worst(report, "demographic_parity_difference")
     eo, eo_feature = worst(report, "equalized_odds_difference")
-    acc_gap, acc_feature = worst(report, "accuracy_difference")
+    acc_gap, _ = worst(report, "accuracy_difference")
     min_acc = min((e["min_group_accuracy"] for e in report.values()), default=None)
     observed.update({"demographic_parity_difference": dp, "equalized_odds_difference": eo,
                      "accuracy_difference": acc_gap, "min_group_accuracy": min_acc})
     for column, entry in report.items():
         for metric in GAP_METRICS:
             observed[f"{metric}.{column}"] = entry[metric]
-    if dp is not None:
-        if dp > spec.bias_score:
-            problems.append(f"demographic parity difference {dp:.3f} by {dp_feature} > {spec.bias_score:g}")
-        if eo is not None and eo > spec.equalized_odds:
-            problems.append(f"equalized odds difference {eo:.3f} by {eo_feature} > {spec.equalized_odds:g}")
-    elif acc_gap is not None and acc_gap > spec.bias_score:
-        problems.append(f"accuracy difference {acc_gap:.3f} by {acc_feature} > {spec.bias_score:g}")
-    if spec.min_group_accuracy is not None and min_acc is not None and min_acc < spec.min_group_accuracy:
-        problems.append(f"lowest group accuracy {min_acc:.3f} < {spec.min_group_accuracy:g}")
-    if problems:
-        reason = "; ".join(problems)
+    thresholds = {"bias_score": spec.bias_score, "equalized_odds": spec.equalized_odds,
+                  "min_group_accuracy": spec.min_group_accuracy, "min_group_size": spec.min_group_size}
+    found = breaches(thresholds, observed)
+    if found:
+        reason = "; ".join(_problem(b) for b in found)
     elif dp is not None:
         reason = (f"demographic parity difference {dp:.3f} (by {dp_feature}) and equalized odds difference "
                   f"{eo:.3f} (by {eo_feature}) within {spec.bias_score:g} and {spec.equalized_odds:g}")
     else:
         reason = f"accuracy difference between groups {acc_gap:.3f} within {spec.bias_score:g}"
-    thresholds = {"bias_score": spec.bias_score, "equalized_odds": spec.equalized_odds,
-                  "min_group_accuracy": spec.min_group_accuracy, "min_group_size": spec.min_group_size}
-    return GateVerdict(gate="fairness", passed=not problems, thresholds=thresholds, observed=observed,
+    return GateVerdict(gate="fairness", passed=not found, thresholds=thresholds, observed=observed,
                        evidence=evidence, reason=reason)
 
 

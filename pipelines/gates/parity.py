@@ -6,9 +6,33 @@ error is not spread evenly, and a minority group can carry most of it.
 
 from __future__ import annotations
 
-from pipelines.gates import rounded
+from pipelines.gates import Breach, number, rounded
 from pipelines.gates.fairness import GAP_METRICS, worst
 from pipelines.records import GateVerdict
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The parity rules one int8 variant's figures break: an accuracy drop vs fp32 beyond
+    export.accuracyBudget, and any group gap that widens by more than
+    gates.quantizationFairnessChange. An fp32 variant has no quantization error to judge."""
+    variant = observed.get("variant")
+    if variant is None or variant == "fp32":
+        return []
+    variant = str(variant)
+    found = []
+    before, after = number(observed.get("fp32_accuracy")), number(observed.get("variant_accuracy"))
+    budget = number(thresholds.get("accuracy_budget"))
+    if before is not None and after is not None and budget is not None and before - after > budget + 1e-12:
+        found.append(Breach("accuracy", before - after, budget, "regression", "export.accuracyBudget",
+                            variant=variant, value=after, baseline=before, direction="higher"))
+    allowed = number(thresholds.get("fairness_change"))
+    for key, value in observed.items():
+        metric, _, column = key.removesuffix(".change").partition(".")
+        widening = number(value) if key.endswith(".change") and metric in GAP_METRICS else None
+        if widening is not None and allowed is not None and widening > allowed + 1e-12:
+            found.append(Breach(metric, widening, allowed, "regression", "gates.quantizationFairnessChange",
+                                group=column, variant=variant, direction="lower"))
+    return found
 
 
 def parity_verdict(variant: str, fp32_accuracy: float, variant_accuracy: float, fp32_report: dict,
@@ -18,28 +42,30 @@ def parity_verdict(variant: str, fp32_accuracy: float, variant_accuracy: float, 
     observed: dict = {"variant": variant, "fp32_accuracy": rounded(fp32_accuracy),
                       "variant_accuracy": rounded(variant_accuracy),
                       "accuracy_change": rounded(variant_accuracy - fp32_accuracy)}
-    if variant == "fp32":
-        return GateVerdict(gate="quantization_parity", passed=True, thresholds=thresholds, observed=observed,
-                           evidence=evidence or {}, reason="the shipped variant is fp32: no quantization error")
+    if variant != "fp32":
+        for metric in GAP_METRICS:
+            for column in fp32_report:
+                before, after = fp32_report[column][metric], variant_report.get(column, {}).get(metric)
+                if before is not None and after is not None:
+                    observed[f"{metric}.{column}.change"] = rounded(after - before)
+        for metric in ("demographic_parity_difference", "equalized_odds_difference"):
+            observed[f"{metric}.fp32"] = worst(fp32_report, metric)[0]
+            observed[f"{metric}.{variant}"] = worst(variant_report, metric)[0]
+    found = breaches(thresholds, observed)
     problems = []
-    if fp32_accuracy - variant_accuracy > accuracy_budget + 1e-12:
-        problems.append(f"accuracy drops {100 * (fp32_accuracy - variant_accuracy):.2f} pt "
-                        f"(budget {100 * accuracy_budget:.2f} pt)")
-    for metric in GAP_METRICS:
-        for column in fp32_report:
-            before, after = fp32_report[column][metric], variant_report.get(column, {}).get(metric)
-            if before is None or after is None:
-                continue
-            widening = after - before
-            observed[f"{metric}.{column}.change"] = rounded(widening)
-            if widening > fairness_change + 1e-12:
-                problems.append(f"{metric.replace('_', ' ')} by {column} widens from {before:.3f} to {after:.3f} "
-                                f"(allowed +{fairness_change:g})")
-    for metric in ("demographic_parity_difference", "equalized_odds_difference"):
-        observed[f"{metric}.fp32"] = worst(fp32_report, metric)[0]
-        observed[f"{metric}.{variant}"] = worst(variant_report, metric)[0]
-    reason = "; ".join(problems) if problems else (
-        f"{variant} keeps accuracy within {100 * accuracy_budget:.2f} pt and no group gap widens by more "
-        f"than {fairness_change:g}")
-    return GateVerdict(gate="quantization_parity", passed=not problems, thresholds=thresholds, observed=observed,
+    for b in found:
+        if b.metric == "accuracy":
+            problems.append(f"accuracy drops {100 * b.observed:.2f} pt (budget {100 * b.limit:.2f} pt)")
+        else:
+            before, after = fp32_report[b.group][b.metric], variant_report[b.group][b.metric]
+            problems.append(f"{b.metric.replace('_', ' ')} by {b.group} widens from {before:.3f} to {after:.3f} "
+                            f"(allowed +{b.limit:g})")
+    if variant == "fp32":
+        reason = "the shipped variant is fp32: no quantization error"
+    elif problems:
+        reason = "; ".join(problems)
+    else:
+        reason = (f"{variant} keeps accuracy within {100 * accuracy_budget:.2f} pt and no group gap widens by "
+                  f"more than {fairness_change:g}")
+    return GateVerdict(gate="quantization_parity", passed=not found, thresholds=thresholds, observed=observed,
                        evidence=evidence or {}, reason=reason)

@@ -13,7 +13,8 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from pipelines.gitops.manifest import API_VERSION, KIND, _dump
+from pipelines.gitops.manifest import API_VERSION, KIND, dump
+from pipelines.specs import DNS_LABEL
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "mobileaimodeldeployments"
@@ -36,8 +37,6 @@ _QUANTITY = (
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _COUNT_OR_PERCENT = r"^[0-9]+%?$"
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_DNS_LABEL_RE = re.compile(_DNS_LABEL)
 _DURATION = r"^[0-9]+(s|m|h|d)$"
 _SIMPLE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -199,7 +198,7 @@ def _spec_schema() -> dict:
             "cost": _cost(),
             "targetDevices": _object(
                 {
-                    "group": _string("Device group name.", pattern=_DNS_LABEL, maxLength=63),
+                    "group": _string("Device group name.", pattern=DNS_LABEL.pattern, maxLength=63),
                     "selector": _object(
                         {"matchLabels": _map(_string(), minProperties=1)}, required=["matchLabels"]
                     ),
@@ -275,7 +274,7 @@ def crd_document() -> dict:
 
 def crd_yaml() -> str:
     """The CRD as the YAML file committed at CRD_PATH (byte-identical on every call)."""
-    return _dump(crd_document())
+    return dump(crd_document())
 
 
 def _json_schema(node: Any, top: bool = False) -> Any:
@@ -351,7 +350,7 @@ def validate_object(doc: dict) -> list[str]:
 
 def _app_path(path: str) -> PurePosixPath:
     clean = PurePosixPath(path.removeprefix("./").rstrip("/"))
-    if clean.parts[:1] != ("apps",) or not all(_DNS_LABEL_RE.match(part) for part in clean.parts):
+    if clean.parts[:1] != ("apps",) or not all(DNS_LABEL.match(part) for part in clean.parts):
         raise ValueError(f"{path!r} is not apps/ or a folder under it")
     return clean
 
@@ -378,7 +377,7 @@ def cluster_files(clusters: dict[str, list[str]]) -> dict[str, str]:
     """
     files = {}
     for cluster, paths in clusters.items():
-        if not _DNS_LABEL_RE.match(cluster) or len(cluster) > 63:
+        if not DNS_LABEL.match(cluster):
             raise ValueError(f"{cluster!r} must be a DNS label")
         apps = sorted({_app_path(p) for p in paths})
         if not apps:
@@ -389,15 +388,15 @@ def cluster_files(clusters: dict[str, list[str]]) -> dict[str, str]:
                 if a != b and a in b.parents:
                     raise ValueError(f"cluster {cluster!r}: {b} is already inside {a}")
         root = f"clusters/{cluster}"
-        files[f"{root}/namespace.yaml"] = _dump(
+        files[f"{root}/namespace.yaml"] = dump(
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TARGET_NAMESPACE}}
         )
         # prune is off for CRDs: deleting one deletes every MobileAIModelDeployment with it.
-        files[f"{root}/crds.yaml"] = _dump(
+        files[f"{root}/crds.yaml"] = dump(
             _flux_kustomization(CRDS_KUSTOMIZATION, "crds", prune=False, wait=True)
         )
         files[f"{root}/apps.yaml"] = "---\n".join(
-            _dump(
+            dump(
                 _flux_kustomization(
                     "edge-" + "-".join(app.parts),
                     str(app),

@@ -115,7 +115,8 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _represent_str)
 
 
-def _dump(document: Any) -> str:
+def dump(document: Any) -> str:
+    """A manifest as the YAML the repository holds (stable key order, block style)."""
     return yaml.dump(
         document,
         Dumper=_Dumper,
@@ -267,24 +268,29 @@ def _overlay(spec: ModelSpec, group_index: int, inputs: ManifestInputs | None = 
                     "kind": KIND,
                     "name": spec.name,
                 },
-                "patch": _dump(operations),
+                "patch": dump(operations),
             }
         ],
     )
+
+
+def base_manifest_path(model: str) -> str:
+    """The model's base manifest, relative to the repository root."""
+    return f"apps/{model}/base/{MANIFEST_FILE}"
 
 
 def render_release_files(spec: ModelSpec, inputs: ManifestInputs) -> dict[str, str]:
     """Every file of `apps/<model>/` for this release, by path relative to the repo root."""
     app = f"apps/{spec.name}"
     files = {
-        f"{app}/kustomization.yaml": _dump(
+        f"{app}/kustomization.yaml": dump(
             _kustomization(resources=[f"overlays/{group.name}" for group in spec.targets])
         ),
-        f"{app}/base/kustomization.yaml": _dump(_kustomization(resources=[MANIFEST_FILE])),
-        f"{app}/base/{MANIFEST_FILE}": _dump(_base_manifest(spec, inputs)),
+        f"{app}/base/kustomization.yaml": dump(_kustomization(resources=[MANIFEST_FILE])),
+        base_manifest_path(spec.name): dump(_base_manifest(spec, inputs)),
     }
     for index, group in enumerate(spec.targets):
-        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = _dump(_overlay(spec, index, inputs))
+        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = dump(_overlay(spec, index, inputs))
     return dict(sorted(files.items()))
 
 

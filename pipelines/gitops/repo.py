@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -21,17 +20,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from pipelines.gitops import git
 from pipelines.gitops.crd import README, skeleton_files  # noqa: F401 (README: re-exported)
+from pipelines.gitops.git import GitError, redact  # noqa: F401 (re-exported)
 from pipelines.records import GitOpsCommit
+from pipelines.specs import DNS_LABEL
 
 PUSH_ATTEMPTS = 6  # the first push and up to 5 retries
 FIRST_BACKOFF_S = 0.2
-_GIT_TIMEOUT_S = 300
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SCP_LIKE = re.compile(r"^[^/:]+:")  # host:path or user@host:path
-_MODEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Configuration of every git command this module runs.
+_CONFIG = {"commit.gpgsign": "false", "core.quotepath": "off"}
 # Push failures worth a fetch-and-retry: someone else moved the branch first.
 _RACE_MARKERS = (
     "non-fast-forward",
@@ -41,21 +40,8 @@ _RACE_MARKERS = (
     "failed to update ref",
 )
 
-class GitError(RuntimeError):
-    """A git command failed; the message has credentials removed."""
-
-
-def redact(text: str) -> str:
-    """`text` with the user-info part of any URL (`user:token@`) replaced by `***@`."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
-
-
 def _is_local(remote: str) -> bool:
-    if remote.startswith("file://"):
-        return True
-    if _URL.match(remote):
-        return False
-    return not _SCP_LIKE.match(remote)
+    return remote.startswith("file://") or git.is_path(remote)
 
 
 def _local_path(remote: str) -> Path:
@@ -87,12 +73,7 @@ def _resolve(remote: str) -> str:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # A caller running inside a git hook or worktree must not redirect our commands.
-    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"):
-        env.pop(name, None)
-    env["GIT_TERMINAL_PROMPT"] = "0"  # fail instead of waiting for a password
-    env["LC_ALL"] = "C"  # push messages are matched in English
+    env = git.environment()
     # Credentials of HTTP(S) remotes as configuration that lives only in this environment.
     count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
     for url, header in _HTTP_AUTH.items():
@@ -111,30 +92,7 @@ def _git(
     env: dict[str, str] | None = None,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    command = ["git", "-c", "commit.gpgsign=false", "-c", "core.quotepath=off", *args]
-    try:
-        result = subprocess.run(
-            command,
-            cwd=cwd,
-            input=input,
-            env=env or _env(),
-            capture_output=True,
-            text=True,
-            timeout=_GIT_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        raise GitError(redact(f"git {' '.join(args)} timed out after {_GIT_TIMEOUT_S}s")) from None
-    if check and result.returncode != 0:
-        raise _failure(args, result)
-    return result
-
-
-def _failure(args: tuple[str, ...], result: subprocess.CompletedProcess[str]) -> GitError:
-    """A failed git command as one line: git's own lines joined (the last 2,000 characters;
-    the end says why), credentials redacted."""
-    detail = " | ".join(line.strip() for line in (result.stderr.strip() or result.stdout.strip()).splitlines()
-                        if line.strip())[-2000:]
-    return GitError(redact(f"git {' '.join(args)} failed ({result.returncode}): {detail}"))
+    return git.run(*args, cwd=cwd, input=input, env=env or _env(), config=_CONFIG, check=check)
 
 
 def _author_env(author: tuple[str, str]) -> dict[str, str]:
@@ -232,6 +190,14 @@ def _open_clone(remote: str, work_dir: Path) -> Path:
     return clone
 
 
+@contextlib.contextmanager
+def _opened(remote: str, work_dir: Path) -> Iterator[Path]:
+    """The working clone of `remote` (resolved), held under its lock while the block runs."""
+    clone = _clone_dir(remote, Path(work_dir))
+    with _locked(clone):
+        yield _open_clone(remote, Path(work_dir))
+
+
 def _fetch(clone: Path, branch: str, missing_ok: bool = False) -> bool:
     """Fetch `branch` into `origin/<branch>`. With `missing_ok`, a remote that has no such
     branch yet (an empty repository) answers False instead of failing."""
@@ -241,7 +207,7 @@ def _fetch(clone: Path, branch: str, missing_ok: bool = False) -> bool:
         return True
     if missing_ok and "couldn't find remote ref" in result.stderr:
         return False
-    raise _failure(args, result)
+    raise git.failure(args, result)
 
 
 def _sync(clone: Path, branch: str) -> None:
@@ -257,7 +223,7 @@ def _head(clone: Path) -> str:
 
 
 def _check_paths(model: str, files: dict[str, str]) -> None:
-    if not _MODEL.match(model):
+    if not DNS_LABEL.match(model):
         raise ValueError(f"{model!r} is not a valid model name")
     for path in files:
         pure = PurePosixPath(path)
@@ -349,9 +315,7 @@ def commit_release(
     if not message.strip():
         raise ValueError("a commit message is required")
     shown, remote = remote, _checked_remote(remote, branch, model, files)
-    clone = _clone_dir(remote, Path(work_dir))
-    with _locked(clone):
-        clone = _open_clone(remote, Path(work_dir))
+    with _opened(remote, work_dir) as clone:
         delay = FIRST_BACKOFF_S
         last_reason = ""
         for attempt in range(PUSH_ATTEMPTS):
@@ -387,11 +351,17 @@ def _tree(clone: Path, model: str) -> str:
 def tip(remote: str, branch: str, work_dir: Path) -> Iterator[Path]:
     """The working clone, made exactly the tip of `branch`, held under the clone's lock (the
     same clone and lock releases use) for reading while the block runs."""
-    remote = _resolve(remote)
-    clone = _clone_dir(remote, Path(work_dir))
-    with _locked(clone):
-        clone = _open_clone(remote, Path(work_dir))
+    with _opened(_resolve(remote), work_dir) as clone:
         _sync(clone, branch)
+        yield clone
+
+
+@contextlib.contextmanager
+def fetched(remote: str, branch: str, work_dir: Path) -> Iterator[Path]:
+    """The working clone with `origin/<branch>` fetched (the working tree left as it is), held
+    under the clone's lock (the same clone and lock releases use) while the block runs."""
+    with _opened(_resolve(remote), work_dir) as clone:
+        _fetch(clone, branch)
         yield clone
 
 
@@ -419,9 +389,7 @@ def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None
     remote = _resolve(remote)
     if _absent(remote):
         return None
-    clone = _clone_dir(remote, Path(work_dir))
-    with _locked(clone):
-        clone = _open_clone(remote, Path(work_dir))
+    with _opened(remote, work_dir) as clone:
         if not _fetch(clone, branch, missing_ok=True):
             return None
         spec = f"refs/remotes/origin/{branch}:{path.lstrip('/')}"
@@ -434,11 +402,7 @@ def read_file(remote: str, branch: str, path: str, work_dir: Path) -> str | None
 def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> list[dict]:
     """Commits of the remote `branch` newest first (sha, committer date, subject, body),
     optionally for `path`."""
-    remote = _resolve(remote)
-    clone = _clone_dir(remote, Path(work_dir))
-    with _locked(clone):
-        clone = _open_clone(remote, Path(work_dir))
-        _fetch(clone, branch)
+    with fetched(remote, branch, work_dir) as clone:
         args = ["log", "-z", "--format=%H%x1f%cI%x1f%s%x1f%b", f"refs/remotes/origin/{branch}"]
         if path:
             args += ["--", path]
@@ -450,6 +414,26 @@ def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> li
         sha, date, subject, body = (entry.split("\x1f", 3) + ["", "", ""])[:4]
         commits.append({"sha": sha.strip(), "date": date, "subject": subject, "body": body.strip()})
     return commits
+
+
+def history(remote: str, branch: str, path: str, work_dir: Path) -> list[tuple[str, str | None]]:
+    """Commits of the remote `branch` that changed `path`, newest first, each with the text of
+    `path` at that commit (None where the commit deleted it)."""
+    with fetched(remote, branch, work_dir) as clone:
+        shas = _git("log", "--format=%H", f"refs/remotes/origin/{branch}", "--", path, cwd=clone).stdout.split()
+        found: list[tuple[str, str | None]] = []
+        for sha in shas:
+            shown = _git("show", f"{sha}:{path}", cwd=clone, check=False)
+            found.append((sha, shown.stdout if shown.returncode == 0 else None))
+        return found
+
+
+def files_at(remote: str, commit: str, prefix: str, work_dir: Path) -> dict[str, str]:
+    """Every file under `prefix` as `commit` has it; the commit must already be in the working
+    clone (one `history` or `log` listed)."""
+    with _opened(_resolve(remote), work_dir) as clone:
+        names = _git("ls-tree", "-r", "--name-only", commit, "--", prefix, cwd=clone).stdout.split()
+        return {name: _git("show", f"{commit}:{name}", cwd=clone).stdout for name in names}
 
 
 def propose_release(
@@ -469,9 +453,7 @@ def propose_release(
     already does, no commit is made.
     """
     shown, remote = remote, _checked_remote(remote, branch, model, files)
-    clone = _clone_dir(remote, Path(work_dir))
-    with _locked(clone):
-        clone = _open_clone(remote, Path(work_dir))
+    with _opened(remote, work_dir) as clone:
         _sync(clone, branch)
         changed = _apply(clone, model, files)
         if not changed:

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.gitops import repo
-from pipelines.gitops.manifest import MANIFEST_FILE, _dump, read_manifest
+from pipelines.gitops.manifest import base_manifest_path, dump, read_manifest
 from pipelines.records import Record
 
 ROLLBACK_ANNOTATION = "apexlogic.dev/rollback"
@@ -35,10 +35,6 @@ class Rollback(Record):
     target_commit: str
     commit: str
     created: bool
-
-
-def _base_path(model: str) -> str:
-    return f"apps/{model}/base/{MANIFEST_FILE}"
 
 
 def _read_base(text: str, where: str) -> dict:
@@ -73,29 +69,13 @@ def _history_entry(text: str, where: str) -> dict:
 def release_history(remote: str, branch: str, model: str, work_dir: Path) -> list[dict]:
     """Commits that changed the model's base manifest, newest first, with the version each set
     (or the `error` that makes its manifest unusable)."""
-    remote = repo._resolve(remote)
-    clone = repo._clone_dir(remote, Path(work_dir))
-    with repo._locked(clone):
-        clone = repo._open_clone(remote, Path(work_dir))
-        repo._fetch(clone, branch)
-        shas = repo._git("log", "--format=%H", f"refs/remotes/origin/{branch}", "--", _base_path(model),
-                         cwd=clone).stdout.split()
-        history = []
-        for sha in shas:
-            text = repo._git("show", f"{sha}:{_base_path(model)}", cwd=clone, check=False).stdout
-            if not text:
-                continue  # the commit deleted the model
-            history.append({"commit": sha, **_history_entry(text, f"{_base_path(model)} at {sha[:8]}")})
-        return history
-
-
-def _files_at(remote: str, commit: str, model: str, work_dir: Path) -> dict[str, str]:
-    remote = repo._resolve(remote)
-    clone = repo._clone_dir(remote, Path(work_dir))
-    with repo._locked(clone):
-        clone = repo._open_clone(remote, Path(work_dir))
-        names = repo._git("ls-tree", "-r", "--name-only", commit, "--", f"apps/{model}/", cwd=clone).stdout.split()
-        return {name: repo._git("show", f"{commit}:{name}", cwd=clone).stdout for name in names}
+    path = base_manifest_path(model)
+    history = []
+    for sha, text in repo.history(remote, branch, path, work_dir):
+        if not text:
+            continue  # the commit deleted the model
+        history.append({"commit": sha, **_history_entry(text, f"{path} at {sha[:8]}")})
+    return history
 
 
 def choose_target(history: list[dict], target: str | None) -> dict:
@@ -134,11 +114,11 @@ def rollback(remote: str, branch: str, model: str, target: str | None, reason: s
     chosen = choose_target(history, target)
     if chosen.get("error"):
         raise RollbackError(chosen["error"])
-    files = _files_at(remote, chosen["commit"], model, work_dir)
-    base = yaml.safe_load(files[_base_path(model)])
+    files = repo.files_at(remote, chosen["commit"], f"apps/{model}/", work_dir)
+    base = yaml.safe_load(files[base_manifest_path(model)])
     base["metadata"].setdefault("annotations", {}).update(
         {ROLLBACK_ANNOTATION: "true", ROLLBACK_FROM_ANNOTATION: current["version"]})
-    files[_base_path(model)] = _dump(base)
+    files[base_manifest_path(model)] = dump(base)
     if attest is not None:
         files = attest(files)
     message = (f"rollback({model}): version {current['version']} -> {chosen['version']}\n\n"

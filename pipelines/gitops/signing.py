@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
-PRIVATE_KEY_NAME = "signing.key"
-PUBLIC_KEY_NAME = "signing.pub"
+from pipelines.keys import (  # noqa: F401 (re-exported: key files are part of signing's API)
+    PRIVATE_KEY_NAME,
+    PUBLIC_KEY_NAME,
+    ensure_demo_keys,
+    generate_key_pair,
+    write_temp,
+)
 
 
 class SignatureError(ValueError):
@@ -31,94 +35,6 @@ class SignatureError(ValueError):
         self.artifact = Path(artifact)
         self.reason = reason
         super().__init__(f"{artifact}: {detail}")
-
-
-# --- keys --------------------------------------------------------------------------------
-
-
-def _private_pem(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _public_pem(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _write_temp(folder: Path, name: str, data: bytes, mode: int) -> Path:
-    """Write `data` to a fresh temp file beside the final name, flushed, with `mode`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    return Path(tmp)
-
-
-def _write_public_key(public_path: Path, pem: bytes) -> None:
-    tmp = _write_temp(public_path.parent, public_path.name, pem, 0o644)
-    try:
-        os.replace(tmp, public_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def generate_key_pair(private_path: Path, public_path: Path) -> None:
-    """Create an EC P-256 key pair as PEM: PKCS8 private key (0600), SPKI public key (0644).
-
-    Raises FileExistsError if `private_path` exists; an existing public key is replaced.
-    """
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    private_path, public_path = Path(private_path), Path(public_path)
-    if private_path.exists():
-        raise FileExistsError(f"refusing to overwrite private key {private_path}")
-    key = ec.generate_private_key(ec.SECP256R1())
-    tmp = _write_temp(private_path.parent, private_path.name, _private_pem(key), 0o600)
-    try:
-        # link() fails if the name exists, so a racing writer can never be overwritten and
-        # readers never see a partly written key.
-        os.link(tmp, private_path)
-    except FileExistsError:
-        raise FileExistsError(f"refusing to overwrite private key {private_path}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _write_public_key(public_path, _public_pem(key.public_key()))
-
-
-def ensure_demo_keys(folder: Path, name: str = PRIVATE_KEY_NAME.removesuffix(".key")) -> tuple[Path, Path]:
-    """Return `(folder/<name>.key, folder/<name>.pub)`, creating the pair on first use.
-
-    For demos and tests only; production keys come from a secret store. Safe under
-    concurrent callers: the first private key linked into place wins, and the public key is
-    always (re)derived from that installed private key.
-    """
-    from cryptography.hazmat.primitives import serialization
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = folder / f"{name}.key", folder / f"{name}.pub"
-    try:
-        generate_key_pair(private_path, public_path)
-    except FileExistsError:
-        pass
-    key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-    expected = _public_pem(key.public_key())
-    # Repairs a missing or stale public key (a crash or a racer between the two writes).
-    if not public_path.is_file() or public_path.read_bytes() != expected:
-        _write_public_key(public_path, expected)
-    return private_path, public_path
 
 
 def public_key_fingerprint(public_key_path: Path) -> str:
@@ -153,7 +69,7 @@ def sign_artifact(model_path: Path, bundle_path: Path, private_key_path: Path) -
         # The temp bundle would be hashed as part of the model.
         raise ValueError(f"bundle {bundle} must not be inside the model directory {model}")
     config = signing.Config().use_elliptic_key_signer(private_key=Path(private_key_path))
-    tmp = _write_temp(bundle.parent, bundle.name, b"", 0o644)
+    tmp = write_temp(bundle.parent, bundle.name, b"", 0o644)
     try:
         config.sign(target, tmp)
         with open(tmp, "rb") as handle:

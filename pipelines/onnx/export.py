@@ -75,8 +75,25 @@ def export_onnx(framework: str, model, sample: pd.DataFrame, path: Path, opset: 
     proto.producer_name = "edge-release"
     # skl2onnx names graphs randomly; a fixed name keeps the file's bytes reproducible.
     proto.graph.name = metadata.get("edge.model", "model")
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    onnx.save_model(canonical(proto), str(path), save_as_external_data=False)
     return path
+
+
+def canonical(proto):
+    """The model with its opset imports in a fixed order: converters list them from a set, so
+    the same model would otherwise be written as different bytes from one process to the next."""
+    imports = sorted(((o.domain, o.version) for o in proto.opset_import))
+    del proto.opset_import[:]
+    for domain, version in imports:
+        proto.opset_import.add(domain=domain, version=version)
+    return proto
+
+
+def rewrite_canonical(path: Path) -> None:
+    """Rewrite an ONNX file in `canonical` form (one self-contained file)."""
+    import onnx
+
+    onnx.save_model(canonical(onnx.load(str(path))), str(path), save_as_external_data=False)
 
 
 def session(path: Path, threads: int = 1):

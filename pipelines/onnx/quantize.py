@@ -16,24 +16,29 @@ import argparse
 import gc
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.onnx.timing import (
+    check_timing_args,
+    measure_in_child,
+    ort_feed,
+    run_module,
+    stderr_tail,
+    time_inference,
+)
 from pipelines.records import QuantCandidate, QuantizationPlan
 from pipelines.storage import sha256_file
 
 VARIANTS: tuple[str, ...] = ("fp32", "dynamic", "static")
 _MODULE = "pipelines.onnx.quantize"
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _EPS = 1e-9
 
 
@@ -49,17 +54,12 @@ def file_name(variant: str) -> str:
 # --------------------------------------------------------------------------------------- build
 
 
-def _ort_feed(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """onnxruntime wants string tensors as object arrays, not numpy unicode arrays."""
-    return {name: (a.astype(object) if a.dtype.kind == "U" else a) for name, a in feed.items()}
-
-
 def _calibration_reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._feeds = [_ort_feed(f) for f in feeds]
+            self._feeds = [ort_feed(f) for f in feeds]
             self._range = (0, len(self._feeds))
             self._next = 0
 
@@ -131,13 +131,13 @@ def _preprocess(src: Path, dst: Path) -> str:
     """
     with tempfile.TemporaryDirectory(prefix="preprocess.") as tmp:
         try:
-            done = _run_module(["preprocess", str(src.resolve()), str(dst.resolve())], Path(tmp), 600.0)
+            done = run_module(_MODULE, ["preprocess", str(src.resolve()), str(dst.resolve())], Path(tmp), 600.0)
         except subprocess.TimeoutExpired:
             done = None
     if done is not None and done.returncode == 0 and dst.exists():
         return ""
     dst.unlink(missing_ok=True)
-    why = "timed out" if done is None else _tail(done.stderr, lines=1, chars=200)
+    why = "timed out" if done is None else stderr_tail(done.stderr, lines=1, chars=200)
     return f"pre-processing skipped ({why})"
 
 
@@ -173,6 +173,8 @@ def _quantize_unfiltered(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    from pipelines.onnx.export import rewrite_canonical
+
     # skl2onnx graphs mix ai.onnx.ml ops that shape inference cannot type; their tensors are
     # float, so say so instead of failing ("Unable to find data type for weight_name=...").
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
@@ -203,6 +205,7 @@ def _quantize_unfiltered(
         )
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    rewrite_canonical(dst)
     _verify(dst)
 
 
@@ -257,80 +260,6 @@ def build_candidates(
 # ------------------------------------------------------------------------------------- latency
 
 
-def _save_feed(path: Path, feed: dict[str, np.ndarray]) -> None:
-    arrays: dict[str, np.ndarray] = {"__names__": np.array(list(feed), dtype=str)}
-    for i, value in enumerate(feed.values()):
-        a = np.asarray(value)
-        if a.dtype == object:
-            a = a.astype(str)  # unicode arrays load without pickle
-        arrays[f"a{i}"] = a
-    np.savez(path, **arrays)
-
-
-def _load_feed(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        names = [str(n) for n in data["__names__"]]
-        return _ort_feed({name: data[f"a{i}"] for i, name in enumerate(names)})
-
-
-def _time_model(model_path: Path, feed_path: Path, warmup: int, runs: int) -> dict[str, Any]:
-    """Child side: time single-row inference on one thread. Runs in its own process."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    feed = _load_feed(feed_path)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times[i] = time.perf_counter() - start
-    times *= 1000.0
-    return {
-        "p50_ms": float(np.percentile(times, 50)),
-        "p95_ms": float(np.percentile(times, 95)),
-        "mean_ms": float(times.mean()),
-        "runs": runs,
-        "warmup": warmup,
-        "pid": os.getpid(),
-        "onnxruntime": ort.__version__,
-    }
-
-
-def _latency_in_subprocess(
-    model_path: Path, feed: dict[str, np.ndarray], warmup: int, runs: int, timeout: float
-) -> dict[str, Any]:
-    if runs < 1 or warmup < 0:
-        raise ValueError("runs must be >= 1 and warmup >= 0")
-    if not feed:
-        raise ValueError("the latency feed is empty")
-    batched = {k: np.shape(v) for k, v in feed.items() if np.ndim(v) and np.shape(v)[0] != 1}
-    if batched:
-        raise ValueError(f"the latency feed must hold one row; got shapes {batched}")
-    with tempfile.TemporaryDirectory(prefix="latency.") as tmp:
-        feed_path, result_path = Path(tmp) / "feed.npz", Path(tmp) / "result.json"
-        _save_feed(feed_path, feed)
-        args = ["latency", str(Path(model_path).resolve()), str(feed_path), str(result_path),
-                "--warmup", str(warmup), "--runs", str(runs)]
-        try:
-            done = _run_module(args, Path(tmp), timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise QuantizationError(
-                f"latency of {Path(model_path).name} timed out after {timeout:.0f} s"
-            ) from exc
-        if done.returncode != 0 or not result_path.exists():
-            raise QuantizationError(
-                f"latency of {Path(model_path).name} failed (exit {done.returncode}): "
-                f"{_tail(done.stderr)}"
-            )
-        return json.loads(result_path.read_text())
-
-
 def measure_latency(
     model_path: Path,
     feed: dict[str, np.ndarray],
@@ -344,7 +273,11 @@ def measure_latency(
     A separate process because timing next to live sessions in this one was distorted by
     up to 16x through thread contention.
     """
-    result = _latency_in_subprocess(Path(model_path), feed, warmup, runs, timeout)
+    check_timing_args(feed, warmup, runs, "the latency feed")
+    result = measure_in_child(
+        _MODULE, "latency", Path(model_path), feed, warmup, runs, timeout,
+        f"latency of {Path(model_path).name}", QuantizationError,
+    )
     return result["p50_ms"], result["p95_ms"]
 
 
@@ -571,25 +504,9 @@ def quantize_candidates(
 # -------------------------------------------------------------------------------------- util
 
 
-def _run_module(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run this module's entry point in a fresh interpreter."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", _MODULE, *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )
-
-
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _tail(text: str, lines: int = 15, chars: int = 2000) -> str:
-    tail = "\n".join(text.strip().splitlines()[-lines:])
-    return (tail[-chars:] if len(tail) > chars else tail) or "(no stderr)"
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -608,7 +525,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.command == "preprocess":
         _preprocess_here(args.model, args.output)
     else:
-        args.result.write_text(json.dumps(_time_model(args.model, args.feed, args.warmup, args.runs)))
+        args.result.write_text(json.dumps(time_inference(args.model, args.feed, args.warmup, args.runs)))
     return 0
 
 

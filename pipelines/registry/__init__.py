@@ -80,15 +80,21 @@ def experiment_id(mlflow_client, model: str, artifact_root: str) -> str:
     return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{model}")
 
 
-def find_version(mlflow_client, model: str, release_key: str):
-    """The model version registered for a release key, or None."""
-    try:
-        versions = mlflow_client.search_model_versions(f"name = '{model}' and tags.release_key = '{release_key}'")
-    except Exception as error:  # the registry raises its own RestException on a missing model
-        if "RESOURCE_DOES_NOT_EXIST" in str(error):
-            return None
-        raise
-    return min(versions, key=lambda v: int(v.version)) if versions else None
+def find_version(mlflow_client, model: str, release_key: str, artifact_sha256: str | None = None):
+    """The model version registered for a release key, or (`artifact_sha256`) the first version
+    whose shipped ONNX file has exactly these bytes; None when there is none."""
+    for tag, value in (("release_key", release_key), ("artifact_sha256", artifact_sha256)):
+        if value is None:
+            continue
+        try:
+            versions = mlflow_client.search_model_versions(f"name = '{model}' and tags.{tag} = '{value}'")
+        except Exception as error:  # the registry raises its own RestException on a missing model
+            if "RESOURCE_DOES_NOT_EXIST" in str(error):
+                return None
+            raise
+        if versions:
+            return min(versions, key=lambda v: int(v.version))
+    return None
 
 
 def model_file_sha256(tracking_uri: str, model: str, version: str) -> str:
@@ -117,17 +123,24 @@ def register_version(
     artifacts: dict[str, dict | list],
     run_name: str,
     description: str,
+    same_bytes_same_version: bool = True,
 ) -> RegisteredVersion:
-    """Log a run with the ONNX model and evidence, register it, point `candidate` at it."""
+    """Log a run with the ONNX model and evidence, register it, point `candidate` at it.
+
+    A version already registered for this release key is returned as it is; so is, with
+    `same_bytes_same_version`, a version whose ONNX file has the same bytes (a model rebuilt
+    from other code or library versions that came out identical is no new version)."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
 
     mlflow_client = client(tracking_uri)
-    existing = find_version(mlflow_client, model, release_key)
+    existing = find_version(mlflow_client, model, release_key,
+                            tags.get("artifact_sha256") if same_bytes_same_version else None)
     if existing is not None:
         mlflow_client.set_registered_model_alias(model, CANDIDATE_ALIAS, existing.version)
         return RegisteredVersion(name=model, version=str(existing.version), run_id=existing.run_id,
+                                 release_key=(existing.tags or {}).get("release_key", release_key),
                                  model_uri=f"models:/{model}/{existing.version}", alias=CANDIDATE_ALIAS,
                                  created=False)
 
@@ -151,6 +164,7 @@ def register_version(
     version = mlflow.register_model(info.model_uri, model, tags={**tags, "release_key": release_key})
     mlflow_client.set_registered_model_alias(model, CANDIDATE_ALIAS, version.version)
     return RegisteredVersion(name=model, version=str(version.version), run_id=run.info.run_id,
+                             release_key=release_key,
                              model_uri=f"models:/{model}/{version.version}", alias=CANDIDATE_ALIAS,
                              created=True)
 

@@ -1,4 +1,4 @@
-"""The Edge Releases app: server-rendered pages and a JSON API over `pipelines.views`.
+"""The Edge Releases app: server-rendered pages and a JSON API over `edge_ui.views`.
 
 Mounted by Airflow's api-server at `/edge` (see `plugins/edge_releases.py`). Every route
 depends on `requires_authenticated()`, which accepts the `Authorization: Bearer <jwt>` header
@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines import views
+from edge_ui import views
 
 HERE = Path(__file__).resolve().parent
 # Same origin only (the Airflow UI's iframe included); the pages need no script.

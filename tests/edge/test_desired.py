@@ -196,3 +196,14 @@ def test_git_source_clones_once_then_fetches_only_what_changed(tmp_path):
     with pytest.raises(SourceError, match="failed"):
         source.fetch()
     assert (tmp_path / "cache" / "apps" / "adult-income").is_dir()
+
+
+def test_git_source_errors_name_the_command_without_credentials(tmp_path, monkeypatch):
+    source = GitSource("https://device:t0ken@127.0.0.1:9/gitops.git", "main", tmp_path / "cache")
+    with pytest.raises(SourceError) as caught:
+        source.sync()
+    assert str(caught.value).startswith("git clone https://***@127.0.0.1:9/gitops.git failed: ")
+    assert "t0ken" not in str(caught.value) and not (tmp_path / "cache").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    with pytest.raises(SourceError, match="^cannot run git: "):
+        source.sync()

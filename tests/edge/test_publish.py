@@ -11,10 +11,11 @@ from conftest import tabular_frame, write_spec
 
 from pipelines.__main__ import main
 from pipelines.edge.publish import publish_desired_state
+from pipelines.gitops.manifest import base_manifest_path
 from pipelines.settings import Settings
 
 MODEL = "publish-model"
-BASE = f"apps/{MODEL}/base/mobileaimodeldeployment.yaml"
+BASE = base_manifest_path(MODEL)
 
 
 def _git(*args, cwd=None) -> str:

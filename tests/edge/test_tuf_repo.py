@@ -18,10 +18,9 @@ from pipelines.edge.tuf_repo import (
     DEFAULT_EXPIRY,
     TufError,
     TufRepository,
-    ensure_demo_tuf_keys,
     load_signer,
 )
-from pipelines.gitops.signing import generate_key_pair
+from pipelines.keys import ensure_demo_tuf_keys, generate_key_pair
 from pipelines.storage import ObjectStore
 
 GROUP = "groups/loan-tablets-eu.json"

@@ -164,6 +164,16 @@ def test_an_unknown_key_in_a_fixed_shape_fails(overlay: dict, section: str) -> N
     assert validate_object(doc) == [f"spec.{section}.checksumm: unknown field"]
 
 
+@pytest.mark.parametrize(("group", "valid"), [("g" * 63, True), ("g" * 64, False), ("Phones", False),
+                                               ("phones-", False), ("a", True)])
+def test_the_device_group_is_a_dns_label(overlay: dict, group: str, valid: bool) -> None:
+    doc = copy.deepcopy(overlay)
+    doc["spec"]["targetDevices"]["group"] = group
+    problems = validate_object(doc)
+    assert (problems == []) is valid
+    assert all(p.startswith("spec.targetDevices.group:") for p in problems)
+
+
 def test_other_problems_are_reported_with_their_paths(overlay: dict) -> None:
     doc = copy.deepcopy(overlay)
     doc["kind"] = "Deployment"
@@ -214,7 +224,8 @@ def test_cluster_files_per_model_paths() -> None:
     ]
     assert all(d["apiVersion"] == FLUX and d["spec"]["dependsOn"] == [{"name": "edge-crds"}] for d in docs)
     for bad in ({"plant-7": ["apps", "apps/adult-income"]}, {"plant-7": ["crds"]},
-                {"plant-7": ["apps/../crds"]}, {"Plant 7": ["apps"]}, {"plant-7": []}):
+                {"plant-7": ["apps/../crds"]}, {"Plant 7": ["apps"]}, {"plant-7": []}, {"p" * 64: ["apps"]},
+                {"plant-7": [f"apps/{'m' * 64}"]}):
         with pytest.raises(ValueError):
             cluster_files(bad)
 

@@ -10,6 +10,7 @@ import yaml
 
 from pipelines.gitops.manifest import (
     ManifestInputs,
+    base_manifest_path,
     label_value,
     manifest_checksum,
     read_manifest,
@@ -71,6 +72,7 @@ def test_layout_has_base_app_and_one_overlay_per_target(name: str) -> None:
         f"apps/{name}/base/mobileaimodeldeployment.yaml",
     } | {f"apps/{name}/overlays/{t.name}/kustomization.yaml" for t in spec.targets}
     assert set(files) == expected
+    assert base_manifest_path(name) == f"apps/{name}/base/mobileaimodeldeployment.yaml"
     app = yaml.safe_load(files[f"apps/{name}/kustomization.yaml"])
     assert app["resources"] == [f"overlays/{t.name}" for t in spec.targets]
     base = yaml.safe_load(files[f"apps/{name}/base/kustomization.yaml"])

@@ -241,6 +241,36 @@ def test_stale_files_of_the_model_go_and_other_models_stay(remote: str, tmp_path
     assert [c["subject"] for c in history_a] == ["Release model-a v2", "Release model-a v1"]
 
 
+def test_history_and_files_at_read_past_commits(remote: str, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    base = manifest.base_manifest_path("model-a")
+    v1 = commit_release(remote, BRANCH, "model-a", app_files("model-a"), "v1", AUTHOR, work)
+    commit_release(remote, BRANCH, "model-b", app_files("model-b"), "b", AUTHOR, work)
+    gone = commit_release(remote, BRANCH, "model-a", {}, "remove model-a", AUTHOR, work)
+    v2 = commit_release(remote, BRANCH, "model-a", app_files("model-a", version="2"), "v2", AUTHOR, work)
+
+    reader = tmp_path / "reader"
+    assert repo.history(remote, BRANCH, base, reader) == [
+        (v2.commit, "version: '2'\n"), (gone.commit, None), (v1.commit, "version: '1'\n"),
+    ]
+    assert repo.files_at(remote, v1.commit, "apps/model-a/", reader) == app_files("model-a")
+    assert repo.files_at(remote, gone.commit, "apps/model-a/", reader) == {}
+    with repo.fetched(remote, BRANCH, reader) as clone:
+        tip = git("rev-parse", f"refs/remotes/origin/{BRANCH}", cwd=clone)
+        assert tip == v2.commit and not (clone / "apps").exists()  # fetched, nothing checked out
+
+
+@pytest.mark.parametrize("model", ["a" * 64, "Model-a", "-model", "model-", "model_a", "model/a"])
+def test_a_model_name_that_is_no_dns_label_is_refused(remote: str, tmp_path: Path, model: str) -> None:
+    with pytest.raises(ValueError, match="not a valid model name"):
+        commit_release(remote, BRANCH, model, {}, "bad", AUTHOR, tmp_path / "work")
+
+
+def test_a_63_character_model_name_is_accepted(remote: str, tmp_path: Path) -> None:
+    model = "m" * 63
+    assert commit_release(remote, BRANCH, model, app_files(model), "long", AUTHOR, tmp_path / "work").created
+
+
 def test_commit_message_body_is_kept(remote: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     commit_release(remote, BRANCH, "model-a", app_files("model-a"),

@@ -106,12 +106,12 @@ def test_finops_report_dag_forecasts_and_alerts_on_a_breach(airflow_db, monkeypa
     from datetime import date
 
     from pipelines.finops.forecast import simulate_history
-    from pipelines.finops.report import history_path
+    from pipelines.operate.finops_report import history_path
 
     settings = Settings()
     summary_artifact = settings.state / "artifacts" / "releases" / "adult-income" / "latest.json"
     assert summary_artifact.is_file(), "the release test must run first"
-    published = next((settings.state / "artifacts" / "models" / "adult-income").glob("*/focus.csv"))
+    published = next((settings.state / "artifacts" / "models" / "adult-income").glob("*/cards/*/focus.csv"))
     assert published.read_text().startswith("BillingCurrency,ChargeCategory")
 
     dag = _bag(monkeypatch).dags["edge_finops_report"]

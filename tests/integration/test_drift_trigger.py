@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import tabular_frame, write_spec
 
-from pipelines.airflow_local import EmbeddedAirflow
 from pipelines.settings import Settings
+from stack.airflow_local import EmbeddedAirflow
 
 pytestmark = pytest.mark.integration
 MODEL = "drift-model"

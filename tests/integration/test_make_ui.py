@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import ROOT
 
-from pipelines.airflow_local import free_port, port_is_free
+from stack.airflow_local import free_port, port_is_free
 
 pytestmark = pytest.mark.integration
 

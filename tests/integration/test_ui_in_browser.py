@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tabular_frame, write_spec
 
-from pipelines.airflow_local import LOCAL_COMPONENTS, EmbeddedAirflow
+from stack.airflow_local import LOCAL_COMPONENTS, EmbeddedAirflow
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

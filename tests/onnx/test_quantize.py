@@ -21,6 +21,7 @@ from pipelines.onnx.quantize import (
     measure_latency,
     quantize_candidates,
 )
+from pipelines.onnx.timing import measure_in_child
 from pipelines.records import QuantCandidate
 
 # ------------------------------------------------------------------------------------ models
@@ -353,7 +354,7 @@ def test_latency_runs_in_another_process(digits_mlp: dict, monkeypatch: pytest.M
     monkeypatch.setattr(ort, "InferenceSession", no_session_here)
     p50, p95 = measure_latency(digits_mlp["path"], digits_mlp["row"], warmup=5, runs=50)
     assert 0 < p50 <= p95
-    detail = q._latency_in_subprocess(digits_mlp["path"], digits_mlp["row"], 2, 20, 120)
+    detail = measure_in_child(q.__name__, "latency", digits_mlp["path"], digits_mlp["row"], 2, 20, 120, "latency")
     assert detail["pid"] != os.getpid() and detail["runs"] == 20
     assert 0 < detail["p50_ms"] <= detail["p95_ms"]
 

@@ -30,7 +30,7 @@ PARALLEL = tuple(f"{model}-{n}" for model in DEMO for n in ("p1", "p2"))
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from pipelines.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack, demo_spec_copies
+    from stack.prod_stack import POSTGRES_URL, REDIS_URL, ProductionStack, demo_spec_copies
 
     root = tmp_path_factory.mktemp("prod")
     specs = demo_spec_copies(root / "specs", (*DEMO, *PARALLEL))
@@ -70,7 +70,7 @@ def _metadata(stack, query: str, *args) -> list[tuple]:
     """Rows of Airflow's metadata database (PostgreSQL)."""
     import psycopg2
 
-    from pipelines.prod_stack import _database_url
+    from stack.prod_stack import _database_url
 
     url = _database_url(stack.postgres_url, stack.databases["airflow"]).replace("+psycopg2", "")
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:

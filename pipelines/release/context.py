@@ -1,0 +1,119 @@
+"""What every stage shares: its context, the run's spec, and its evaluation data.
+
+A release's outputs live in the artifact store under `runs/<model>/<release key>/`
+(`pipelines.identity`): the snapshot, the model, its ONNX files; its verdicts, cost, card and
+summary under `runs/<model>/<release key>/evaluations/<evaluation key>/`. `resume` returns a
+stage's stored output when it exists. A run keeps the keys and the spec it started with:
+later stages read the spec snapshot `validate_data` stored, so an edit of the spec or the
+code while a run goes on never changes or fails it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pipelines.identity import evaluation_key
+from pipelines.records import DataCheck, Record, RegisteredVersion
+from pipelines.settings import Settings, get_settings
+from pipelines.specs import ModelSpec, load_spec
+from pipelines.storage import ObjectStore
+
+R = TypeVar("R", bound=Record)
+
+
+class ReleaseError(RuntimeError):
+    """A stage cannot go on: bad data, an unfaithful export, a changed input. Not retried."""
+
+
+class DataValidationError(ReleaseError):
+    """The data failed its expectations."""
+
+
+@dataclass
+class Context:
+    """What every stage needs: the validated spec, where it came from, and the environment."""
+
+    spec: ModelSpec
+    spec_path: Path
+    settings: Settings
+    store: ObjectStore
+
+    def run_key(self, release_key: str, name: str) -> str:
+        return f"runs/{self.spec.name}/{release_key}/{name}"
+
+    def load_record(self, release_key: str, name: str, kind: type[R]) -> R | None:
+        key = self.run_key(release_key, name)
+        if not self.store.exists(key):
+            return None
+        return kind.model_validate_json(self.store.read_bytes(key))
+
+    def save_record(self, release_key: str, name: str, record: R) -> R:
+        self.store.put_bytes(record.model_dump_json(indent=2, by_alias=True).encode(), self.run_key(release_key, name))
+        return record
+
+    def fetch(self, uri: str) -> Path:
+        return self.store.fetch(self.store.key_of(uri), self.settings.work_dir / "cache")
+
+
+def context(spec_path: str | Path, settings: Settings | None = None) -> Context:
+    settings = settings or get_settings()
+    return Context(load_spec(spec_path), Path(spec_path), settings,
+                   ObjectStore(settings.store_url, settings.s3_endpoint_url))
+
+
+def stage_context(spec_path: str | Path, data: DataCheck, settings: Settings | None) -> Context:
+    """A later stage's context, with the spec this run started with (the snapshot stored by
+    `validate_data`; the file's content for a run that stored none)."""
+    if not data.spec_uri:
+        return context(spec_path, settings)
+    settings = settings or get_settings()
+    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    spec = ModelSpec.model_validate_json(store.read_bytes(store.key_of(data.spec_uri)))
+    return Context(spec, Path(spec_path), settings, store)
+
+
+def evaluation_folder(data: DataCheck, registered: RegisteredVersion | None = None) -> str:
+    """The run folder of an evaluation (verdicts, cost, card, summary): under the release that
+    built the version, so a rebuild with the same bytes finds that release's evaluation of the
+    same spec and evaluation code, and commits nothing new."""
+    built_by = (registered.release_key if registered is not None else "") or data.release_key
+    return f"{built_by}/evaluations/{evaluation_key(built_by, data.spec_sha256, data.evaluation_code)}"
+
+
+def resume(spec_path: str | Path, data: DataCheck, name: str, kind: type[R],
+           settings: Settings | None, registered: RegisteredVersion | None = None) -> tuple[Context, R | None]:
+    """A stage's context, and its stored output (marked reused when the record has the flag);
+    with `registered`, the output of an evaluation of that version (`evaluation_folder`)."""
+    ctx = stage_context(spec_path, data, settings)
+    folder = evaluation_folder(data, registered) if registered is not None else data.release_key
+    cached = ctx.load_record(folder, name, kind)
+    if cached is not None and "reused" in kind.model_fields:
+        cached = cached.model_copy(update={"reused": True})
+    return ctx, cached
+
+
+# -- data ------------------------------------------------------------------------------------
+def load_snapshot(ctx: Context, data: DataCheck):
+    import pandas as pd
+
+    frame = pd.read_parquet(ctx.fetch(data.snapshot_uri))
+    return frame
+
+
+def splits(ctx: Context, data: DataCheck):
+    """Train and test rows, features prepared, targets as class indices; deterministic."""
+    from pipelines.data import prepare_features, split
+
+    frame = load_snapshot(ctx, data)
+    target = ctx.spec.data.target
+    classes = sorted(frame[target].unique().tolist())
+    index = {c: i for i, c in enumerate(classes)}
+    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed)
+    return {
+        "classes": [str(c) for c in classes],
+        "train": train, "test": test,
+        "x_train": prepare_features(train, data.features), "y_train": train[target].map(index).to_numpy(),
+        "x_test": prepare_features(test, data.features), "y_test": test[target].map(index).to_numpy(),
+    }

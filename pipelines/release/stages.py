@@ -1,0 +1,672 @@
+"""The release, stage by stage: what the Airflow DAG, the CLI and the tests all call.
+
+Each stage takes the spec's path and the small records of earlier stages, and returns a
+record. Every stage is idempotent: its outputs live in the artifact store under
+`runs/<model>/<release_key>/`, where the release key hashes the data, the spec and the code;
+a stage that finds its output record there returns it instead of working again. Output
+records are written last, after the files they point to.
+
+Order of effects (payload first, pointer last): validate, train, export, quantize (all
+private to the run), register in MLflow, publish the artifact to the store and verify it,
+and only then commit the manifest that points to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from pipelines.identity import EVALUATION_CODE, code_digest, code_revision, library_versions, release_key
+from pipelines.records import (
+    Approval,
+    CostReport,
+    DataCheck,
+    Decision,
+    ExportedModel,
+    GateVerdict,
+    GitOpsCommit,
+    ModelCard,
+    PublishedArtifact,
+    QuantizationPlan,
+    RegisteredVersion,
+    ReleaseOptions,
+    ReleaseSummary,
+    TrainedModel,
+)
+from pipelines.release.context import (
+    DataValidationError,
+    ReleaseError,
+    context,
+    evaluation_folder,
+    resume,
+    splits,
+    stage_context,
+)
+from pipelines.settings import Settings, get_settings
+from pipelines.specs import ModelSpec, spec_dir
+from pipelines.storage import ObjectStore, StoreError, sha256_file
+
+log = logging.getLogger(__name__)
+
+STAGES = ("validate_data", "train", "export", "quantize", "register", "edge_cost", "quality_gate", "fairness_gate",
+          "parity_gate", "drift_gate", "explain", "model_card", "decide", "publish", "commit")
+
+
+def validate_data(spec_path: str | Path, settings: Settings | None = None, salt: str = "") -> DataCheck:
+    """Read the spec's data, fingerprint it, and check it against the spec's expectations.
+
+    Raises DataValidationError listing every failed expectation on one line; the report is kept as
+    evidence. On success, a snapshot of the columns the release uses is stored, so every
+    later stage (on any worker) trains and evaluates on exactly these rows.
+
+    `salt` (a forced retrain's run id) gives the same inputs a new release key. Without one,
+    the key of the last forced release of these inputs that was committed is used, so a
+    plain re-run after a forced retrain reuses that release instead of going back to the
+    one before it.
+    """
+    from pipelines.data import DataError, fingerprint, read_source, resolve_features
+    from pipelines.data.validation import validate_frame
+
+    ctx = context(spec_path, settings)
+    data_spec = ctx.spec.data
+    try:
+        frame = read_source(data_spec, spec_dir(ctx.spec_path), ctx.settings.s3_endpoint_url)
+        features = resolve_features(data_spec.features, list(frame.columns))
+    except DataError as error:
+        raise DataValidationError(f"{ctx.spec_path}: {error}") from None
+    data_sha = fingerprint(frame)
+    salt = salt or _forced_salt(ctx, release_key(data_sha, ctx.spec.model_digest()))
+    key = release_key(data_sha, ctx.spec.model_digest(), salt)
+    cached = ctx.load_record(key, "validation.json", DataCheck)
+    if cached is not None and cached.passed:
+        return _this_run(ctx, cached)
+
+    passed, failures, report = validate_frame(frame, data_spec, features)
+    report_uri = ctx.store.put_bytes(json.dumps(report, indent=1, default=str).encode(),
+                                     ctx.run_key(key, "great_expectations.json"))
+    if not passed:
+        raise DataValidationError(
+            f"{ctx.spec_path}: data {data_spec.source} failed {len(failures)} check(s): "
+            + "; ".join(failures)
+        )
+    columns = list(dict.fromkeys([*features, *data_spec.sensitive_features, data_spec.target]))
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / "data.parquet"
+        frame[columns].to_parquet(snapshot, index=False)
+        snapshot_uri = ctx.store.put_file(snapshot, ctx.run_key(key, "data.parquet"))
+    record = DataCheck(
+        passed=True, source=data_spec.source, sha256=data_sha, rows=len(frame),
+        schema={c: str(frame[c].dtype) for c in columns}, features=features,
+        snapshot_uri=snapshot_uri, report_uri=report_uri, release_key=key, salt=salt,
+    )
+    ctx.save_record(key, "validation.json", record)
+    return _this_run(ctx, record)
+
+
+def _this_run(ctx, data: DataCheck) -> DataCheck:
+    """The validated data with what this run started with: the spec, stored for the later
+    stages (they never read the file again), and the evaluation code's digest."""
+    spec_sha = ctx.spec.digest()
+    spec_uri = ctx.store.put_bytes(ctx.spec.model_dump_json(by_alias=True).encode(),
+                                   ctx.run_key(data.release_key, f"specs/{spec_sha}.json"))
+    return data.model_copy(update={"spec_sha256": spec_sha, "spec_uri": spec_uri,
+                                   "evaluation_code": code_digest(EVALUATION_CODE)})
+
+
+FORCED_RELEASE = "forced_release.json"
+
+
+def _forced_salt(ctx, plain_key: str) -> str:
+    """The salt of the last committed forced release of these inputs ('' when none)."""
+    record = ctx.load_record(plain_key, FORCED_RELEASE, ReleaseOptions)
+    return record.salt if record is not None else ""
+
+
+def release_options(params: dict, run_id: str) -> ReleaseOptions:
+    """A run's options from its trigger-form parameters (missing ones take their defaults);
+    a forced retrain is salted with the run id, so the run's retries keep one release key."""
+    options = ReleaseOptions.model_validate({k: v for k, v in params.items() if k in ReleaseOptions.model_fields
+                                             and k != "salt" and v is not None})
+    return options.model_copy(update={"salt": run_id if options.force_retrain else ""})
+
+
+# -- model -----------------------------------------------------------------------------------
+def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = None) -> TrainedModel:
+    """Fit the spec's model on the training split; metrics on the held-out split."""
+    from pipelines import training
+
+    ctx, cached = resume(spec_path, data, "train.json", TrainedModel, settings)
+    if cached is not None:
+        return cached
+
+    parts = splits(ctx, data)
+    fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]))
+    metrics = training.classification_metrics(training.predict_proba(fitted.model, parts["x_test"]), parts["y_test"])
+    suffix = "joblib" if fitted.framework == "sklearn" else "pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = training.save(fitted, Path(tmp) / f"model.{suffix}")
+        model_uri = ctx.store.put_file(local, ctx.run_key(data.release_key, f"model.{suffix}"))
+    record = TrainedModel(framework=fitted.framework, model_uri=model_uri, metrics=metrics,
+                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3))
+    return ctx.save_record(data.release_key, "train.json", record)
+
+
+def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
+           settings: Settings | None = None) -> ExportedModel:
+    """Convert to one ONNX file and check parity with the native model on the test split."""
+    import onnx
+
+    from pipelines import training
+    from pipelines.onnx import export as onnx_export
+
+    ctx, cached = resume(spec_path, data, "export.json", ExportedModel, settings)
+    if cached is not None:
+        return cached
+
+    parts = splits(ctx, data)
+    native = training.load(trained.framework, ctx.fetch(trained.model_uri))
+    tolerance = ctx.spec.export.parity
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx_export.export_onnx(
+            trained.framework, native, parts["x_test"], Path(tmp) / "model.onnx", ctx.spec.export.opset,
+            {"edge.model": ctx.spec.name, "edge.classes": json.dumps(trained.classes)},
+        )
+        result = onnx_export.parity(training.predict_proba(native, parts["x_test"]),
+                                    onnx_export.predict_proba(path, parts["x_test"]))
+        try:
+            onnx_export.check_parity(result, tolerance.max_abs_diff, tolerance.min_label_agreement)
+        except onnx_export.ParityError as error:
+            raise ReleaseError(f"{ctx.spec_path}: export: {error}") from None
+        opset = max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                    if o.domain in ("", "ai.onnx"))
+        record = ExportedModel(
+            uri=ctx.store.put_file(path, ctx.run_key(data.release_key, "model.fp32.onnx")),
+            sha256=sha256_file(path), size_bytes=path.stat().st_size, opset=opset,
+            max_abs_diff=result.max_abs_diff, label_agreement=result.label_agreement,
+        )
+    return ctx.save_record(data.release_key, "export.json", record)
+
+
+def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
+             settings: Settings | None = None) -> QuantizationPlan:
+    """Build fp32, dynamic and static int8 candidates, measure each, choose one and say why."""
+    import numpy as np
+
+    from pipelines.onnx import export as onnx_export
+    from pipelines.onnx.quantize import quantize_candidates
+
+    ctx, cached = resume(spec_path, data, "quantization.json", QuantizationPlan, settings)
+    if cached is not None:
+        return cached
+
+    parts = splits(ctx, data)
+    fp32 = ctx.fetch(exported.uri)
+    sess = onnx_export.session(fp32)
+    calibration_rows = parts["x_train"].sample(
+        n=min(ctx.spec.export.calibration_rows, len(parts["x_train"])), random_state=ctx.spec.training.seed)
+    calibration = [onnx_export.feeds(sess, calibration_rows.iloc[i:i + 1]) for i in range(len(calibration_rows))]
+    latency_feed = onnx_export.feeds(sess, parts["x_test"].iloc[:1])
+
+    def accuracy(path: Path) -> float:
+        proba = onnx_export.predict_proba(path, parts["x_test"])
+        return float(np.mean(proba.argmax(axis=1) == parts["y_test"]))
+
+    export_spec = ctx.spec.export
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        plan, paths = quantize_candidates(
+            fp32, list(export_spec.quantization), calibration, latency_feed, accuracy,
+            export_spec.accuracy_budget, export_spec.max_artifact_bytes, out_dir,
+            uri_of=lambda p: ctx.store.uri(ctx.run_key(data.release_key, f"quant/{p.name}")),
+        )
+        for path in paths.values():
+            ctx.store.put_file(path, ctx.run_key(data.release_key, f"quant/{path.name}"))
+    return ctx.save_record(data.release_key, "quantization.json", plan)
+
+
+# -- registry, store, Git ----------------------------------------------------------------------
+
+
+def _mlflow_version() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"mlflow": version("mlflow")}
+
+
+def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, exported: ExportedModel,
+             plan: QuantizationPlan, trigger: str = "manual",
+             settings: Settings | None = None, options: ReleaseOptions | None = None) -> RegisteredVersion:
+    """Register the chosen variant in MLflow with its provenance and the parameters of the
+    run that created it (`release.*` tags); alias `candidate`."""
+    from pipelines import registry
+    from pipelines.onnx import export as onnx_export
+
+    ctx = stage_context(spec_path, data, settings)
+    spec = ctx.spec
+    chosen = plan.chosen_candidate
+    onnx_path = ctx.fetch(chosen.uri)
+    if sha256_file(onnx_path) != chosen.sha256:
+        raise ReleaseError(f"{chosen.uri}: sha256 differs from the quantization record")
+    parts = splits(ctx, data)
+    example = parts["x_test"].head(5)
+    if trained.framework == "torch":
+        example = example.to_numpy("float32")
+    output = onnx_export.predict_proba(onnx_path, parts["x_test"].head(5)).astype("float32")
+    params = {
+        "framework": spec.training.framework,
+        "model_type": spec.training.estimator or spec.training.architecture,
+        "seed": str(spec.training.seed), "opset": str(exported.opset),
+        "quantization.modes": ",".join(spec.export.quantization),
+        "quantization.chosen": plan.chosen, "rows": str(data.rows),
+        "features": str(len(data.features)),
+        **{f"param.{k}": registry.json_safe(v) for k, v in sorted(spec.training.params.items())},
+    }
+    metrics = {f"test_{k}": v for k, v in trained.metrics.items()}
+    metrics.update({"train_seconds": trained.train_seconds, "onnx_max_abs_diff": exported.max_abs_diff,
+                    "onnx_label_agreement": exported.label_agreement})
+    for candidate in plan.candidates:
+        if candidate.size_bytes:
+            metrics.update({f"{candidate.variant}_size_bytes": candidate.size_bytes,
+                            f"{candidate.variant}_accuracy": candidate.accuracy,
+                            f"{candidate.variant}_latency_p50_ms": candidate.latency_p50_ms,
+                            f"{candidate.variant}_latency_p95_ms": candidate.latency_p95_ms})
+    tags = {
+        "data_sha256": data.sha256, "data_source": data.source, "spec_sha256": spec.digest(),
+        "code_digest": code_digest(), "code_revision": code_revision(), "trigger": trigger,
+        "variant": plan.chosen, "artifact_sha256": chosen.sha256, "owner": spec.owner,
+        "finops.cost_center": spec.finops.cost_center, "finops.project": spec.finops.project,
+        **{f"version.{k}": v for k, v in {**library_versions(), **_mlflow_version()}.items()},
+        **(options or ReleaseOptions()).tags(), **({"release.salt": data.salt} if data.salt else {}),
+    }
+    return registry.with_retries(lambda: registry.register_version(
+        tracking_uri=ctx.settings.tracking_uri, artifact_root=ctx.settings.mlflow_artifacts,
+        model=spec.name, release_key=data.release_key, onnx_path=onnx_path,
+        framework=trained.framework, signature_input=example, signature_output=output,
+        params=params, metrics=metrics, tags=tags,
+        artifacts={"quantization.json": plan.to_xcom(), "data_validation.json": data.to_xcom(),
+                   "spec.json": spec.model_dump(mode="json")},
+        run_name=f"{spec.name}-{data.release_key[:12]}", description=spec.description,
+        # A forced retrain asks for a new version even when the bytes come out the same.
+        same_bytes_same_version=not data.salt,
+    ), _redact(ctx.settings.tracking_uri))
+
+
+def _redact(uri: str) -> str:
+    from pipelines.gitops.repo import redact
+
+    return redact(uri)
+
+
+def decide(spec_path: str | Path, data: DataCheck, verdicts: list[GateVerdict], options: ReleaseOptions | None = None,
+           settings: Settings | None = None) -> Decision:
+    """What the verdicts mean: any failed gate rejects; all passed releases, or asks a person
+    when the spec says manual or the run's options ask for it (a run can ask more than its
+    spec, never less)."""
+    ctx = stage_context(spec_path, data, settings)
+    failed = [v for v in verdicts if not v.passed]
+    if failed:
+        return Decision(outcome="reject", failed_gates=[v.gate for v in failed],
+                        reasons=[f"{v.gate}: {v.reason}" for v in failed])
+    if ctx.spec.approval.mode == "manual":
+        return Decision(outcome="await_approval", reasons=["the spec asks for a person's approval"])
+    if options is not None and options.approval == "manual":
+        return Decision(outcome="await_approval",
+                        reasons=["the run's approval parameter asks for a person's approval (the spec says auto)"])
+    return Decision(outcome="release")
+
+
+def next_step(decision: Decision, options: ReleaseOptions | None = None,
+              approval: Approval | None = None) -> str:
+    """What follows the decision: `publish`, `ask` (a person must approve first) or `stop`
+    (rejected, a dry run, or a person said no)."""
+    if (options is not None and options.dry_run) or decision.outcome == "reject":
+        return "stop"
+    if decision.outcome == "release":
+        return "publish"
+    if approval is None:
+        return "ask"
+    return "publish" if approval.approved else "stop"
+
+
+def publish(spec_path: str | Path, registered: RegisteredVersion, plan: QuantizationPlan,
+            card: ModelCard | None = None, cost: CostReport | None = None,
+            settings: Settings | None = None) -> PublishedArtifact:
+    """Copy the chosen ONNX file (and its model card) to their content-addressed place in the
+    store, verify the sha256 of what landed, and write the completion marker last."""
+    ctx = context(spec_path, settings)
+    chosen = plan.chosen_candidate
+    folder = f"models/{ctx.spec.name}/{chosen.sha256}"
+    uploads = {"model.onnx": (chosen.uri, chosen.sha256)}
+    # The same bytes may be evaluated again under another spec: each card (and the cost rows
+    # that go with it) has a place of its own beside the model.
+    cards = f"cards/{card.sha256}/" if card is not None else ""
+    if card is not None:
+        uploads[f"{cards}model_card.json"] = (card.json_uri, card.sha256)
+        uploads[f"{cards}model_card.html"] = (card.html_uri, None)
+    if cost is not None:
+        uploads[f"{cards}focus.csv"] = (cost.evidence["focus.csv"], None)
+    others = {c.variant: c for c in plan.candidates
+              if cost and c.variant in cost.variants_in_use() and c.variant != plan.chosen}
+    for variant, candidate in others.items():
+        uploads[f"variants/{variant}/model.onnx"] = (candidate.uri, candidate.sha256)
+    from pipelines.gitops.signing import sign_artifact, verify_artifact
+
+    private_key, public_key = ctx.settings.signing_keys()
+    uploaded = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (uri, expected) in uploads.items():
+            key = f"{folder}/{name}"
+            if not ctx.store.exists(key):
+                ctx.store.put_file(ctx.fetch(uri), key)
+                uploaded = True
+            if expected is None:
+                continue
+            copy = ctx.store.get_file(key, Path(tmp) / name)
+            digest = sha256_file(copy)
+            if digest != expected:
+                raise StoreError(f"{ctx.store.uri(key)}: sha256 after upload is {digest}, expected {expected}")
+            if name.endswith(".onnx"):
+                # Sign what landed in the store, then verify the stored bundle against the stored
+                # bytes with the public key, as a device will.
+                if not ctx.store.exists(f"{key}.sig"):
+                    bundle = sign_artifact(copy, Path(tmp) / f"{name}.sig", private_key)
+                    ctx.store.put_file(bundle, f"{key}.sig")
+                verify_artifact(copy, ctx.store.get_file(f"{key}.sig", Path(tmp) / f"{name}.sig.stored"),
+                                public_key)
+        size = (Path(tmp) / "model.onnx").stat().st_size
+    # The marker goes last: a reader that sees it knows the artifact is complete.
+    ctx.store.put_bytes(json.dumps({"model": ctx.spec.name, "version": registered.version,
+                                    "sha256": chosen.sha256, "size_bytes": size, "variant": plan.chosen,
+                                    "model_card_sha256": card.sha256 if card else None},
+                                   sort_keys=True).encode(), f"{folder}/model.json")
+    return PublishedArtifact(
+        uri=ctx.store.uri(f"{folder}/model.onnx"), sha256=chosen.sha256, size_bytes=size, uploaded=uploaded,
+        signature_uri=ctx.store.uri(f"{folder}/model.onnx.sig"),
+        model_card_uri=ctx.store.uri(f"{folder}/{cards}model_card.json") if card else None,
+        model_card_html_uri=ctx.store.uri(f"{folder}/{cards}model_card.html") if card else None,
+        model_card_sha256=card.sha256 if card else None,
+        variants={v: {"uri": ctx.store.uri(f"{folder}/variants/{v}/model.onnx"), "sha256": c.sha256,
+                      "size_bytes": c.size_bytes,
+                      "signature_uri": ctx.store.uri(f"{folder}/variants/{v}/model.onnx.sig")}
+                  for v, c in others.items()},
+    )
+
+
+def _verdict_lines(verdicts: list[GateVerdict]) -> str:
+    return "".join(f"  {'waived' if v.waived else 'pass' if v.passed else 'FAIL'}  {v.gate}: {v.reason}\n"
+                   for v in verdicts)
+
+
+def _cost_brief(cost: CostReport | None) -> dict | None:
+    from pipelines.finops.cost import CostEstimate
+
+    return CostEstimate.model_validate(cost.estimate).brief() if cost else None
+
+
+def _cost_diff_lines(cost: CostReport) -> list[str]:
+    from pipelines.finops.cost import diff_lines
+
+    return diff_lines(cost.diff)
+
+
+def initial_rollout(spec: ModelSpec, version: str, current: dict | None) -> dict | None:
+    """`spec.rollout` for a release of `version` given the deployed base manifest (None: none).
+
+    RollingUpdate and first releases go to every device (no rollout section). A re-run of the
+    release that is already deployed keeps its progress. A new version during a canary keeps
+    the control on the version the control devices run.
+    """
+    if spec.deployment_strategy.type != "Canary" or current is None:
+        return None
+    deployed = str(current["spec"]["modelRef"]["version"])
+    rollout = current["spec"].get("rollout")
+    if deployed == str(version):
+        return rollout
+    control = rollout.get("previousVersion", deployed) if rollout and rollout.get("share", 100) < 100 else deployed
+    steps = spec.deployment_strategy.canary.steps
+    return {"share": steps[0].share, "step": 1, "steps": len(steps), "previousVersion": control}
+
+
+def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, registered: RegisteredVersion,
+           published: PublishedArtifact, plan: QuantizationPlan, verdicts: list[GateVerdict] = (),
+           approval: Approval | None = None, cost: CostReport | None = None,
+           settings: Settings | None = None) -> GitOpsCommit:
+    """Render the MobileAIModelDeployment, commit it to the GitOps remote, and move the
+    MLflow alias `champion` to this version once the commit has landed."""
+    from pipelines import registry
+    from pipelines.edge.desired_state import attest_commit
+    from pipelines.gitops import manifest, repo
+
+    ctx = stage_context(spec_path, data, settings)
+    spec, settings = ctx.spec, ctx.settings
+    if registered.release_key and registered.release_key != data.release_key:
+        # A rebuild whose bytes came out the same: the version's facts are the release's that built it.
+        plan = ctx.load_record(registered.release_key, "quantization.json", QuantizationPlan) or plan
+        trained = ctx.load_record(registered.release_key, "train.json", TrainedModel) or trained
+    tags = registry.client(settings.tracking_uri).get_model_version(spec.name, registered.version).tags
+    if tags.get("release_status") == "rolled_back":
+        raise ReleaseError(
+            f"{spec.name} version {registered.version} was rolled back by {tags.get('rolled_back_by')} "
+            f"({tags.get('rollback_reason')}); it is not committed again. Release a new version.")
+    author = (settings.git_author_name, settings.git_author_email)
+    repo.ensure_remote(settings.remote, settings.gitops_branch, author)
+    deployed = repo.read_file(settings.remote, settings.gitops_branch,
+                              manifest.base_manifest_path(spec.name), settings.work_dir / "gitops")
+    current = manifest.read_manifest(deployed) if deployed else None
+    rollout = initial_rollout(spec, registered.version, current)
+    # The deployed version again, under changed deployment fields of the spec: a deploy commit.
+    verb = "deploy" if current and str(current["spec"]["modelRef"]["version"]) == str(registered.version) \
+        else "release"
+    files = manifest.render_release_files(spec, manifest.ManifestInputs(
+        rollout=rollout,
+        model_version=registered.version, mlflow_run_id=registered.run_id,
+        release_key=registered.release_key or data.release_key,
+        source_uri=published.uri, sha256=published.sha256, size_bytes=published.size_bytes,
+        variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
+        signature_uri=published.signature_uri,
+        model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
+        cost=_cost_brief(cost),
+        group_variants={group: {"variant": variant, "sourceUri": published.variants[variant]["uri"],
+                                "sha256": published.variants[variant]["sha256"],
+                                "sizeBytes": published.variants[variant]["size_bytes"],
+                                "signatureUri": published.variants[variant]["signature_uri"]}
+                        for group, variant in (cost.group_variants if cost else {}).items()
+                        if variant != plan.chosen},
+    ))
+    chosen = plan.chosen_candidate
+    approved = f"Approved by: {approval.by} at {approval.at}{': ' + approval.comment if approval.comment else ''}\n" \
+        if approval else f"Approval: {spec.approval.mode}\n"
+    message = (
+        f"{verb}({spec.name}): version {registered.version} ({plan.chosen})\n\n"
+        f"Model: {spec.name}\nVersion: {registered.version}\nMLflow run: {registered.run_id}\n"
+        f"Artifact: {published.uri}\nSHA256: {published.sha256}\n"
+        f"Release key: {registered.release_key or data.release_key}\n"
+        f"Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(trained.metrics.items())) + "\n"
+        f"Variant: {plan.chosen}, {chosen.size_bytes} bytes, p95 {chosen.latency_p95_ms:.3f} ms on the build host\n"
+        f"Why: {plan.reason}\n" + (f"Gates:\n{_verdict_lines(verdicts)}" if verdicts else "") + approved
+        + ("\n" + "\n".join(_cost_diff_lines(cost)) + "\n" if cost else "")
+        + (f"Rollout: canary at {rollout['share']}% of each device group (step {rollout['step']} of "
+           f"{rollout['steps']}), control v{rollout['previousVersion']}\n" if rollout else "")
+    )
+    files[f"apps/{spec.name}/RELEASE.md"] = _release_notes(spec, registered, published, plan, verdicts, approval, cost)
+    review = [t.name for t in spec.targets if t.requires_review]
+    files = attest_commit(settings, spec.name, files,
+                          branch=f"release/{spec.name}/{registered.version}" if review else None)
+    if review:
+        # A device group that requires review puts the whole release on a review branch: the
+        # base manifest is shared by every group, so no group can move without the others.
+        result = repo.propose_release(settings.remote, settings.gitops_branch,
+                                      f"release/{spec.name}/{registered.version}", spec.name, files, message,
+                                      author, settings.work_dir / "gitops")
+        if result.branch != settings.gitops_branch:
+            registry.mark_version(settings.tracking_uri, spec.name, registered.version,
+                                  {"release_status": "in_review", "gitops_review_branch": result.branch,
+                                   "gitops_commit": result.commit})
+            return result
+    else:
+        result = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message, author,
+                                     settings.work_dir / "gitops")
+    registry.mark_version(settings.tracking_uri, spec.name, registered.version,
+                          {"release_status": "released", "gitops_commit": result.commit},
+                          alias=registry.CHAMPION_ALIAS)
+    return result
+
+
+def _release_notes(spec, registered: RegisteredVersion, published: PublishedArtifact, plan: QuantizationPlan,
+                   verdicts: list[GateVerdict], approval: Approval | None, cost: CostReport | None) -> str:
+    """apps/<model>/RELEASE.md: what this release is and why it may ship (also the description
+    of its pull request when a device group requires review)."""
+    review = [t.name for t in spec.targets if t.requires_review]
+    lines = [f"# {spec.name} version {registered.version}", "",
+             f"Variant **{plan.chosen}**, `sha256:{published.sha256}`, {published.size_bytes:,} bytes.",
+             f"MLflow run `{registered.run_id}`. Artifact: {published.uri}",
+             f"Model card: {published.model_card_html_uri or 'none'}", ""]
+    if review:
+        lines += [f"Device groups that require review: {', '.join(review)}. Merge this branch to release.", ""]
+    lines += ["| gate | result | reason |", "|---|---|---|"]
+    lines += [f"| {v.gate} | {'waived' if v.waived else 'pass' if v.passed else 'FAIL'} | "
+              f"{v.reason.replace('|', '/')} |" for v in verdicts]
+    if cost:
+        lines += ["", "```", *_cost_diff_lines(cost), "```"]
+    lines += ["", f"Quantization: {plan.reason}"]
+    if approval:
+        lines += ["", f"Approved by {approval.by} at {approval.at}."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
+              registered: RegisteredVersion, verdicts: list[GateVerdict], decision: Decision,
+              published: PublishedArtifact | None, committed: GitOpsCommit | None, card: ModelCard | None,
+              approval: Approval | None, stages: dict[str, float], trigger: str, cost: CostReport | None = None,
+              settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
+    """The release's outcome in one record. A version that was not committed is tagged
+    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons.
+
+    A dry run says what the decision was (`would`); its summary is kept apart from the
+    releases' (`latest-dry-run.json`), and a version that an earlier run released keeps its
+    status (the dry run adds `dry_run.*` tags only)."""
+    from pipelines import registry
+
+    ctx = stage_context(spec_path, data, settings)
+    # The salt actually in the release key: a plain run may resume a forced release's.
+    options = (options or ReleaseOptions()).model_copy(update={"salt": data.salt})
+    would = None
+    if options.dry_run:
+        status, would = "dry_run", decision.outcome
+        reasons = [f"dry run: {_WOULD[decision.outcome]}; nothing was published or committed", *decision.reasons]
+    elif committed is not None and committed.branch.startswith("release/"):
+        status = "in_review"
+        reasons = [f"review: committed to branch {committed.branch}; merging it releases to the fleet"]
+    elif committed is not None:
+        status, reasons = "released", []
+    elif decision.outcome == "reject":
+        status, reasons = "rejected", decision.reasons
+    elif approval is not None and not approval.approved:
+        status = "rejected"
+        reasons = [f"approval: rejected by {approval.by} at {approval.at}"
+                   + (f": {approval.comment}" if approval.comment else "")]
+    else:
+        status = "awaiting_approval"
+        reasons = [f"approval: waiting for a person ({'; '.join(decision.reasons) or 'manual approval'})"]
+    if status == "dry_run":
+        mlflow_client = registry.client(ctx.settings.tracking_uri)
+        current = mlflow_client.get_model_version(ctx.spec.name, registered.version).tags.get("release_status")
+        tags = {"dry_run.outcome": would, "dry_run.reasons": " | ".join(reasons)}
+        if current not in ("released", "in_review", "rolled_back"):
+            tags["release_status"] = "dry_run"
+        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version, tags)
+        log.warning("%s v%s DRY RUN: %s", ctx.spec.name, registered.version, "; ".join(reasons))
+    elif status not in ("released", "in_review"):
+        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
+                              {"release_status": status, "release_reasons": " | ".join(reasons)})
+        log.warning("%s v%s %s: %s", ctx.spec.name, registered.version, status.upper(), "; ".join(reasons))
+    summary = ReleaseSummary(
+        model=ctx.spec.name, model_version=registered.version, status=status, reasons=reasons,
+        release_key=data.release_key, run_id=registered.run_id, trigger=trigger,
+        artifact_uri=published.uri if published else None, artifact_sha256=plan.chosen_candidate.sha256,
+        gitops_commit=committed.commit if committed else None,
+        gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
+        verdicts=verdicts, approval=approval,
+        model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
+        cost=cost.estimate if cost else None, cost_diff=cost.diff if cost else None,
+        stages={k: round(v, 3) for k, v in stages.items()}, options=options, would=would,
+    )
+    if status in ("released", "in_review") and options.force_retrain and data.salt:
+        # Plain runs of these inputs now resume this release (see validate_data).
+        ctx.save_record(release_key(data.sha256, ctx.spec.model_digest()), FORCED_RELEASE,
+                        ReleaseOptions(force_retrain=True, salt=data.salt, reason=options.reason))
+    suffix = "-dry-run" if status == "dry_run" else ""
+    ctx.save_record(evaluation_folder(data, registered), f"summary{suffix}.json", summary)
+    ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest{suffix}.json")
+    return summary
+
+
+_WOULD = {"release": "would release (every gate passed)", "await_approval": "would wait for a person's approval",
+          "reject": "would be rejected"}
+
+
+def latest_summary(model: str, settings: Settings | None = None, dry_run: bool = False) -> ReleaseSummary | None:
+    """The model's latest release summary (or its latest dry run's); None before the first."""
+    settings = settings or get_settings()
+    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    key = f"releases/{model}/latest{'-dry-run' if dry_run else ''}.json"
+    return ReleaseSummary.model_validate_json(store.read_bytes(key)) if store.exists(key) else None
+
+
+def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval | None = None,
+                settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
+    """Every stage in order, in this process (the CLI's path; the DAG runs the same calls).
+
+    A spec (or `options.approval`) asking for manual approval stops before publishing unless
+    `approval` is given (the CLI's `--approve-as`); the decision is recorded with the release.
+    A dry run stops after the decision.
+    """
+    import time
+
+    from pipelines.release import gates
+
+    options = options or ReleaseOptions()
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, settings=settings, **kwargs)
+        timings[name] = time.perf_counter() - start
+        log.info("%s: %.2f s", name, timings[name])
+        return result
+
+    data = timed("validate_data", validate_data, spec_path, salt=options.salt)
+    trained = timed("train", train, spec_path, data)
+    exported = timed("export", export, spec_path, data, trained)
+    plan = timed("quantize", quantize, spec_path, data, exported)
+    registered = timed("register", register, spec_path, data, trained, exported, plan, trigger, options=options)
+    cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
+    verdicts = [
+        timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
+        timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered, cost),
+        timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered, cost),
+        timed("drift_gate", gates.drift_gate, spec_path, data, registered),
+        *cost.verdicts,
+    ]
+    explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
+    card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation,
+                 cost)
+    decision = timed("decide", decide, spec_path, data, verdicts, options)
+    go = next_step(decision, options, approval) == "publish"
+    published = committed = None
+    if go:
+        published = timed("publish", publish, spec_path, registered, plan, card, cost)
+        committed = timed("commit", commit, spec_path, data, trained, registered, published, plan, verdicts,
+                          approval, cost)
+        if committed.branch == (settings or get_settings()).gitops_branch:
+            # Without Airflow no publisher DAG runs after the commit: devices get it now.
+            from pipelines.edge.publish import publish_after_commit
+
+            publish_after_commit(settings or get_settings())
+    return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
+                     approval if decision.outcome == "await_approval" and not options.dry_run else None, timings,
+                     trigger, cost, settings, options)
+
+

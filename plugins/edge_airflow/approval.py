@@ -1,0 +1,81 @@
+"""A person's approval of a release, in Airflow's Required Actions.
+
+The `decide` task is a branch (`decide_release`): it follows `pipelines.release.next_step`
+to publish, to ask a person (with a Markdown body of the verdicts, the variant and the
+evidence), or to stop. `ReleaseApproval` asks; `answer` reads what the person chose as a
+`pipelines.records.Approval`, which the commit and the summary record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import get_current_context
+
+from edge_airflow.run import options
+from edge_airflow.xcom import call, pulled, run_stage
+
+if TYPE_CHECKING:
+    from pipelines.records import Approval
+
+DECISION, BODY, ANSWER = "decision", "approval_body", "answer"  # XCom keys
+
+
+def decide_release(spec_path: str, data: dict, verdicts: list[dict], card: dict, plan: dict, registered: dict, *,
+                   ask: str, publish: str) -> str | None:
+    """Decide on the verdicts and return the task to follow: `publish`, `ask` (a person must
+    approve first), or None (rejected, or a dry run: nothing downstream runs but the summary).
+    The decision is kept as XCom `decision`, the body of the question as `approval_body`."""
+    from pipelines import release
+
+    run_options = options()
+    decision = run_stage("decide", spec_path, data=data, verdicts=verdicts, options=run_options)
+    ti = get_current_context()["ti"]
+    ti.xcom_push(key=DECISION, value=decision)
+    step = call(release.next_step, decision, run_options)
+    if step == "ask":
+        ti.xcom_push(key=BODY, value=call(release.approval_body, registered["name"], registered["version"], verdicts,
+                                          card, plan, why="; ".join(decision["reasons"])))
+        return ask
+    return publish if step == "publish" else None
+
+
+class ReleaseApproval(ApprovalOperator):
+    """Airflow's ApprovalOperator asking with the body the `decided_by` task prepared, and
+    keeping the answer (who, when, what) as XCom `answer`: on Reject the operator skips its
+    downstream and its return value is not kept."""
+
+    def __init__(self, *, decided_by: str, **kwargs: Any) -> None:
+        kwargs.setdefault("body", "{{ ti.xcom_pull(task_ids='%s', key='%s') }}" % (decided_by, BODY))
+        super().__init__(**kwargs)
+
+    def execute_complete(self, context, event):
+        context["ti"].xcom_push(key=ANSWER, value={
+            "chosen_options": event.get("chosen_options"), "params_input": event.get("params_input") or {},
+            "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))})
+        return super().execute_complete(context, event)
+
+
+def approval_of(kept: dict | None) -> Approval | None:
+    """A kept answer as the `Approval` the release records (None: nobody answered)."""
+    from pipelines.records import Approval
+
+    if not kept:
+        return None
+    user = kept.get("responded_by_user") or {}
+    return Approval(approved=kept["chosen_options"] == [ApprovalOperator.APPROVE],
+                    by=user.get("name") or user.get("id") or "unknown",
+                    at=str(kept.get("responded_at")),
+                    comment=(kept.get("params_input") or {}).get("comment", ""))
+
+
+def decided(task_id: str) -> dict:
+    """The decision the `decide_release` task `task_id` kept, as XCom."""
+    return pulled(task_id, DECISION)
+
+
+def answer(task_id: str) -> Approval | None:
+    """The person's decision on this run, asked by the `ReleaseApproval` task `task_id`; None
+    when nobody was asked."""
+    return approval_of(pulled(task_id, ANSWER))

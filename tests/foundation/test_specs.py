@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.specs import SpecError, discover_specs, json_schema, load_spec, parse_quantity, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted((ROOT / "model_specs").glob("*.yaml"))
+ADULT = ROOT / "model_specs" / "adult-income.yaml"
+
+
+def test_the_demo_specs_exist_and_validate():
+    assert {p.stem for p in SPECS} >= {"adult-income", "digit-recognizer"}
+    for path in SPECS:
+        spec = load_spec(path)
+        assert spec.name == path.stem
+        assert len(spec.digest()) == 64
+
+
+def _adult() -> dict:
+    return yaml.safe_load(ADULT.read_text())
+
+
+def _set(doc: dict, dotted: str, value):
+    *parents, last = dotted.split(".")
+    node = doc
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+
+
+_DELETE = object()
+
+BAD = [
+    ("training.estimatr", "x", "training.estimatr: unknown key"),
+    ("training.estimator", "xgboost", "training: training.estimator must be one of"),
+    ("training.seed", -1, "training.seed: Input should be greater than or equal to 0"),
+    ("finops.monthlyBudgetUsd", -5, "finops.monthlyBudgetUsd: Input should be greater than or equal to 0"),
+    ("finops", _DELETE, "finops: Field required"),
+    ("gates.driftShare", 1.5, "gates.driftShare: Input should be less than or equal to 1"),
+    ("responsibleAI.fairness.biasScore", -0.1, "responsibleAI.fairness.biasScore"),
+    ("schedule", "61 * * * *", "schedule: '61 * * * *' is neither a cron expression nor a preset"),
+    ("targets.0.selector.matchLabels", {"bad key!": "x"}, "targets[0].selector.matchLabels: 'bad key!'"),
+    ("targets.0.name", "Android Tablets", "targets[0].name"),
+    ("resources.limits.memory", "lots", "resources.limits.memory: not a Kubernetes quantity"),
+    ("resources.requests.memory", "1Gi", "resources: requests.memory 1Gi exceeds limits.memory 64Mi"),
+    ("data.source", "data.xlsx", "data.source: a data file must end in .csv or .parquet"),
+    ("data.source", "builtin:imagenet", "data.source: unknown built-in dataset 'imagenet'"),
+    ("data.features", [], "data.features: List should have at least 1 item"),
+    ("export.accuracyBudget", 2, "export.accuracyBudget: Input should be less than or equal to 1"),
+    ("deploymentStrategy.maxUnavailable", "150%", "deploymentStrategy.maxUnavailable"),
+    ("approval.mode", "sometimes", "approval.mode: Input should be 'auto' or 'manual'"),
+]
+
+
+@pytest.mark.parametrize("field,value,expected", BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
+def test_bad_spec_names_the_file_and_field(field, value, expected):
+    doc = _adult()
+    _set(doc, field, value)
+    with pytest.raises(SpecError) as error:
+        parse_spec(doc, "model_specs/adult-income.yaml")
+    message = str(error.value)
+    assert message.startswith("model_specs/adult-income.yaml: ")
+    assert expected in message
+
+
+def test_invalid_yaml_and_wrong_name(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match=r"broken.yaml: not valid YAML \(line 2\)"):
+        load_spec(broken)
+    renamed = tmp_path / "other.yaml"
+    renamed.write_text(ADULT.read_text())
+    with pytest.raises(SpecError, match="other.yaml: name: 'adult-income' must equal the file name 'other'"):
+        load_spec(renamed)
+    with pytest.raises(SpecError, match="missing.yaml: cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_quantities():
+    assert parse_quantity("64Mi") == 64 * 2**20
+    assert parse_quantity("500m") == 0.5
+    with pytest.raises(ValueError):
+        parse_quantity("64MB")
+
+
+def test_committed_json_schema_is_current():
+    committed = json.loads((ROOT / "model_specs" / "model-spec.schema.json").read_text())
+    assert committed == json_schema()
+    assert "responsibleAI" in committed["properties"]
+
+
+def test_cli_validate_spec_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "pipelines", "validate-spec", str(ADULT)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok (adult-income)" in ok.stdout
+    doc = _adult()
+    doc["finops"]["monthlyBudgetUsd"] = -1
+    bad = tmp_path / "adult-income.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    failed = subprocess.run([sys.executable, "-m", "pipelines", "validate-spec", str(bad)],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert f"{bad}: finops.monthlyBudgetUsd" in failed.stderr
+
+
+def test_discover_specs_ignores_the_schema():
+    assert set(discover_specs(ROOT / "model_specs")) == {p.stem for p in SPECS}
