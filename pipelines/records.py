@@ -228,3 +228,10 @@ class ReleaseSummary(Record):
     options: ReleaseOptions = Field(default_factory=ReleaseOptions, description="The run's parameters.")
     would: Literal["release", "await_approval", "reject"] | None = Field(
         None, description="A dry run's decision: what a real run would have done.")
+
+    def headline(self) -> str:
+        """The outcome in one line: `RELEASED <model> v<n>: commit <sha>`, or the status
+        (`REJECTED`, `AWAITING_APPROVAL`, `DRY_RUN`, `IN_REVIEW`) with the reasons."""
+        if self.status == "released":
+            return f"RELEASED {self.model} v{self.model_version}: commit {self.gitops_commit}"
+        return f"{self.status.upper()} {self.model} v{self.model_version}: " + "; ".join(self.reasons)

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pydantic import Field
 
 from pipelines.finops.catalog import Catalog, DeviceClass, Fleet, FleetGroup
+from pipelines.gates import Breach, number
 from pipelines.records import GateVerdict, Record
 from pipelines.specs import ModelSpec, parse_quantity
 
@@ -217,11 +218,9 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
-def memory_breaches(thresholds: dict, observed: dict) -> list:
+def memory_breaches(thresholds: dict, observed: dict) -> list[Breach]:
     """The edge memory rule, as `Breach`es: per device group, the model's memory above
     resources.limits.memory or above the memory of a device class the group runs on."""
-    from pipelines.gates import Breach, number
-
     limit = thresholds.get("limits.memory")
     allowed = parse_quantity(str(limit)) if limit else None
     found = []
@@ -258,11 +257,9 @@ def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -
                        reason=reason)
 
 
-def latency_breaches(thresholds: dict, observed: dict) -> list:
+def latency_breaches(thresholds: dict, observed: dict) -> list[Breach]:
     """The edge latency rule, as `Breach`es: each device group's projected p95 above its
     targets[].latencySloMs."""
-    from pipelines.gates import Breach, number
-
     found = []
     for key, value in observed.items():
         group = key.removesuffix(".latency_p95_ms")
@@ -291,10 +288,8 @@ def latency_verdict(spec: ModelSpec, estimate_: CostEstimate) -> GateVerdict:
                        reason=reason)
 
 
-def budget_breaches(thresholds: dict, observed: dict) -> list:
+def budget_breaches(thresholds: dict, observed: dict) -> list[Breach]:
     """The budget rule, as `Breach`es: the projected monthly total above finops.monthlyBudgetUsd."""
-    from pipelines.gates import Breach, number
-
     total, budget = number(observed.get("total_usd_per_month")), number(thresholds.get("monthly_budget_usd"))
     if total is None or budget is None or total <= budget:
         return []

@@ -20,6 +20,7 @@ from pipelines.release.gates import (
 )
 from pipelines.release.stages import (
     STAGES,
+    all_verdicts,
     commit,
     decide,
     export,
@@ -36,7 +37,7 @@ from pipelines.release.stages import (
 )
 
 __all__ = [
-    "STAGES", "Context", "CostReport", "DataValidationError", "ReleaseError", "approval_body", "commit", "context",
+    "STAGES", "Context", "all_verdicts", "CostReport", "DataValidationError", "ReleaseError", "approval_body", "commit", "context",
     "decide", "drift_gate", "edge_cost", "explain", "export", "fairness_gate", "latest_summary", "model_card", "next_step",
     "parity_gate", "publish", "quality_gate", "quantize", "register", "release_options", "run_release", "summarize",
     "train", "validate_data",

@@ -317,6 +317,11 @@ def decide(spec_path: str | Path, data: DataCheck, verdicts: list[GateVerdict], 
     return Decision(outcome="release")
 
 
+def all_verdicts(gates: list[GateVerdict], cost: CostReport) -> list[GateVerdict]:
+    """Every verdict a release is decided on: the responsible-AI gates' and the edge cost gates'."""
+    return [*gates, *cost.verdicts]
+
+
 def next_step(decision: Decision, options: ReleaseOptions | None = None,
               approval: Approval | None = None) -> str:
     """What follows the decision: `publish`, `ask` (a person must approve first) or `stop`
@@ -599,6 +604,8 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
                         ReleaseOptions(force_retrain=True, salt=data.salt, reason=options.reason))
     suffix = "-dry-run" if status == "dry_run" else ""
     ctx.save_record(evaluation_folder(data, registered), f"summary{suffix}.json", summary)
+    # The version's latest summary, beside the release that built it (what Edge Releases reads).
+    ctx.save_record(registered.release_key or data.release_key, f"summary{suffix}.json", summary)
     ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest{suffix}.json")
     return summary
 
@@ -648,8 +655,8 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
         timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered, cost),
         timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered, cost),
         timed("drift_gate", gates.drift_gate, spec_path, data, registered),
-        *cost.verdicts,
     ]
+    verdicts = all_verdicts(verdicts, cost)
     explanation = timed("explain", gates.explain, spec_path, data, plan, registered)
     card = timed("model_card", gates.model_card, spec_path, data, trained, plan, registered, verdicts, explanation,
                  cost)

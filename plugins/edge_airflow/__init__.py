@@ -5,6 +5,7 @@
 - `run`: the run's options, what started it, its summary line;
 - `operations`: the tasks after a release (rollout, rollback, drift, FinOps, desired state);
 - `schedules`, `assets`, `params`: when DAGs run, the Assets that link them, trigger forms;
+- `specs`: the folder of model specs the DAG files are built from;
 - `connections`: settings and signing keys from Airflow connections.
 
 The release library in `pipelines` stays importable, and testable, without Airflow.

@@ -40,12 +40,10 @@ def triggered_by() -> str:
 
 
 def headline(summary: dict) -> str:
-    """The release's outcome in one line: `RELEASED <model> v<n>: commit <sha>`, or the status
-    (`REJECTED`, `AWAITING_APPROVAL`, `DRY_RUN`, `IN_REVIEW`) with the reasons."""
-    if summary["status"] == "released":
-        return f"RELEASED {summary['model']} v{summary['model_version']}: commit {summary['gitops_commit']}"
-    return f"{summary['status'].upper()} {summary['model']} v{summary['model_version']}: " + "; ".join(
-        summary["reasons"])
+    """The release's outcome in one line (`ReleaseSummary.headline`)."""
+    from pipelines.records import ReleaseSummary
+
+    return ReleaseSummary.model_validate(summary).headline()
 
 
 def log_summary(summary: dict) -> dict:

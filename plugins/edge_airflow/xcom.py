@@ -116,5 +116,9 @@ def stage_seconds() -> dict[str, float]:
 
 
 def every_verdict(gates: list[dict], cost: dict) -> list[dict]:
-    """Every gate's verdict: the responsible-AI gates' and the edge cost gates'."""
-    return [*gates, *cost["verdicts"]]
+    """Every verdict the release is decided on (`pipelines.release.all_verdicts`), as XCom."""
+    from pipelines.records import CostReport, GateVerdict
+    from pipelines.release import all_verdicts
+
+    return [v.to_xcom() for v in all_verdicts([GateVerdict.model_validate(g) for g in gates],
+                                              CostReport.model_validate(cost))]

@@ -762,6 +762,8 @@ def _row(model: str, spec_path: Path | None, gitops: _GitOps, store: ObjectStore
             latest = data
     except (StoreError, ValueError) as error:
         problems.append(f"latest release summary not readable: {error}")
+    from pipelines.finops.cost import budget_breaches
+
     brief = ((base or {}).get("spec") or {}).get("cost") or {}
     deployed_version = str(base["spec"]["modelRef"]["version"]) if base else None
     latest_cost = _number(((latest or {}).get("cost") or {}).get("total_usd_per_month"))
@@ -772,8 +774,8 @@ def _row(model: str, spec_path: Path | None, gitops: _GitOps, store: ObjectStore
                       latest_usd_per_month=latest_cost,
                       latest_version=last.version if latest_cost is not None else None,
                       budget_usd_per_month=budget,
-                      over_budget=budget is not None and any(c is not None and c > budget
-                                                             for c in (deployed_cost, latest_cost)))
+                      over_budget=any(budget_breaches({"monthly_budget_usd": budget}, {"total_usd_per_month": c})
+                                      for c in (deployed_cost, latest_cost)))
     try:
         drift = _latest_drift(model, store)
     except (StoreError, ValueError, OSError) as error:

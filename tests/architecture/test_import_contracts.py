@@ -32,3 +32,16 @@ def test_a_device_side_import_of_mlflow_breaks_a_contract(tmp_path):
     done = _lint(tmp_path)
     assert done.returncode != 0
     assert "pipelines.edge.agent -> pipelines.registry" in done.stdout
+
+
+def test_every_module_of_the_release_library_has_a_layer():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter")
+    layered = {name.strip() for line in config["importlinter:contract:layers"]["layers"].split("\n")
+               for name in line.replace("|", ":").split(":") if name.strip()}
+    package = ROOT / "pipelines"
+    modules = {f"pipelines.{p.stem}" for p in package.glob("*.py") if p.name != "__init__.py"}
+    modules |= {f"pipelines.{p.name}" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert modules == layered

@@ -26,6 +26,7 @@ from conftest import ROOT, stop_group, tabular_frame, write_spec
 
 from pipelines import registry, release, storage
 from pipelines.gitops import repo
+from pipelines.release import stages
 from pipelines.settings import Settings
 
 AUTHOR = ("edge-release-bot", "edge-release-bot@apexlogic.dev")
@@ -144,7 +145,7 @@ def test_store_unreachable_during_publish_is_retried_then_fails_in_one_line_and_
     monkeypatch.setattr(storage, "STORE_ATTEMPTS", 3)
     monkeypatch.setattr(storage, "STORE_BACKOFF_S", 0.2)
     spec = _spec(tmp_path, "s3-fault-model")
-    real_publish = release.publish
+    real_publish = stages.publish
     outage = {"restart_after_s": None}
 
     def publish_while_the_store_is_down(*args, **kwargs):
@@ -153,7 +154,7 @@ def test_store_unreachable_during_publish_is_retried_then_fails_in_one_line_and_
             threading.Timer(outage["restart_after_s"], s3.start).start()
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(release, "publish", publish_while_the_store_is_down)
+    monkeypatch.setattr(stages, "publish", publish_while_the_store_is_down)
     started = time.monotonic()
     with pytest.raises(storage.StoreError) as failure:
         release.run_release(spec, trigger="test")
@@ -253,14 +254,14 @@ def test_a_remote_that_always_refuses_fails_in_one_line_after_bounded_retries(pu
 # -- a task killed between publish and commit ------------------------------------------------------
 _STALL_AT_COMMIT = """
 import sys, time
-from pipelines import release
+from pipelines.release import stages
 
 def stall(*args, **kwargs):  # the worker dies here: after publish, before the commit
     print("published", flush=True)
     time.sleep(600)
 
-release.commit = stall
-release.run_release(sys.argv[1], trigger="test")
+stages.commit = stall
+stages.run_release(sys.argv[1], trigger="test")
 """
 
 
@@ -389,7 +390,7 @@ def test_mlflow_unreachable_during_register_is_retried_and_leaves_no_orphan_comm
     monkeypatch.setattr(registry, "REGISTER_ATTEMPTS", 2)
     monkeypatch.setattr(registry, "REGISTER_BACKOFF_S", 0.1)
     spec = _spec(tmp_path, "mlflow-fault-model")
-    real_register = release.register
+    real_register = stages.register
     outage = {"back_after_s": None}
 
     def register_while_mlflow_is_down(*args, **kwargs):
@@ -398,7 +399,7 @@ def test_mlflow_unreachable_during_register_is_retried_and_leaves_no_orphan_comm
             threading.Timer(outage["back_after_s"], gate.open).start()
         return real_register(*args, **kwargs)
 
-    monkeypatch.setattr(release, "register", register_while_mlflow_is_down)
+    monkeypatch.setattr(stages, "register", register_while_mlflow_is_down)
     with pytest.raises(registry.RegistryError) as failure:
         release.run_release(spec, trigger="test")
     message = str(failure.value)

@@ -1,7 +1,7 @@
 """Settings from Airflow connections (plugins/edge_airflow/connections.py), with Airflow's own
 Connection objects; the S3 and signing connections drive a real DAG run in
 tests/integration/test_airflow_release.py, the Git one a real HTTP Git server in
-tests/test_secrets.py."""
+tests/release/test_secrets.py."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from edge_airflow import xcom
 from edge_airflow.approval import approval_of
-from edge_airflow.run import headline
 
 from pipelines import release
 from pipelines.records import (
@@ -109,8 +108,11 @@ def test_a_persons_answer_becomes_the_recorded_approval():
 
 
 def test_the_summary_line():
-    assert headline({"status": "released", "model": "m", "model_version": "2", "gitops_commit": "abc",
-                     "reasons": []}) == "RELEASED m v2: commit abc"
-    rejected = {"status": "rejected", "model": "m", "model_version": "2", "gitops_commit": None,
-                "reasons": ["fairness: too wide", "budget: over"]}
-    assert headline(rejected) == "REJECTED m v2: fairness: too wide; budget: over"
+    from pipelines.records import ReleaseSummary
+
+    released = ReleaseSummary.model_construct(status="released", model="m", model_version="2", gitops_commit="abc",
+                                              reasons=[])
+    assert released.headline() == "RELEASED m v2: commit abc"
+    rejected = ReleaseSummary.model_construct(status="rejected", model="m", model_version="2", gitops_commit=None,
+                                              reasons=["fairness: too wide", "budget: over"])
+    assert rejected.headline() == "REJECTED m v2: fairness: too wide; budget: over"

@@ -41,7 +41,8 @@ def test_canary_releases_then_a_rollback_as_the_view_shows_them(tmp_path, state)
     spec = write_spec(tmp_path, "view-model", "data.csv", targets=[PHONES, KIOSKS], deploymentStrategy=CANARY)
     first = release.run_release(spec)
     doc = yaml.safe_load(spec.read_text())
-    doc["training"]["params"] = {"C": 5.0}
+    doc["description"] = "the same model, released again under a new spec"
+    doc["training"]["params"] = {"C": 5.0}  # and trained otherwise: a new version
     spec.write_text(yaml.safe_dump(doc))
     second = release.run_release(spec)
     assert (first.status, second.status) == ("released", "released")
