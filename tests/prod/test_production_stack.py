@@ -1,4 +1,4 @@
-"""`make test-prod`: the production profile, natively on this machine (pipelines/prod_stack.py).
+"""`make test-prod`: the production profile, natively on this machine (stack/prod_stack.py).
 
 Airflow's metadata on PostgreSQL and its tasks on Celery workers fed through Redis, MLflow as a
 server on PostgreSQL with its artifacts in S3, the artifact and telemetry stores in that S3
