@@ -50,6 +50,7 @@ print(json.dumps({"seconds": seconds, "dags": len(bag.dags), "errors": {str(k): 
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "AIRFLOW_HOME": str(home), "EDGE_STATE_DIR": str(home / "state"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False", "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR",
             "PYTHONWARNINGS": "ignore"}
 

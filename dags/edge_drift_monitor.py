@@ -27,23 +27,12 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, task
 from edge_airflow import connections, operations
 from edge_airflow.assets import drift_asset
-from edge_airflow.specs import specs_folder
 
-from pipelines.specs import SpecError, discover_specs, load_spec
+from pipelines.specs import SpecError, load_specs, specs_folder
 
-
-def _valid_specs() -> tuple[dict[str, str], dict[str, str]]:
-    """(model -> spec path) of the specs that validate, and (model -> first error line) of the others."""
-    valid, invalid = {}, {}
-    for model, path in discover_specs(specs_folder()).items():
-        try:
-            valid[load_spec(path).name] = str(path)
-        except SpecError as error:
-            invalid[model] = str(error).splitlines()[0]
-    return valid, invalid
-
-
-SPECS, INVALID = _valid_specs()
+_LOADED = load_specs(specs_folder())
+SPECS = {spec.name: str(path) for path, spec in _LOADED.items() if not isinstance(spec, SpecError)}
+INVALID = {path.stem: str(spec).splitlines()[0] for path, spec in _LOADED.items() if isinstance(spec, SpecError)}
 _DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`: {e}" for m, e in INVALID.items())
                   if INVALID else "")
 

@@ -15,9 +15,8 @@ from datetime import datetime
 from airflow.sdk import dag, task
 from edge_airflow import connections, operations
 from edge_airflow.assets import finops_breach_asset
-from edge_airflow.specs import specs_folder
 
-from pipelines.specs import discover_specs
+from pipelines.specs import discover_specs, specs_folder
 
 
 @dag(dag_id="edge_finops_report", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,

@@ -31,16 +31,14 @@ from edge_airflow.assets import DESIRED_STATE, desired_state_changed
 from edge_airflow.params import release_params
 from edge_airflow.run import log_summary, options, trigger
 from edge_airflow.schedules import release_schedule
-from edge_airflow.specs import specs_folder
 from edge_airflow.xcom import every_verdict, pulled, run_stage, stage_seconds
 
-from pipelines.specs import SpecError, discover_specs, load_spec
+from pipelines.specs import ModelSpec, SpecError, load_specs, specs_folder
 
 IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=5), "retry_exponential_backoff": True}
 
 
-def build_release_dag(spec_path: Path):
-    spec = load_spec(spec_path)
+def build_release_dag(spec_path: Path, spec: ModelSpec):
     path = str(spec_path)
 
     @dag(
@@ -181,8 +179,8 @@ def build_invalid_spec_dag(spec_path: Path, error: SpecError):
     return invalid()
 
 
-for _path in discover_specs(specs_folder()).values():
-    try:
-        build_release_dag(_path)
-    except SpecError as _error:
-        build_invalid_spec_dag(_path, _error)
+for _path, _spec in load_specs(specs_folder()).items():
+    if isinstance(_spec, SpecError):
+        build_invalid_spec_dag(_path, _spec)
+    else:
+        build_release_dag(_path, _spec)

@@ -16,9 +16,8 @@ from airflow.sdk import dag, task
 from edge_airflow import connections, operations
 from edge_airflow.assets import DESIRED_STATE
 from edge_airflow.params import rollback_params
-from edge_airflow.specs import specs_folder
 
-from pipelines.specs import discover_specs
+from pipelines.specs import discover_specs, specs_folder
 
 
 @dag(dag_id="edge_rollback", schedule=None, start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,

@@ -24,12 +24,11 @@ from edge_airflow import connections, operations
 from edge_airflow.assets import DESIRED_STATE
 from edge_airflow.params import rollout_params
 from edge_airflow.schedules import rollout_schedule
-from edge_airflow.specs import specs_folder
 
-from pipelines.specs import SpecError, discover_specs, load_spec
+from pipelines.specs import ModelSpec, load_specs, specs_folder
 
 
-def build_rollout_dag(spec_path: Path, spec):
+def build_rollout_dag(spec_path: Path, spec: ModelSpec):
     @dag(dag_id=f"edge_rollout__{spec.name}", schedule=rollout_schedule(spec),
          start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
          tags=["edge-release", "rollout", spec.name], doc_md=__doc__,
@@ -44,10 +43,7 @@ def build_rollout_dag(spec_path: Path, spec):
     return rollout()
 
 
-for _path in discover_specs(specs_folder()).values():
-    try:
-        _spec = load_spec(_path)
-    except SpecError:
-        continue  # edge_release__<model> shows the error
-    if _spec.deployment_strategy.type == "Canary":
+for _path, _spec in load_specs(specs_folder()).items():
+    # An invalid spec has no rollout DAG: edge_release__<model> shows its error.
+    if isinstance(_spec, ModelSpec) and _spec.deployment_strategy.type == "Canary":
         build_rollout_dag(_path, _spec)

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.specs import specs_folder
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,7 +23,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_", frozen=True, extra="ignore")
 
     state_dir: Path = Field(Path(".edge-state"), description="Root of all embedded state.")
-    specs_dir: Path = Field(PROJECT_ROOT / "model_specs", description="Where model specs live.")
+    specs_dir: Path = Field(default_factory=specs_folder, description="Where model specs live.")
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite under the state folder.")
     mlflow_artifact_root: str | None = Field(
         None, description="Default: the tracking server's proxied store, or a folder under the state folder.")
