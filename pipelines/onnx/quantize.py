@@ -336,13 +336,15 @@ def choose_variant(
     accuracy_budget: float,
     max_artifact_bytes: int | None,
     latency_tolerance: float = 0.10,
+    size_tolerance: float = 0.05,
 ) -> tuple[str, str]:
     """Pick the variant to ship and say why, with the figures, in one sentence.
 
     Eligible: usable and losing at most `accuracy_budget` accuracy (a fraction) vs fp32. If
     fp32 exceeds `max_artifact_bytes`, size binds: the fastest eligible variant within the cap,
     else the smallest eligible. Otherwise the smallest eligible variant that is smaller than
-    fp32 and at most `latency_tolerance` slower (ties: faster); failing that, fp32.
+    fp32 and at most `latency_tolerance` slower; variants within `size_tolerance` of the
+    smallest tie on size, and the faster one wins. Failing that, fp32.
     """
     fp32 = next((c for c in candidates if c.variant == "fp32"), None)
     if fp32 is None:
@@ -380,8 +382,13 @@ def choose_variant(
         if c.variant != "fp32" and c.size_bytes < fp32.size_bytes and c.latency_p50_ms <= limit
     ]
     if better:
-        best = min(better, key=lambda c: (c.size_bytes, c.latency_p50_ms, order[c.variant]))
+        smallest = min(c.size_bytes for c in better)
+        tied = [c for c in better if c.size_bytes <= smallest * (1 + size_tolerance)]
+        best = min(tied, key=lambda c: (c.latency_p50_ms, c.size_bytes, order[c.variant]))
+        tie = [c.variant for c in tied if c is not best]
         return best.variant, (
+            (f"{' and '.join(tie)} {'is' if len(tie) == 1 else 'are'} as small within "
+             f"{size_tolerance:.0%} and slower; " if tie else "") +
             f"chose {best.variant}: {fp32.size_bytes / max(best.size_bytes, 1):.1f}x smaller "
             f"than fp32 ({_size(best.size_bytes)} vs {_size(fp32.size_bytes)}), p50 "
             f"{_ms(best.latency_p50_ms)} vs {_ms(fp32.latency_p50_ms)}, accuracy change "

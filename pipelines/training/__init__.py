@@ -45,20 +45,35 @@ def _sklearn_estimator(training: TrainingSpec):
         raise ValueError(f"training.params: {error}") from None
 
 
+# Tree ensembles: scale-invariant, and they split on float32 values, as ONNX's TreeEnsemble does.
+TREE_ESTIMATORS = frozenset({"random_forest", "gradient_boosting"})
+
+
 def build_sklearn(training: TrainingSpec, features: pd.DataFrame):
-    """Scale numbers, one-hot encode categories, then the spec's estimator."""
+    """Scale numbers, one-hot encode categories, then the spec's estimator.
+
+    Trees get the numbers unscaled and cast to float32 (skl2onnx's `CastTransformer`): they are
+    trained on exactly the values the exported model receives, so a split threshold never falls
+    between a float64 value and its float32 rounding (with a float64 scaler in front, a random
+    forest's ONNX export differed by up to 0.03 in probability; unscaled and cast, by 7e-7)."""
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+    tree = training.estimator in TREE_ESTIMATORS
     categorical = [c for c in features.columns if is_categorical(features[c])]
     numeric = [c for c in features.columns if c not in categorical]
     transformers = []
     if numeric:
-        transformers.append(("num", StandardScaler(), numeric))
+        transformers.append(("num", "passthrough" if tree else StandardScaler(), numeric))
     if categorical:
         transformers.append(("cat", OneHotEncoder(handle_unknown="ignore"), categorical))
-    return Pipeline([("prepare", ColumnTransformer(transformers)), ("classifier", _sklearn_estimator(training))])
+    steps = [("prepare", ColumnTransformer(transformers))]
+    if tree:
+        from skl2onnx.sklapi import CastTransformer
+
+        steps.append(("float32", CastTransformer(dtype=np.float32)))
+    return Pipeline([*steps, ("classifier", _sklearn_estimator(training))])
 
 
 def _torch_module(training: TrainingSpec, n_features: int, n_classes: int):

@@ -247,6 +247,17 @@ def test_smaller_and_faster_wins() -> None:
     assert "4.0x smaller" in reason and "0.25 ms" in reason
 
 
+def test_a_size_tie_goes_to_the_faster_variant() -> None:
+    # The large MLP of the quantization benchmark: dynamic and static int8 the same size within
+    # a few percent, static much faster.
+    dynamic, static = cand("dynamic", 100_000, 0.58), cand("static", 103_000, 0.38)
+    chosen, reason = choose_variant([FP32, dynamic, static], 0.01, None)
+    assert chosen == "static"
+    assert reason.startswith("dynamic is as small within 5% and slower; chose static")
+    # Beyond the tolerance, size wins again.
+    assert choose_variant([FP32, dynamic, cand("static", 110_000, 0.38)], 0.01, None)[0] == "dynamic"
+
+
 def test_much_slower_variant_is_rejected_with_its_factor() -> None:
     chosen, reason = choose_variant([FP32, cand("dynamic", 100_000, 4.2)], 0.01, None)
     assert chosen == "fp32"

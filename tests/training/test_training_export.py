@@ -65,3 +65,47 @@ def test_parity_check_fails_loudly():
     result = onnx_export.Parity(max_abs_diff=0.2, label_agreement=0.9)
     with pytest.raises(onnx_export.ParityError, match="max abs diff 0.2 > export.parity.maxAbsDiff 0.0001"):
         onnx_export.check_parity(result, 1e-4, 0.999)
+
+
+def _credit_frame(rows: int = 1000, seed: int = 3):
+    """Wide-ranged numbers (incomes, debts): where float32 rounding meets tree thresholds."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"income": rng.lognormal(10, 1, rows), "age": rng.integers(18, 80, rows).astype(float),
+                          "debt": rng.normal(5000, 3000, rows), "colour": rng.choice(["a", "b", "c"], rows)})
+    frame["label"] = ((frame.income / 1e4 - frame.debt / 5e3 + rng.normal(0, 1, rows)) > 0).astype(int)
+    return frame
+
+
+@pytest.mark.parametrize("estimator", sorted(training.TREE_ESTIMATORS))
+def test_trees_are_faithful_at_the_default_tolerance(tmp_path, estimator):
+    from pipelines.specs import ParityTolerance
+
+    frame = _credit_frame()
+    features = prepare_features(frame, ["income", "age", "debt", "colour"])
+    spec = TrainingSpec(framework="sklearn", estimator=estimator, seed=1)
+    fitted = training.fit(spec, features, frame["label"].to_numpy(), 2)
+    path = onnx_export.export_onnx("sklearn", fitted.model, features, tmp_path / "m.onnx", 17, {"edge.model": "t"})
+    result = onnx_export.parity(training.predict_proba(fitted.model, features),
+                                onnx_export.predict_proba(path, features))
+    default = ParityTolerance()
+    assert result.max_abs_diff <= default.max_abs_diff and result.label_agreement >= default.min_label_agreement
+
+
+def test_a_scaled_random_forest_is_not_faithful(tmp_path):
+    """Why trees are not scaled: the float64 scaler's outputs and ONNX's float32 ones fall on
+    either side of some thresholds."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    frame = _credit_frame()
+    features = prepare_features(frame, ["income", "age", "debt", "colour"])
+    model = Pipeline([("prepare", ColumnTransformer([("num", StandardScaler(), ["income", "age", "debt"]),
+                                                     ("cat", OneHotEncoder(handle_unknown="ignore"), ["colour"])])),
+                      ("classifier", RandomForestClassifier(random_state=1))]).fit(features, frame["label"])
+    path = onnx_export.export_onnx("sklearn", model, features, tmp_path / "m.onnx", 17, {"edge.model": "t"})
+    result = onnx_export.parity(model.predict_proba(features), onnx_export.predict_proba(path, features))
+    assert result.max_abs_diff > 1e-3
