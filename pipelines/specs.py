@@ -80,6 +80,8 @@ class DataValidation(_Strict):
     max_null_share: UnitInterval = 0.0
     min_rows: int = Field(100, ge=1)
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    max_columns: int = Field(10_000, ge=1, le=1_000_000,
+                             description="Most columns a data file may have (checked on its header, before reading).")
 
     @field_validator("ranges")
     @classmethod
@@ -136,7 +138,7 @@ class TrainingSpec(_Strict):
     estimator: str | None = None
     architecture: str | None = None
     params: dict[str, int | float | str | bool | list[int] | None] = Field(default_factory=dict)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random choice (numpy's range).")
 
     @model_validator(mode="after")
     def _model_named_for_framework(self) -> TrainingSpec:
@@ -512,10 +514,35 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source}: " + "; ".join(problems)
 
 
+# The largest magnitude a number in a spec may have: beyond it no field means anything, and a
+# library (numpy's seeds, JSON consumers) would fail far from the spec.
+MAX_SPEC_NUMBER = 2**53
+
+
+def _numbers_in_range(data: object, source: str, path: str = "") -> None:
+    """Refuse a number no field can mean (beyond ±2**53, infinite, not a number), naming it."""
+    import math
+
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _numbers_in_range(value, source, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _numbers_in_range(value, source, f"{path}[{index}]")
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        if isinstance(data, float) and not math.isfinite(data):
+            raise SpecError(f"{source}: {path or '(top level)'}: {data} is not a finite number")
+        if abs(data) > MAX_SPEC_NUMBER:
+            shown = f"{data:.3g}" if isinstance(data, float) else f"an integer of {len(str(abs(data)))} digits"
+            raise SpecError(f"{source}: {path or '(top level)'}: {shown} is out of range "
+                            f"(at most {MAX_SPEC_NUMBER:,} in magnitude)")
+
+
 def parse_spec(data: object, source: str = "<spec>") -> ModelSpec:
     """Validate an already-loaded mapping; raise SpecError naming `source` and the field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: (top level): a spec must be a mapping of keys to values")
+    _numbers_in_range(data, source)
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as error:
@@ -535,6 +562,8 @@ def load_spec(path: str | Path) -> ModelSpec:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    except ValueError as error:  # an integer too long for Python to convert (over 4,300 digits)
+        raise SpecError(f"{path}: a number is out of range: {str(error).split(';')[0]}") from None
     spec = parse_spec(data, str(path))
     if path.stem != spec.name:
         raise SpecError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")

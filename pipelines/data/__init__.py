@@ -34,14 +34,34 @@ def read_source(data: DataSpec, base_dir: Path, s3_endpoint_url: str | None = No
             local = ObjectStore(f"s3://{bucket_url}", s3_endpoint_url).get_file(
                 key, Path(tmp) / Path(key).name
             )
-            return _read_file(local, source)
+            return _read_file(local, source, data.validation.max_columns)
     path = Path(source.removeprefix("file://"))
-    return _read_file(path if path.is_absolute() else base_dir / path, source)
+    return _read_file(path if path.is_absolute() else base_dir / path, source, data.validation.max_columns)
 
 
-def _read_file(path: Path, label: str) -> pd.DataFrame:
+def _check_header(path: Path, label: str, max_columns: int) -> None:
+    """A CSV's header, before the file is read: at most `max_columns` columns, no name twice
+    (a reader would silently rename the second `x` to `x.1`)."""
+    import csv
+    from collections import Counter
+
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        line = handle.readline()
+    names = next(csv.reader([line]), [])
+    if len(names) > max_columns:
+        raise DataError(f"{label}: {len(names):,} columns, more than data.validation.maxColumns "
+                        f"({max_columns:,})")
+    twice = sorted(name for name, count in Counter(n.strip() for n in names).items() if count > 1)
+    if twice:
+        raise DataError(f"{label}: column {twice[0]!r} appears more than once in the header"
+                        + (f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""))
+
+
+def _read_file(path: Path, label: str, max_columns: int) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{label}: data file not found")
+    if path.suffix != ".parquet":
+        _check_header(path, label, max_columns)
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -51,6 +71,8 @@ def _read_file(path: Path, label: str) -> pd.DataFrame:
         raise DataError(f"{label}: cannot be read as {path.suffix[1:]}: {error}") from None
     if frame.empty:
         raise DataError(f"{label}: no rows")
+    if frame.shape[1] > max_columns:
+        raise DataError(f"{label}: {frame.shape[1]:,} columns, more than data.validation.maxColumns ({max_columns:,})")
     if frame.shape[1] == 1:
         header = str(frame.columns[0])
         other = next((sep for sep in (";", "\t", "|") if sep in header), None)
@@ -102,6 +124,28 @@ def prepare_features(frame: pd.DataFrame, features: list[str]) -> pd.DataFrame:
         else:
             out[column] = series.astype("float32")
     return pd.DataFrame(out, index=frame.index)
+
+
+def check_target(frame: pd.DataFrame, data: DataSpec) -> None:
+    """The target can be learned from and evaluated: one kind of value (not numbers mixed with
+    text, which would train as extra classes), and no more classes than the test split holds."""
+    import math
+
+    if data.target not in frame.columns:
+        return  # validation reports the missing column
+    values = frame[data.target].dropna()
+    if values.dtype == object:
+        numeric = pd.to_numeric(values.astype(str), errors="coerce").notna()
+        if numeric.any() and not numeric.all():
+            examples = sorted({repr(v) for v in values[numeric].head(50)})[:2] + \
+                sorted({repr(v) for v in values[~numeric].head(50)})[:2]
+            raise DataError(f"{data.source}: column {data.target!r} (data.target) mixes numbers and text "
+                            f"({', '.join(examples)}): make it one kind")
+    classes = values.nunique()
+    test_rows = math.ceil(len(frame) * data.test_size)
+    if classes > test_rows or classes > len(frame) - test_rows:
+        raise DataError(f"{data.source}: column {data.target!r} (data.target) has {classes:,} classes, more than "
+                        f"the {test_rows:,} rows of the test split (data.testSize {data.test_size}) can hold")
 
 
 def split(frame: pd.DataFrame, target: str, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -66,13 +66,14 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None, salt:
     plain re-run after a forced retrain reuses that release instead of going back to the
     one before it.
     """
-    from pipelines.data import DataError, fingerprint, read_source, resolve_features
+    from pipelines.data import DataError, check_target, fingerprint, read_source, resolve_features
     from pipelines.data.validation import validate_frame
 
     ctx = context(spec_path, settings)
     data_spec = ctx.spec.data
     try:
         frame = read_source(data_spec, spec_dir(ctx.spec_path), ctx.settings.s3_endpoint_url)
+        check_target(frame, data_spec)
         features = resolve_features(data_spec.features, list(frame.columns))
     except DataError as error:
         raise DataValidationError(f"{ctx.spec_path}: {error}") from None

@@ -119,6 +119,9 @@ SPECS = [
     ("cron-words", {"schedule": "every day at noon"}, "schedule"),
     ("cron-three-fields", {"schedule": "0 12 *"}, "schedule"),
     ("two-problems-stay-one-line", {"export.opset": 3, "telemetry.sampleRate": -1}, "export.opset"),
+    ("range-seed-beyond-numpy", {"training.seed": 2**40}, "training.seed"),
+    ("range-integer-of-40-digits", {"data.validation.minRows": 10**40}, "data.validation.minRows"),
+    ("range-infinite-budget", {"finops.monthlyBudgetUsd": float("inf")}, "finops.monthlyBudgetUsd"),
 ]
 
 
@@ -141,6 +144,8 @@ SPEC_FILES = [
     ("empty-file", "", "(top level): a spec must be a mapping"),
     ("a-list-not-a-mapping", "- name: bad-input\n", "(top level): a spec must be a mapping"),
     ("broken-yaml", "name: bad-input\ndata: {source: [\n", "not valid YAML (line 3)"),
+    ("a-5000-digit-integer", "name: bad-input\ntraining: {seed: " + "9" * 5000 + "}\n",
+     "a number is out of range: Exceeds the limit (4300 digits)"),
 ]
 
 
@@ -189,6 +194,13 @@ def _ragged(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _duplicate_column(path: Path) -> None:
+    lines = tabular_frame().to_csv(index=False).splitlines()
+    path.write_text("\n".join([lines[0] + ",x1", *(line + ",0.5" for line in lines[1:])]) + "\n")
+
+
+VALIDATION = {"maxNullShare": 0.05, "minRows": 50, "ranges": {"x1": [-10, 10]}}
+
 # (id, writer of data.csv, spec overrides, the words the error must contain, evidence key allowed)
 DATA = [
     ("empty-file", _text(""), {}, ["data.csv: cannot be read as csv"], False),
@@ -219,6 +231,13 @@ DATA = [
      ["column 'x2': row 5: 1e+300"], True),
     ("infinite-value", _frame_csv(_assign("x2", float("inf"), rows=[9])), {},
      ["column 'x2': row 9: inf"], True),
+    ("duplicate-column", _duplicate_column, {}, ["data.csv: column 'x1' appears more than once in the header"], False),
+    ("too-many-columns", _frame_csv(None), {"validation": {**VALIDATION, "maxColumns": 4}},
+     ["data.csv: 5 columns, more than data.validation.maxColumns (4)"], False),
+    ("target-mixes-numbers-and-text", _frame_csv(_assign("label", "yes", rows=[3])), {},
+     ["column 'label' (data.target) mixes numbers and text", "'yes'"], False),
+    ("more-classes-than-the-test-split", _frame_csv(lambda f: f.assign(label=range(len(f)))), {},
+     ["column 'label' (data.target) has 400 classes, more than the 80 rows of the test split"], False),
 ]
 
 
