@@ -101,6 +101,7 @@ def _edge_agent(args) -> int:
     import time
 
     from pipelines.edge.agent import AgentBusy, EdgeAgent
+    from pipelines.edge.desired import SourceError
     from pipelines.edge.desired_state import EntryError, check_name
     from pipelines.gitops.signing import PUBLIC_KEY_NAME
     from pipelines.settings import get_settings
@@ -131,7 +132,7 @@ def _edge_agent(args) -> int:
         source = _agent_source(args, settings, state, public_key)
         agent = EdgeAgent(args.device_id, labels, state, source, public_key, settings.telemetry_url,
                           settings.s3_endpoint_url, lock_wait_s=args.lock_wait)
-    except (AgentBusy, ValueError, OSError) as error:
+    except (AgentBusy, SourceError, ValueError, OSError) as error:
         print(f"error: {args.device_id}: {error}", file=sys.stderr)
         return 2
     bad = ("failed", "refused", "stale")

@@ -9,6 +9,3 @@ checkout itself (`desired` resolves the kustomize overlays as kustomize would), 
 selects the device after checking length, sha256, signature and a smoke inference, and a
 simulator runs a fleet of agents (`simulator`). Nothing here imports MLflow or Airflow.
 """
-
-# Raised by every commit to the GitOps branch; the desired-state publisher DAG runs on it.
-DESIRED_STATE_ASSET_URI = "edge-desired-state://gitops"

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 _MAX_DEPTH = 8
 _GIT_TIMEOUT_S = 120
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 # Fetched objects stay packs and nothing repacks on its own (see GitSource); the clone lives on
 # the device's disk, which may be hostile, so no hook or fsmonitor its .git/config names runs.
 _GIT_CONFIG = {"gc.auto": "0", "maintenance.auto": "false", "fetch.unpackLimit": "1",
@@ -362,6 +363,11 @@ class GitSource:
     REPACK_AFTER_PACKS = 20
 
     def __init__(self, remote: str, branch: str, cache_dir: Path):
+        # Both go into the clone's .git/config (`_write_config`): nothing may break out of its line.
+        if not _BRANCH.match(branch) or ".." in branch:
+            raise SourceError(f"branch {branch!r}: not a plain branch name")
+        if any(ch in remote for ch in '\n\r\0"\\'):
+            raise SourceError("remote: a URL or path on one line, without quotes or backslashes")
         self.remote = git_url(remote)
         self.branch = branch
         self.cache_dir = Path(cache_dir)

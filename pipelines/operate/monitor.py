@@ -42,11 +42,6 @@ PREDICTION = "prediction"
 MONITORING_PREFIX = "monitoring"
 
 
-def drift_asset_uri(model: str) -> str:
-    """The URI of the Asset a model's drift raises and its release DAG is scheduled on."""
-    return f"edge-drift://{model}"
-
-
 class MonitorError(RuntimeError):
     """The check cannot be made: the deployed artifact is unreadable or does not match."""
 

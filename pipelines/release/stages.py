@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from importlib.metadata import version as _version
 from pathlib import Path
 
 from pipelines.identity import EVALUATION_CODE, code_digest, code_revision, library_versions, release_key
@@ -110,8 +111,9 @@ def _this_run(ctx, data: DataCheck) -> DataCheck:
     """The validated data with what this run started with: the spec, stored for the later
     stages (they never read the file again), and the evaluation code's digest."""
     spec_sha = ctx.spec.digest()
-    spec_uri = ctx.store.put_bytes(ctx.spec.model_dump_json(by_alias=True).encode(),
-                                   ctx.run_key(data.release_key, f"specs/{spec_sha}.json"))
+    key = ctx.run_key(data.release_key, f"specs/{spec_sha}.json")  # content-addressed: written once
+    spec_uri = ctx.store.uri(key) if ctx.store.exists(key) else \
+        ctx.store.put_bytes(ctx.spec.model_dump_json(by_alias=True).encode(), key)
     return data.model_copy(update={"spec_sha256": spec_sha, "spec_uri": spec_uri,
                                    "evaluation_code": code_digest(EVALUATION_CODE)})
 
@@ -230,10 +232,6 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
 # -- registry, store, Git ----------------------------------------------------------------------
 
 
-def _mlflow_version() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {"mlflow": version("mlflow")}
 
 
 def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, exported: ExportedModel,
@@ -278,7 +276,7 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         "code_digest": code_digest(), "code_revision": code_revision(), "trigger": trigger,
         "variant": plan.chosen, "artifact_sha256": chosen.sha256, "owner": spec.owner,
         "finops.cost_center": spec.finops.cost_center, "finops.project": spec.finops.project,
-        **{f"version.{k}": v for k, v in {**library_versions(), **_mlflow_version()}.items()},
+        **{f"version.{k}": v for k, v in {**library_versions(), "mlflow": _version("mlflow")}.items()},
         **(options or ReleaseOptions()).tags(), **({"release.salt": data.salt} if data.salt else {}),
     }
     return registry.with_retries(lambda: registry.register_version(

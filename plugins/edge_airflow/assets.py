@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from airflow.sdk import Asset, get_current_context
 
-from pipelines.edge import DESIRED_STATE_ASSET_URI
-
+# Raised by every commit to the GitOps branch; the desired-state publisher DAG runs on it.
+DESIRED_STATE_ASSET_URI = "edge-desired-state://gitops"
 DESIRED_STATE = Asset(DESIRED_STATE_ASSET_URI)
 
 
 def drift_asset(model: str) -> Asset:
     """Raised by drift monitoring (or any alerting system, through the REST API) to retrain."""
-    from pipelines.operate.monitor import drift_asset_uri
-
-    return Asset(drift_asset_uri(model))
+    return Asset(f"edge-drift://{model}")
 
 
 def finops_breach_asset(model: str) -> Asset:

@@ -101,7 +101,7 @@ def test_an_invalid_spec_gets_a_failing_dag_and_spares_the_others(tmp_path, monk
 
 
 def test_every_gitops_commit_raises_the_desired_state_asset_and_the_publisher_runs_on_it():
-    from pipelines.edge import DESIRED_STATE_ASSET_URI
+    from edge_airflow.assets import DESIRED_STATE_ASSET_URI
 
     bag = _bag()
     publisher = bag.dags["edge_publish_desired_state"]

@@ -697,6 +697,16 @@ def test_cli_edge_agent_and_fleet_simulate(world, tmp_path, capsys, monkeypatch)
     assert main(["edge-agent", "--device-id", "x", "--labels", "a=b", "--state", str(tmp_path / "x")]) == 2
     assert "--group is required with --source tuf" in capsys.readouterr().err
 
+    # A branch name that would break out of its line in the clone's .git/config (and name a
+    # command git runs) is refused before anything is cloned or written.
+    monkeypatch.setenv("EDGE_GITOPS_BRANCH", 'main"]\n[core]\n\tsshCommand = touch pwned\n[x "')
+    injected = ["edge-agent", "--device-id", "cli-3", "--labels", labels, "--source", "git",
+                "--state", str(tmp_path / "cli-3")]
+    assert main(injected) == 2
+    assert capsys.readouterr().err.strip().startswith("error: cli-3: branch 'main\"]\\n[core]")
+    assert not (tmp_path / "cli-3" / "gitops").exists() and not (tmp_path / "pwned").exists()
+    monkeypatch.delenv("EDGE_GITOPS_BRANCH")
+
     assert main(["fleet", "simulate", "--devices", "4", "--rounds", "1"]) == 0
     assert "Fleet of 4 devices (source: tuf)" in capsys.readouterr().out
 
