@@ -88,8 +88,8 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
             return run_stage("parity_gate", path, data, plan, registered, cost)
 
         @task
-        def drift_gate(data: dict, registered: dict):
-            return run_stage("drift_gate", path, data, registered)
+        def drift_gate(data: dict, plan: dict, registered: dict):
+            return run_stage("drift_gate", path, data, plan, registered)
 
         @task
         def edge_cost(data: dict, trained: dict, plan: dict, registered: dict):
@@ -141,7 +141,7 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
         registered = register(data, trained, exported, plan)
         cost = edge_cost(data, trained, plan, registered)
         verdicts = [quality_gate(data, plan, registered), fairness_gate(data, plan, registered, cost),
-                    parity_gate(data, plan, registered, cost), drift_gate(data, registered)]
+                    parity_gate(data, plan, registered, cost), drift_gate(data, plan, registered)]
         explanation = explain(data, plan, registered)
         card = model_card(data, trained, plan, registered, verdicts, explanation, cost)
         decision = decide(data, verdicts, cost, card, plan, registered)

@@ -39,6 +39,10 @@ def _table(summary) -> str:
     asked = [name for name, on in (("force_retrain", options.force_retrain), ("dry_run", options.dry_run),
                                    ("approval=manual", options.approval == "manual")) if on]
     lines += [
+        f"  task            {summary.task}",
+        *([f"  imported from   {summary.model_source.get('resolved') or summary.model_source.get('source')}"
+           + (f"  (sha256 {summary.model_source['sha256'][:16]}…)" if "sha256" in summary.model_source else "")]
+          if summary.model_source else []),
         f"  trigger         {summary.trigger}",
         *([f"  parameters      {', '.join(asked)}"] if asked else []),
         "  metrics         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())),
@@ -57,7 +61,7 @@ def _table(summary) -> str:
         lines += ["", "  edge cost per month (estimate; device figures marked as assumptions in the catalog)"]
         lines += cost_table(CostEstimate.model_validate(summary.cost))
         lines += ["  " + line for line in diff_lines(summary.cost_diff)]
-    lines += ["", "  variant   size (bytes)   accuracy   Δ vs fp32   p50 ms   p95 ms   eligible"]
+    lines += ["", f"  variant   size (bytes)   {summary.quantization.metric:>8}   Δ vs fp32   p50 ms   p95 ms   eligible"]
     for c in summary.quantization.candidates:
         mark = "*" if c.variant == summary.quantization.chosen else " "
         lines.append(

@@ -28,7 +28,8 @@ MODEL_CODE = ("data", "training", "onnx")
 # Folders whose code judges, prices or packages a model (gates, FinOps, the stages).
 EVALUATION_CODE = ("gates", "finops", "release")
 # Libraries whose version can change a trained or converted model's bytes.
-ML_LIBRARIES = ("numpy", "pandas", "scikit-learn", "torch", "onnx", "onnxruntime", "onnxscript", "skl2onnx")
+ML_LIBRARIES = ("numpy", "pandas", "scikit-learn", "torch", "onnx", "onnxruntime", "onnxscript", "skl2onnx",
+                "xgboost-cpu", "lightgbm", "onnxmltools")
 
 
 @functools.cache
@@ -53,6 +54,16 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def files_digest(paths: list[Path], root: Path) -> str:
+    """sha256 over files (their paths relative to `root`, and their bytes): a data scientist's
+    training code, which shapes the model as much as the spec does."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def release_key(data_sha256: str, model_sha256: str, salt: str = "") -> str:

@@ -37,16 +37,23 @@ class DataCheck(Record):
     spec_sha256: str = Field("", description="Digest of the whole spec this run started with.")
     spec_uri: str = Field("", description="The spec this run started with, as stored; later stages read it.")
     evaluation_code: str = Field("", description="Digest of the evaluation code when this run started.")
+    task: Literal["binary", "multiclass", "regression"] = "binary"
+    task_inferred: bool = Field(False, description="The spec names no task: it was inferred from the target.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class TrainedModel(Record):
-    framework: Literal["sklearn", "torch"]
+    """The native model (trained here, or imported) and its held-out metrics."""
+
+    framework: Literal["sklearn", "torch", "onnx"]
     model_uri: str
     metrics: dict[str, float]
-    classes: list[str]
+    classes: list[str] = Field(description="Class labels in output order; empty for a regression.")
     train_seconds: float
+    task: Literal["binary", "multiclass", "regression"] = "binary"
+    source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance (its URI, "
+                                                                     "sha256, and where it came from); empty when trained here.")
     reused: bool = False
 
 
@@ -55,8 +62,11 @@ class ExportedModel(Record):
     sha256: str
     size_bytes: int
     opset: int
-    max_abs_diff: float
-    label_agreement: float
+    max_abs_diff: float | None = Field(description="Largest difference from the native model on the test split "
+                                                   "(None: an imported ONNX file has no native model to compare).")
+    label_agreement: float | None
+    prediction_bins: list[float] = Field(default_factory=list, description="A regression's bin edges, in the "
+                                                                           "file's metadata for devices.")
     reused: bool = False
 
 
@@ -65,7 +75,8 @@ class QuantCandidate(Record):
     uri: str
     sha256: str
     size_bytes: int
-    accuracy: float
+    accuracy: float = Field(description="The task's score on the test split: accuracy, or R2 for a regression "
+                                        "(the plan's `metric`).")
     accuracy_change: float
     latency_p50_ms: float
     latency_p95_ms: float
@@ -77,6 +88,7 @@ class QuantizationPlan(Record):
     candidates: list[QuantCandidate]
     chosen: Literal["fp32", "dynamic", "static"]
     reason: str
+    metric: str = Field("accuracy", description="What the candidates' `accuracy` measures (accuracy, or r2).")
     reused: bool = False
 
     @property
@@ -219,6 +231,8 @@ class ReleaseSummary(Record):
     gitops_commit_created: bool
     quantization: QuantizationPlan
     metrics: dict[str, float]
+    task: str = Field("binary", description="What the model predicts; `(inferred)` when the spec names no task.")
+    model_source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance.")
     verdicts: list[GateVerdict] = Field(default_factory=list)
     approval: Approval | None = None
     model_card_uri: str | None = None

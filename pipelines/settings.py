@@ -80,7 +80,7 @@ class Settings(BaseSettings):
 
     @property
     def fleet_path(self) -> Path:
-        return self.fleet_file or PROJECT_ROOT / "model_specs" / "fleet" / "fleet.yaml"
+        return self.fleet_file or PROJECT_ROOT / "model_specs" / "fleet" / "inventory.yaml"
 
     def signing_keys(self) -> tuple[Path, Path]:
         """(private, public) key files; a demo pair under the state folder when none is configured."""

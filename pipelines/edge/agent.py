@@ -611,13 +611,14 @@ class EdgeAgent:
 
     def serve(self, model: str, requests, added_latency_ms: float = 0.0, fail=None) -> list[int | None]:
         """Run the active model once per row of `requests` (a data frame of the model's raw
-        features); the predicted class per row, None for a failed request.
+        features); the predicted class per row (for a regression, the bin of its value), None for a
+        failed request.
 
         `added_latency_ms` and `fail` (one bool per row) are the fleet simulator's fault
         injection: a slower device, requests that fail as a crashing model's would.
         """
         from pipelines.data import prepare_features
-        from pipelines.onnx.export import feeds
+        from pipelines.onnx.export import answer_contract, answer_labels, feeds
 
         path = self.active_model_path(model)
         if path is None:
@@ -626,13 +627,14 @@ class EdgeAgent:
         sess = self._session(path)
         arrays = feeds(sess, prepare_features(requests, list(requests.columns)))
         outputs = [o.name for o in sess.get_outputs()]
-        probabilities = outputs.index("probabilities")
+        answer, bins = answer_contract(sess)
+        probabilities = outputs.index(answer)
         window = self._windows.get(model)
         if window is not None and window.version != info["version"]:
             self._flush(model)
             window = None
         if window is None and len(requests):
-            classes = sess.get_outputs()[probabilities].shape[-1]
+            classes = sess.get_outputs()[probabilities].shape[-1] if bins is None else len(bins) + 1
             if not isinstance(classes, int):  # a dynamic dimension: ask the model once
                 classes = sess.run(None, {n: v[:1] for n, v in arrays.items()})[probabilities].shape[1]
             config = self._reporting.get(model) or {}
@@ -650,7 +652,7 @@ class EdgeAgent:
             if fail is not None and fail[index]:
                 prediction = None
             else:
-                prediction = int(sess.run(None, row)[probabilities][0].argmax())
+                prediction = int(answer_labels(sess.run(None, row)[probabilities], bins)[0])
             elapsed = (time.perf_counter() - began) * 1000 + added_latency_ms
             window.add(elapsed, prediction, _json_row(raw[index]))
             predictions.append(prediction)

@@ -1,13 +1,19 @@
 """What one inference of an ONNX model costs: counted from the graph, and measured on this host.
 
-`profile_graph` reads the graph alone (no session): parameters, weight bytes, multiply-
-accumulates, FLOPs and a peak-activation estimate at batch 1. `measure_host` times the model in
-a fresh single-threaded process (`pipelines.onnx.timing`, as `pipelines.onnx.quantize.measure_latency`
-does) and also reports the child's resident memory. `calibrate_host` turns FLOPs into milliseconds
-for this host, so that a fleet projection can scale counted FLOPs by a device's throughput.
+`profile_graph` counts from the graph: parameters, weight bytes, multiply-accumulates, FLOPs and
+a peak-activation estimate at batch 1. Given a one-row feed it also runs the model once in
+onnxruntime, to learn the shapes the graph does not state and the paths its tree ensembles take.
+`measure_host` times the model in a fresh single-threaded process (`pipelines.onnx.timing`, as
+`pipelines.onnx.quantize.measure_latency` does) and also reports the child's resident memory.
+`calibrate_host` turns FLOPs into milliseconds for this host, so that a fleet projection can
+scale counted FLOPs by a device's throughput.
 
 Counting rules (all at batch 1, symbolic dims set to 1):
 
+* Shapes come from ONNX shape inference. Several ai.onnx.ml ops (Scaler, Imputer, Normalizer,
+  TreeEnsembleClassifier/Regressor) have no shape function, so what follows them is left open.
+  Given a one-row `feed`, the open shapes are filled in from one run of the model in
+  onnxruntime, every intermediate value exposed as an output; without one they stay open.
 * MACs: MatMul/Gemm/Conv/ConvTranspose (groups included) and their quantized forms
   (MatMulInteger, QLinearMatMul, ConvInteger, QLinearConv, com.microsoft DynamicQuantizeMatMul,
   MatMulIntegerToFloat, QGemm, Fused*), and ai.onnx.ml LinearClassifier/LinearRegressor/SVM*
@@ -17,8 +23,20 @@ Counting rules (all at batch 1, symbolic dims set to 1):
   windowed pools output elements times window size. Data movement (Reshape, Transpose,
   Concat, Gather, Cast, ...) is free. Nodes whose inputs are all constant are free too:
   onnxruntime folds them when the session is created (e.g. DequantizeLinear of a weight).
-* Anything else (If/Loop, RNNs, tree ensembles, custom domains) or an op whose shapes could
-  not be inferred is listed in `unknown_ops`: the figures are then lower bounds.
+* ai.onnx.ml preprocessing: Scaler counts two FLOPs per output element (subtract the offset,
+  multiply by the scale); OneHotEncoder, Imputer, Normalizer and Binarizer one per output
+  element (for OneHotEncoder: one category test per output column). ZipMap, CastMap,
+  LabelEncoder, ArrayFeatureExtractor, FeatureVectorizer and DictVectorizer are data movement.
+* Tree ensembles (TreeEnsembleClassifier, TreeEnsembleRegressor, opset-5 TreeEnsemble): one
+  FLOP per branch node a prediction visits (its comparison) and one per leaf weight added
+  (one per target or class a leaf holds), plus one per output score for base values and one
+  for a post_transform. With a feed, each tree is walked from its root on the value the real
+  run gave the op, following the node modes and missing-value tracks; `tree_nodes_visited`
+  counts the nodes on those paths, branches and leaves. Without a feed, each tree's path is
+  taken as its mean leaf depth (every leaf equally likely): an estimate, not a bound, which
+  `notes` reports.
+* Anything else (If/Loop, RNNs, custom domains) or an op whose shapes are still open is
+  listed in `unknown_ops`: the figures are then lower bounds.
 """
 
 from __future__ import annotations
@@ -26,8 +44,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,15 +74,22 @@ _WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
 _PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Transpose", "Reshape", "Identity",
                  "Squeeze", "Unsqueeze", "Flatten"}
 _ELEMENTWISE_ARITHMETIC = {"Add", "Sub", "Mul", "Div"}
-# Learned values the ai.onnx.ml ops keep in attributes instead of initializers.
+# Learned values the ai.onnx.ml ops keep in attributes (lists or tensors) instead of initializers.
 _ML_PARAMETER_ATTRS: dict[str, tuple[str, ...]] = {
     "LinearClassifier": ("coefficients", "intercepts"),
     "LinearRegressor": ("coefficients", "intercepts"),
     "SVMClassifier": ("support_vectors", "coefficients", "rho"),
     "SVMRegressor": ("support_vectors", "coefficients", "rho"),
     "Scaler": ("offset", "scale"),
-    "TreeEnsembleClassifier": ("nodes_values", "class_weights"),
-    "TreeEnsembleRegressor": ("nodes_values", "target_weights"),
+    "TreeEnsembleClassifier": ("nodes_values", "nodes_values_as_tensor", "class_weights", "class_weights_as_tensor"),
+    "TreeEnsembleRegressor": ("nodes_values", "nodes_values_as_tensor", "target_weights", "target_weights_as_tensor"),
+    "TreeEnsemble": ("nodes_splits", "leaf_weights"),
+}
+_TREE_ENSEMBLES = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
+# Node modes of the tree ensembles; opset-5 TreeEnsemble numbers them in this order.
+_BRANCH_TESTS: dict[str, Any] = {
+    "BRANCH_LEQ": operator.le, "BRANCH_LT": operator.lt, "BRANCH_GTE": operator.ge, "BRANCH_GT": operator.gt,
+    "BRANCH_EQ": operator.eq, "BRANCH_NEQ": operator.ne, "BRANCH_MEMBER": lambda x, members: x in members,
 }
 
 # (a index, b index, bias index or None) of matrix-product ops.
@@ -96,6 +123,8 @@ _PER_OUTPUT = {
     "DequantizeLinear", "DynamicQuantizeLinear", "Scaler", "Normalizer", "Binarizer", "Imputer",
     "OneHotEncoder", "OneHot", "Trilu", "Shrink",
 }
+# FLOPs per output element where an op of _PER_OUTPUT does more than one operation.
+_FLOPS_PER_ELEMENT = {"Scaler": 2}
 _BROADCASTING = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitShift", "PRelu",
@@ -116,7 +145,7 @@ class ProfileError(RuntimeError):
 
 
 class GraphProfile(Record):
-    """Static cost of one inference at batch 1, counted from the ONNX graph."""
+    """Cost of one inference at batch 1, counted from the ONNX graph (and one run, given a feed)."""
 
     parameters: int
     weight_bytes: int
@@ -125,6 +154,10 @@ class GraphProfile(Record):
     peak_activation_bytes: int
     file_bytes: int
     unknown_ops: list[str]
+    # Tree-ensemble nodes (branches and leaves) on the paths of one prediction.
+    tree_nodes_visited: int = 0
+    # Figures that are estimates rather than counts, and why.
+    notes: list[str] = []
 
 
 class HostMeasurement(Record):
@@ -324,15 +357,170 @@ def _conv_out_spatial(node: Any, x: Shape, w: Shape) -> Shape:
     )
 
 
-class _Counter:
-    """Walks the sorted graph once, summing MACs and FLOPs and noting what it could not cost."""
+def _attr_size(value: Any) -> int:
+    """Number of scalars in an attribute value: a list, a TensorProto or nothing."""
+    if value is None:
+        return 0
+    if hasattr(value, "dims"):
+        return _numel(value.dims)
+    return len(value)
 
-    def __init__(self, types: dict[str, tuple[int, Shape | None]], constant: set[str]) -> None:
+
+def _attr_array(node: Any, name: str) -> np.ndarray | None:
+    """An attribute held as a list or a tensor, as a numpy array (None when absent)."""
+    from onnx import numpy_helper
+
+    value = _attr(node, name, None)
+    if value is None:
+        return None
+    return numpy_helper.to_array(value) if hasattr(value, "dims") else np.asarray(value)
+
+
+class _Forest:
+    """The trees of one tree-ensemble node over a single index space of nodes (leaves included).
+
+    `values[i]` is a branch node's threshold (a set of members for BRANCH_MEMBER), `next_true`
+    and `next_false` index the children, `weights[i]` is how many leaf weights node i adds.
+    """
+
+    def __init__(self, roots: list[int], modes: list[str], features: list[int], values: list[Any],
+                 next_true: list[int], next_false: list[int], missing_true: list[int], weights: list[int]) -> None:
+        self.roots, self.modes, self.features, self.values = roots, modes, features, values
+        self.next_true, self.next_false, self.missing_true, self.weights = next_true, next_false, missing_true, weights
+
+    @classmethod
+    def of(cls, node: Any) -> _Forest:
+        return cls._from_opset5(node) if node.op_type == "TreeEnsemble" else cls._from_node_lists(node)
+
+    @classmethod
+    def _from_node_lists(cls, node: Any) -> _Forest:
+        """TreeEnsembleClassifier/Regressor: nodes named (tree id, node id); a tree's root is its
+        first node listed, as in the ONNX reference implementation."""
+        tree_ids, node_ids = list(_attr(node, "nodes_treeids")), list(_attr(node, "nodes_nodeids"))
+        modes = [m.decode() if isinstance(m, bytes) else str(m) for m in _attr(node, "nodes_modes")]
+        at = {(t, n): i for i, (t, n) in enumerate(zip(tree_ids, node_ids))}
+        thresholds = _attr_array(node, "nodes_values_as_tensor")
+        if thresholds is None:
+            thresholds = _attr_array(node, "nodes_values")
+        roots: dict[int, int] = {}
+        for i, tree in enumerate(tree_ids):
+            roots.setdefault(tree, i)
+
+        def children(name: str) -> list[int]:
+            ids = _attr(node, name)
+            return [-1 if mode == "LEAF" else at[tree, child] for tree, child, mode in zip(tree_ids, ids, modes)]
+
+        kind = "class" if node.op_type == "TreeEnsembleClassifier" else "target"
+        held = Counter(zip(_attr(node, f"{kind}_treeids"), _attr(node, f"{kind}_nodeids")))
+        return cls(list(roots.values()), modes, list(_attr(node, "nodes_featureids")),
+                   [float(v) for v in thresholds], children("nodes_truenodeids"), children("nodes_falsenodeids"),
+                   list(_attr(node, "nodes_missing_value_tracks_true", None) or [0] * len(modes)),
+                   [held[key] for key in zip(tree_ids, node_ids)])
+
+    @classmethod
+    def _from_opset5(cls, node: Any) -> _Forest:
+        """ai.onnx.ml opset-5 TreeEnsemble: branch nodes and leaves in separate arrays; leaf i
+        becomes node len(branches) + i here. Each leaf holds one weight."""
+        names = list(_BRANCH_TESTS)
+        modes = [names[int(code)] for code in _attr_array(node, "nodes_modes")]
+        splits: list[Any] = [float(v) for v in _attr_array(node, "nodes_splits")]
+        n, leaves = len(modes), len(_attr(node, "leaf_targetids"))
+        # The sets of the BRANCH_MEMBER nodes, in node order, each closed by a NaN.
+        membership = _attr_array(node, "membership_values")
+        groups: list[set[float]] = []
+        group: set[float] = set()
+        for value in membership if membership is not None else ():
+            if math.isnan(value):
+                groups.append(group)
+                group = set()
+            else:
+                group.add(float(value))
+        member_nodes = [i for i, mode in enumerate(modes) if mode == "BRANCH_MEMBER"]
+        for i, members in zip(member_nodes, groups, strict=True):
+            splits[i] = members
+        true_ids, false_ids = _attr(node, "nodes_truenodeids"), _attr(node, "nodes_falsenodeids")
+        true_leaf, false_leaf = _attr(node, "nodes_trueleafs"), _attr(node, "nodes_falseleafs")
+        roots = [n + true_ids[r] if true_leaf[r] and false_leaf[r] and true_ids[r] == false_ids[r] else r
+                 for r in _attr(node, "tree_roots")]
+        return cls(roots, modes + ["LEAF"] * leaves, list(_attr(node, "nodes_featureids")) + [0] * leaves,
+                   splits + [0.0] * leaves,
+                   [n + i if leaf else i for i, leaf in zip(true_ids, true_leaf)] + [-1] * leaves,
+                   [n + i if leaf else i for i, leaf in zip(false_ids, false_leaf)] + [-1] * leaves,
+                   list(_attr(node, "nodes_missing_value_tracks_true", None) or [0] * n) + [0] * leaves,
+                   [0] * n + [1] * leaves)
+
+    def walk(self, row: Sequence[float]) -> tuple[int, int, int]:
+        """(branch nodes, leaves, leaf weights) on the paths that `row` takes through the trees.
+
+        A missing value (NaN) goes the way the node's missing-value track says; any other
+        value the way its mode's test says.
+        """
+        branches = leaves = weights = 0
+        for i in self.roots:
+            for _ in range(len(self.modes)):
+                mode = self.modes[i]
+                if mode == "LEAF":
+                    break
+                branches += 1
+                x = row[self.features[i]]
+                goes_true = bool(self.missing_true[i]) if math.isnan(x) else _BRANCH_TESTS[mode](x, self.values[i])
+                i = self.next_true[i] if goes_true else self.next_false[i]
+            else:
+                raise ValueError("a tree path does not end in a leaf")
+            leaves += 1
+            weights += self.weights[i]
+        return branches, leaves, weights
+
+    def mean_path(self) -> tuple[float, float, float]:
+        """What `walk` gives when every tree's path is its mean over leaves (leaf depth, weights)."""
+        branches = weights = 0.0
+        for root in self.roots:
+            depths, held = [], []
+            stack = [(root, 0)]
+            while stack:
+                i, depth = stack.pop()
+                if self.modes[i] == "LEAF":
+                    depths.append(depth)
+                    held.append(self.weights[i])
+                elif depth >= len(self.modes):
+                    raise ValueError("a tree path does not end in a leaf")
+                else:
+                    stack += [(self.next_true[i], depth + 1), (self.next_false[i], depth + 1)]
+            branches += float(np.mean(depths))
+            weights += float(np.mean(held))
+        return branches, float(len(self.roots)), weights
+
+
+def _tree_score_flops(node: Any) -> int:
+    """FLOPs per row after the leaf weights are summed: base values and a post_transform, one
+    per output score each."""
+    if node.op_type == "TreeEnsembleClassifier":
+        scores = len(_attr(node, "classlabels_int64s", None) or _attr(node, "classlabels_strings", None) or ())
+    else:
+        scores = int(_attr(node, "n_targets", 1))
+    post = _attr(node, "post_transform", None)
+    transformed = post not in (None, 0, b"NONE", "NONE")
+    based = bool(_attr_size(_attr(node, "base_values", None)) or _attr_size(_attr(node, "base_values_as_tensor", None)))
+    return scores * (int(transformed) + int(based))
+
+
+class _Counter:
+    """Walks the sorted graph once, summing MACs and FLOPs and noting what it could not cost.
+
+    `values` holds the tensors of one run on a feed (empty without one): tree ensembles walk
+    their input from it.
+    """
+
+    def __init__(self, types: dict[str, tuple[int, Shape | None]], constant: set[str],
+                 values: dict[str, np.ndarray]) -> None:
         self.types = types
         self.constant = constant
+        self.values = values
         self.macs = 0
         self.flops = 0
+        self.tree_nodes = 0
         self.unknown: set[str] = set()
+        self.notes: list[str] = []
 
     def shape(self, name: str) -> Shape | None:
         return self.types.get(name, (0, None))[1] if name else None
@@ -408,6 +596,8 @@ class _Counter:
             rows = x[0] if x else 1  # batch is pinned to 1
             per_row = sum(len(_attr(node, a, None) or ()) for a in ("support_vectors", "coefficients"))
             self._mac(rows * per_row, rows * len(_attr(node, "intercepts", None) or _attr(node, "rho", None) or ()))
+        elif op in _TREE_ENSEMBLES:
+            self.trees(node)
         elif op in _FREE:
             return
         elif op in _PER_OUTPUT:
@@ -418,7 +608,7 @@ class _Counter:
             if n is None:
                 self.unknown.add(op)
             else:
-                self.flops += n
+                self.flops += n * _FLOPS_PER_ELEMENT.get(op, 1)
         elif op in _PER_INPUT:
             shape = self.shape(_input(node, 0))
             if shape is None:
@@ -433,6 +623,27 @@ class _Counter:
                 self.flops += n * _numel(kernel)
         else:
             self.unknown.add(op)
+
+    def trees(self, node: Any) -> None:
+        """Count a tree ensemble along the paths of the run's input, or of average paths."""
+        x = self.values.get(_input(node, 0))
+        try:
+            forest = _Forest.of(node)
+            if x is None:
+                rows = 1
+                branches, leaves, weights = forest.mean_path()
+            else:
+                table = np.asarray(x, np.float64).reshape(len(x) if np.ndim(x) > 1 else 1, -1)
+                rows = len(table)
+                branches, leaves, weights = (sum(c) for c in zip(*(forest.walk(row.tolist()) for row in table)))
+        except (KeyError, IndexError, TypeError, ValueError):
+            self.unknown.add(node.op_type)
+            return
+        if x is None:
+            self.notes.append(f"{node.op_type} (output {node.output[0]}): no feed, so each tree's path is "
+                              "taken as its mean leaf depth (an estimate)")
+        self.tree_nodes += round(branches + leaves)
+        self.flops += round(branches + weights) + rows * _tree_score_flops(node)
 
     def _mac(self, macs: int, bias_adds: int) -> None:
         self.macs += macs
@@ -467,7 +678,7 @@ def _parameters(nodes: Sequence[Any], sizes: dict[str, int], kinds: dict[str, in
     total = sum(sizes[name] for name in counted)
     for node in nodes:
         for name in _ML_PARAMETER_ATTRS.get(node.op_type, ()):
-            total += len(_attr(node, name, None) or ())
+            total += _attr_size(_attr(node, name, None))
     return total
 
 
@@ -505,15 +716,57 @@ def _peak_activation(nodes: Sequence[Any], types: dict[str, tuple[int, Shape | N
     return peak
 
 
-def profile_graph(path: Path) -> GraphProfile:
+def _elem_type(array: np.ndarray) -> int:
+    import onnx
+
+    if array.dtype.kind in "OUS":
+        return onnx.TensorProto.STRING
+    return int(onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+
+
+def _run_once(model: Any, feed: dict[str, np.ndarray], folder: Path, label: str) -> dict[str, np.ndarray]:
+    """Every top-level tensor of one run of `model` on `feed`: the feed itself and each node's
+    outputs, read from a copy of the model that lists them all as graph outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    if any(onnx.external_data_helper.uses_external_data(t) for t in probe.graph.initializer):
+        onnx.load_external_data_for_model(probe, str(folder))
+    listed = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(o for node in probe.graph.node for o in node.output if o and o not in listed):
+        probe.graph.output.add(name=name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        results = session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ProfileError(f"cannot run {label} on the feed: {exc}") from exc
+    values = {name: np.asarray(value) for name, value in feed.items()}
+    for meta, value in zip(session.get_outputs(), results):
+        if isinstance(value, np.ndarray):  # sequences and maps (ZipMap) have no tensor shape
+            values[meta.name] = value
+    return values
+
+
+def profile_graph(path: Path, feed: dict[str, np.ndarray] | None = None) -> GraphProfile:
     """Count parameters, weight bytes, MACs, FLOPs and peak activations of one ONNX file at batch 1.
 
-    `file_bytes` is the size of the .onnx file itself (external data, if any, is not read:
+    `feed` (input name -> one-row array, as `pipelines.onnx.export.feeds` gives) is used when
+    the graph alone leaves something open: shapes that inference could not give, or the paths
+    of tree ensembles. The model is then run once on it in onnxruntime (see the counting rules).
+    `file_bytes` is the size of the .onnx file itself (external data is read only for that run:
     weight sizes come from the tensors' dims).
     """
     import onnx
 
     path = Path(path)
+    if feed is not None:
+        check_timing_args(feed, warmup=0, runs=1, label="the profile feed")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001
@@ -538,9 +791,10 @@ def profile_graph(path: Path) -> GraphProfile:
                 constant_types[node.output[0]] = (elem, shape)
                 weight_bytes += nbytes
 
-    _pin_batch(model)
-    inferred = _inferred(model).graph
-    types = _value_types(inferred)
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    _pin_batch(pinned)
+    types = _value_types(_inferred(pinned).graph)
     for name, value in constant_types.items():
         types.setdefault(name, value)
 
@@ -556,7 +810,16 @@ def profile_graph(path: Path) -> GraphProfile:
         ):
             constant.update(o for o in node.output if o)
 
-    counter = _Counter(types, constant)
+    values: dict[str, np.ndarray] = {}
+    open_shapes = any(types.get(o, (0, None))[1] is None for n in nodes for o in n.output if o and o not in constant)
+    if feed is not None and (open_shapes or any(n.op_type in _TREE_ENSEMBLES for n in nodes)):
+        values = _run_once(model, feed, path.parent, path.name)
+        for name, value in values.items():
+            elem, shape = types.get(name, (0, None))
+            if shape is None:
+                types[name] = (elem or _elem_type(value), tuple(value.shape))
+
+    counter = _Counter(types, constant, values)
     for node in nodes:
         if node.op_type in ("If", "Loop", "Scan"):
             counter.unknown.add(node.op_type)
@@ -572,6 +835,8 @@ def profile_graph(path: Path) -> GraphProfile:
         peak_activation_bytes=_peak_activation(nodes, types, constant, {o.name for o in graph.output}),
         file_bytes=path.stat().st_size,
         unknown_ops=sorted(counter.unknown),
+        tree_nodes_visited=counter.tree_nodes,
+        notes=counter.notes,
     )
 
 

@@ -11,15 +11,47 @@ from pipelines.gates import Breach, number, rounded
 from pipelines.records import GateVerdict
 from pipelines.specs import FairnessSpec
 
-GAP_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "accuracy_difference")
+GAP_METRICS = ("demographic_parity_difference", "equalized_odds_difference", "accuracy_difference",
+               "mae_difference")
+
+
+def _regression_report(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, keep: np.ndarray) -> dict:
+    """A regression's error by group (Fairlearn MetricFrame): MAE, RMSE and mean prediction."""
+    from fairlearn.metrics import MetricFrame, count
+    from sklearn.metrics import mean_absolute_error, root_mean_squared_error
+
+    frame = MetricFrame(metrics={"count": count, "mae": mean_absolute_error, "rmse": root_mean_squared_error,
+                                 "mean_prediction": lambda t, p: float(np.mean(p))},
+                        y_true=y_true[keep], y_pred=y_pred[keep], sensitive_features=groups[keep])
+    by_group = frame.by_group
+    return {"by_group": {str(g): {k: rounded(v) for k, v in row.items()} for g, row in by_group.iterrows()},
+            "mae_difference": rounded(by_group["mae"].max() - by_group["mae"].min()),
+            "max_group_mae": rounded(by_group["mae"].max())}
+
+
+def _worst_per_class(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, n_classes: int) -> dict:
+    """Multi-class parity: each class against the rest, the worst class's demographic parity
+    and equalized odds differences, and which class that is."""
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+    found = {}
+    for metric, name in ((demographic_parity_difference, "demographic_parity_difference"),
+                         (equalized_odds_difference, "equalized_odds_difference")):
+        values = [(float(metric(y_true == c, y_pred == c, sensitive_features=groups)), c) for c in range(n_classes)
+                  if (y_true == c).any()]
+        value, worst_class = max(values) if values else (None, None)
+        found[name] = rounded(value)
+        found[f"{name}_class"] = worst_class
+    return found
 
 
 def group_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame,
                  min_group_size: int, n_classes: int) -> dict:
     """Per sensitive feature: metrics by group and the gaps between groups.
 
-    Demographic parity and equalized odds are defined for two classes (positive = class 1);
-    for more classes only accuracy per group and its spread are reported. Groups with fewer
+    Two classes: demographic parity and equalized odds (positive = class 1). More classes: the
+    same, each class against the rest, and the worst class's figures. A regression
+    (`n_classes` 0): the mean absolute error by group and its largest gap. Groups with fewer
     than `min_group_size` rows are listed but left out of the gaps (their rates are noise).
     """
     from fairlearn.metrics import (
@@ -40,6 +72,9 @@ def group_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame
         sizes = pd.Series(groups).value_counts()
         small = {str(g): int(n) for g, n in sizes.items() if n < min_group_size}
         keep = ~np.isin(groups, list(small))
+        if n_classes == 0:
+            report[column] = {**_regression_report(y_true, y_pred, groups, keep), "excluded_small_groups": small}
+            continue
         metrics = {"count": count, "accuracy": accuracy_score}
         if binary:
             metrics.update({"selection_rate": selection_rate, "true_positive_rate": true_positive_rate,
@@ -60,6 +95,8 @@ def group_report(y_true: np.ndarray, y_pred: np.ndarray, sensitive: pd.DataFrame
                 y_true[keep], y_pred[keep], sensitive_features=groups[keep]))
             entry["equalized_odds_difference"] = rounded(equalized_odds_difference(
                 y_true[keep], y_pred[keep], sensitive_features=groups[keep]))
+        else:
+            entry.update(_worst_per_class(y_true[keep], y_pred[keep], groups[keep], n_classes))
         report[column] = entry
     return report
 
@@ -72,7 +109,7 @@ def worst(report: dict, metric: str) -> tuple[float | None, str | None]:
 
 _GAP_RULES = (("demographic_parity_difference", "bias_score", "biasScore"),
               ("equalized_odds_difference", "equalized_odds", "equalizedOdds"))
-_MULTICLASS_RULES = (("accuracy_difference", "bias_score", "biasScore"),)
+_REGRESSION_RULES = (("mae_difference", "max_error_gap", "maxErrorGap"),)
 
 
 def _worst_feature(observed: dict, metric: str) -> str | None:
@@ -83,15 +120,15 @@ def _worst_feature(observed: dict, metric: str) -> str | None:
 
 
 def breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The fairness rules one variant's figures break: with two classes, demographic parity and
-    equalized odds differences above biasScore and equalizedOdds; otherwise the accuracy
-    difference between groups above biasScore; and the lowest group accuracy below
-    minGroupAccuracy."""
+    """The fairness rules one variant's figures break: demographic parity and equalized odds
+    differences (of the worst class, with more than two) above biasScore and equalizedOdds; for a
+    regression, the gap in mean absolute error between groups above maxErrorGap; and the
+    lowest group accuracy below minGroupAccuracy."""
     found = []
     variant = observed.get("variant")
     variant = None if variant is None else str(variant)
-    binary = number(observed.get("demographic_parity_difference")) is not None
-    for metric, key, spec_key in _GAP_RULES if binary else _MULTICLASS_RULES:
+    regression = number(observed.get("mae_difference")) is not None
+    for metric, key, spec_key in _REGRESSION_RULES if regression else _GAP_RULES:
         value, limit = number(observed.get(metric)), number(thresholds.get(key))
         if value is not None and limit is not None and value > limit:
             found.append(Breach(metric, value, limit, "max", f"responsibleAI.fairness.{spec_key}",
@@ -104,6 +141,8 @@ def breaches(thresholds: dict, observed: dict) -> list[Breach]:
 
 
 def _problem(breach: Breach) -> str:
+    if breach.metric == "mae_difference":
+        return f"mean absolute error differs by {breach.observed:.4g} between groups of {breach.group} > {breach.limit:g}"
     if breach.kind == "min":
         return f"lowest group accuracy {breach.observed:.3f} < {breach.limit:g}"
     return f"{breach.metric.replace('_', ' ')} {breach.observed:.3f} by {breach.group} > {breach.limit:g}"
@@ -111,6 +150,8 @@ def _problem(breach: Breach) -> str:
 
 def fairness_verdict(report: dict, spec: FairnessSpec, evidence: dict[str, str], variant: str) -> GateVerdict:
     observed: dict = {"variant": variant}
+    if any("mae_difference" in entry for entry in report.values()):
+        return _regression_verdict(report, spec, evidence, observed)
     dp, dp_feature = worst(report, "demographic_parity_difference")
     eo, eo_feature = worst(report, "equalized_odds_difference")
     acc_gap, _ = worst(report, "accuracy_difference")
@@ -118,18 +159,32 @@ def fairness_verdict(report: dict, spec: FairnessSpec, evidence: dict[str, str],
     observed.update({"demographic_parity_difference": dp, "equalized_odds_difference": eo,
                      "accuracy_difference": acc_gap, "min_group_accuracy": min_acc})
     for column, entry in report.items():
-        for metric in GAP_METRICS:
+        for metric in (m for m in GAP_METRICS if m in entry):
             observed[f"{metric}.{column}"] = entry[metric]
     thresholds = {"bias_score": spec.bias_score, "equalized_odds": spec.equalized_odds,
                   "min_group_accuracy": spec.min_group_accuracy, "min_group_size": spec.min_group_size}
     found = breaches(thresholds, observed)
     if found:
         reason = "; ".join(_problem(b) for b in found)
-    elif dp is not None:
-        reason = (f"demographic parity difference {dp:.3f} (by {dp_feature}) and equalized odds difference "
-                  f"{eo:.3f} (by {eo_feature}) within {spec.bias_score:g} and {spec.equalized_odds:g}")
     else:
-        reason = f"accuracy difference between groups {acc_gap:.3f} within {spec.bias_score:g}"
+        worst_class = "" if all(e.get("demographic_parity_difference_class") is None for e in report.values()) \
+            else " (worst class against the rest)"
+        reason = (f"demographic parity difference {dp:.3f} (by {dp_feature}) and equalized odds difference "
+                  f"{eo:.3f} (by {eo_feature}){worst_class} within {spec.bias_score:g} and {spec.equalized_odds:g}")
+    return GateVerdict(gate="fairness", passed=not found, thresholds=thresholds, observed=observed,
+                       evidence=evidence, reason=reason)
+
+
+def _regression_verdict(report: dict, spec: FairnessSpec, evidence: dict[str, str], observed: dict) -> GateVerdict:
+    gap, feature = worst(report, "mae_difference")
+    observed.update({"mae_difference": gap, "max_group_mae": max((e["max_group_mae"] for e in report.values()),
+                                                                 default=None)})
+    for column, entry in report.items():
+        observed[f"mae_difference.{column}"] = entry["mae_difference"]
+    thresholds = {"max_error_gap": spec.max_error_gap, "min_group_size": spec.min_group_size}
+    found = breaches(thresholds, observed)
+    reason = "; ".join(_problem(b) for b in found) if found else (
+        f"mean absolute error differs by {gap:.4g} between groups of {feature} (within {spec.max_error_gap:g})")
     return GateVerdict(gate="fairness", passed=not found, thresholds=thresholds, observed=observed,
                        evidence=evidence, reason=reason)
 
@@ -157,12 +212,13 @@ def plot_groups(report: dict, path: Path, title: str) -> Path:
         groups = report[column]["by_group"]
         names = list(groups)
         x = np.arange(len(names))
-        series = [m for m in ("accuracy", "selection_rate") if all(m in groups[g] for g in names)]
+        series = [m for m in ("accuracy", "selection_rate", "mae") if all(m in groups[g] for g in names)]
         width = 0.8 / len(series)
         for i, metric in enumerate(series):
             ax.bar(x + i * width, [groups[g][metric] for g in names], width, label=metric.replace("_", " "))
         ax.set_xticks(x + width * (len(series) - 1) / 2, names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        if "mae" not in series:
+            ax.set_ylim(0, 1)
         ax.set_title(column)
         ax.legend(fontsize=8)
     fig.suptitle(title)

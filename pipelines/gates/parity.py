@@ -37,25 +37,31 @@ def breaches(thresholds: dict, observed: dict) -> list[Breach]:
 
 def parity_verdict(variant: str, fp32_accuracy: float, variant_accuracy: float, fp32_report: dict,
                    variant_report: dict, accuracy_budget: float, fairness_change: float,
-                   evidence: dict[str, str] | None = None) -> GateVerdict:
+                   evidence: dict[str, str] | None = None, metric: str = "accuracy",
+                   gap_scale: float = 1.0) -> GateVerdict:
+    """`fp32_accuracy` and `variant_accuracy` are the task's score (`metric`: accuracy, or R2 for
+    a regression). A regression's group gaps are errors in the target's units: their change is
+    divided by `gap_scale` (fp32's mean absolute error), so the allowed widening is a share of it."""
     thresholds = {"accuracy_budget": accuracy_budget, "fairness_change": fairness_change}
-    observed: dict = {"variant": variant, "fp32_accuracy": rounded(fp32_accuracy),
+    observed: dict = {"variant": variant, "metric": metric, "fp32_accuracy": rounded(fp32_accuracy),
                       "variant_accuracy": rounded(variant_accuracy),
                       "accuracy_change": rounded(variant_accuracy - fp32_accuracy)}
     if variant != "fp32":
-        for metric in GAP_METRICS:
+        for gap in GAP_METRICS:
             for column in fp32_report:
-                before, after = fp32_report[column][metric], variant_report.get(column, {}).get(metric)
+                before, after = fp32_report[column].get(gap), variant_report.get(column, {}).get(gap)
                 if before is not None and after is not None:
-                    observed[f"{metric}.{column}.change"] = rounded(after - before)
-        for metric in ("demographic_parity_difference", "equalized_odds_difference"):
-            observed[f"{metric}.fp32"] = worst(fp32_report, metric)[0]
-            observed[f"{metric}.{variant}"] = worst(variant_report, metric)[0]
+                    scale = gap_scale if gap == "mae_difference" and gap_scale > 0 else 1.0
+                    observed[f"{gap}.{column}.change"] = rounded((after - before) / scale)
+        for gap in ("demographic_parity_difference", "equalized_odds_difference", "mae_difference"):
+            if gap != "mae_difference" or worst(fp32_report, gap)[0] is not None:
+                observed[f"{gap}.fp32"] = worst(fp32_report, gap)[0]
+                observed[f"{gap}.{variant}"] = worst(variant_report, gap)[0]
     found = breaches(thresholds, observed)
     problems = []
     for b in found:
         if b.metric == "accuracy":
-            problems.append(f"accuracy drops {100 * b.observed:.2f} pt (budget {100 * b.limit:.2f} pt)")
+            problems.append(f"{metric} drops {100 * b.observed:.2f} pt (budget {100 * b.limit:.2f} pt)")
         else:
             before, after = fp32_report[b.group][b.metric], variant_report[b.group][b.metric]
             problems.append(f"{b.metric.replace('_', ' ')} by {b.group} widens from {before:.3f} to {after:.3f} "
@@ -65,7 +71,7 @@ def parity_verdict(variant: str, fp32_accuracy: float, variant_accuracy: float, 
     elif problems:
         reason = "; ".join(problems)
     else:
-        reason = (f"{variant} keeps accuracy within {100 * accuracy_budget:.2f} pt and no group gap widens by "
+        reason = (f"{variant} keeps {metric} within {100 * accuracy_budget:.2f} pt and no group gap widens by "
                   f"more than {fairness_change:g}")
     return GateVerdict(gate="quantization_parity", passed=not found, thresholds=thresholds, observed=observed,
                        evidence=evidence or {}, reason=reason)

@@ -2,8 +2,10 @@
 
 The ONNX file is the contract with devices: scikit-learn pipelines take one input per
 feature column (`[N, 1]`, float or string), torch networks one float input `input` of shape
-`[N, features]`; both output class probabilities. Contract details (features, classes, the
-missing-category marker) are written into the file's metadata.
+`[N, features]`; classifiers output class probabilities `probabilities` `[N, classes]`, a
+regression its predictions `prediction` `[N, 1]`. Contract details (task, features, classes,
+the missing-category marker, the prediction bins devices count a regression's answers in)
+are written into the file's metadata.
 """
 
 from __future__ import annotations
@@ -29,46 +31,107 @@ class Parity:
     label_agreement: float
 
 
-def _export_sklearn(model, sample: pd.DataFrame, path: Path, opset: int) -> None:
+CLASSIFIER_OUTPUT = "probabilities"
+REGRESSION_OUTPUT = "prediction"
+
+
+def output_name(task: str) -> str:
+    return REGRESSION_OUTPUT if task == "regression" else CLASSIFIER_OUTPUT
+
+
+_REGISTERED = False
+
+
+def register_converters() -> None:
+    """XGBoost's and LightGBM's ONNX converters (onnxmltools) registered with skl2onnx, so a
+    Pipeline ending in one converts like any scikit-learn pipeline."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from lightgbm import LGBMClassifier, LGBMRegressor
+    from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+    from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes,
+        calculate_linear_regressor_output_shapes,
+    )
+    from xgboost import XGBClassifier, XGBRegressor
+
+    classifier_options = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
+    update_registered_converter(XGBClassifier, "XGBoostXGBClassifier", calculate_linear_classifier_output_shapes,
+                                convert_xgboost, options=classifier_options)
+    update_registered_converter(XGBRegressor, "XGBoostXGBRegressor", calculate_linear_regressor_output_shapes,
+                                convert_xgboost)
+    update_registered_converter(LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
+                                convert_lightgbm, options=classifier_options)
+    update_registered_converter(LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
+                                convert_lightgbm, options={"split": None})
+    _REGISTERED = True
+
+
+def rename_output(proto, old: str, new: str) -> None:
+    """Give a graph output the contract's name (every node that writes or reads it follows)."""
+    if old == new:
+        return
+    for node in proto.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in proto.graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def _export_sklearn(model, sample: pd.DataFrame, path: Path, opset: int, task: str) -> None:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
+    register_converters()
     inputs = [
         (column, StringTensorType([None, 1]) if sample[column].dtype == object else FloatTensorType([None, 1]))
         for column in sample.columns
     ]
-    classifier = model.steps[-1][1]
-    onx = convert_sklearn(
-        model, initial_types=inputs, target_opset={"": opset, "ai.onnx.ml": 3},
-        options={id(classifier): {"zipmap": False}},
-    )
+    estimator = model.steps[-1][1] if hasattr(model, "steps") else model
+    options = {} if task == "regression" else {id(estimator): {"zipmap": False}}
+    onx = convert_sklearn(model, initial_types=inputs, target_opset={"": opset, "ai.onnx.ml": 3}, options=options)
+    if task == "regression":
+        rename_output(onx, onx.graph.output[0].name, REGRESSION_OUTPUT)
     path.write_bytes(onx.SerializeToString())
 
 
-def _export_torch(model, sample: pd.DataFrame, path: Path, opset: int) -> None:
+def _export_torch(model, sample: pd.DataFrame, path: Path, opset: int, task: str) -> None:
     import torch
 
     example = torch.tensor(sample.to_numpy(np.float32)[:2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(path), input_names=["input"], output_names=["probabilities"],
+            model, (example,), str(path), input_names=["input"], output_names=[output_name(task)],
             opset_version=opset, dynamo=True, external_data=False,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
         )
 
 
 def export_onnx(framework: str, model, sample: pd.DataFrame, path: Path, opset: int,
-                metadata: dict[str, str]) -> Path:
+                metadata: dict[str, str], task: str = "binary") -> Path:
     """Write `path` as one self-contained ONNX file with the contract in its metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (_export_sklearn if framework == "sklearn" else _export_torch)(model, sample, path, opset, task)
+    return write_contract(path, path, sample, metadata, task)
+
+
+def write_contract(source: Path, path: Path, sample: pd.DataFrame, metadata: dict[str, str],
+                   task: str = "binary") -> Path:
+    """`source` as one checked, self-contained ONNX file at `path`, with the contract (task,
+    features, the missing-category marker, `metadata`) as its metadata and a fixed graph name."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (_export_sklearn if framework == "sklearn" else _export_torch)(model, sample, path, opset)
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(source))
+    if task == "regression":
+        _regression_shape(proto)
     onnx.checker.check_model(proto)
     del proto.metadata_props[:]
-    contract = {"edge.features": json.dumps(list(sample.columns)),
+    contract = {"edge.features": json.dumps(list(sample.columns)), "edge.task": task,
                 "edge.missing_category": MISSING_CATEGORY, **metadata}
     for key, value in sorted(contract.items()):
         proto.metadata_props.add(key=key, value=value)
@@ -107,10 +170,12 @@ def session(path: Path, threads: int = 1):
 
 
 def feeds(sess, features: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Inputs for a session from prepared features (see `pipelines.data.prepare_features`)."""
+    """Inputs for a session from prepared features (see `pipelines.data.prepare_features`): one
+    input per column, or the whole float matrix for a model with one input (`input`, or any name
+    that is not a column's)."""
     names = [i.name for i in sess.get_inputs()]
-    if names == ["input"]:
-        return {"input": features.to_numpy(np.float32)}
+    if names == ["input"] or (len(names) == 1 and names[0] not in features.columns):
+        return {names[0]: features.to_numpy(np.float32)}
     out = {}
     for item in sess.get_inputs():
         column = features[item.name]
@@ -121,19 +186,77 @@ def feeds(sess, features: pd.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
+def predict(path: Path, features: pd.DataFrame, sess=None) -> np.ndarray:
+    """An ONNX file's answers under the contract: class probabilities [rows, classes], or a
+    regression's predictions [rows]."""
+    sess = sess or session(path)
+    names = [o.name for o in sess.get_outputs()]
+    if REGRESSION_OUTPUT in names:
+        out = sess.run([REGRESSION_OUTPUT], feeds(sess, features))[0]
+        return np.asarray(out, dtype=np.float64).reshape(len(features))
+    return np.asarray(sess.run([CLASSIFIER_OUTPUT], feeds(sess, features))[0], dtype=np.float64)
+
+
 def predict_proba(path: Path, features: pd.DataFrame, sess=None) -> np.ndarray:
     """Class probabilities from an ONNX file, shape [rows, classes]."""
-    sess = sess or session(path)
-    outputs = sess.run(None, feeds(sess, features))
+    return predict(path, features, sess)
+
+
+def _regression_shape(proto) -> None:
+    """A regression's output as `[N, 1]`, whatever shape the converter declared."""
+    from onnx import TensorProto, helper
+
+    output = proto.graph.output[0]
+    if len(output.type.tensor_type.shape.dim) == 1:
+        reshaped = f"{output.name}_flat"
+        for node in proto.graph.node:
+            node.output[:] = [reshaped if n == output.name else n for n in node.output]
+        shape = helper.make_tensor(f"{output.name}_shape", TensorProto.INT64, [2], [-1, 1])
+        proto.graph.initializer.append(shape)
+        proto.graph.node.append(helper.make_node("Reshape", [reshaped, shape.name], [output.name]))
+        del output.type.tensor_type.shape.dim[:]
+        output.type.tensor_type.shape.dim.add().dim_param = "N"
+        output.type.tensor_type.shape.dim.add().dim_value = 1
+
+
+def prediction_bins(predictions: np.ndarray, bins: int = 10) -> list[float]:
+    """Edges that cut a regression's predictions on the training rows into `bins` equal shares:
+    devices count their answers in these bins, so the canary and the drift monitor compare
+    distributions as they do a classifier's classes."""
+    edges = np.unique(np.quantile(np.asarray(predictions, dtype=np.float64), np.linspace(0, 1, bins + 1)[1:-1]))
+    return [float(e) for e in edges]
+
+
+def answer_contract(sess) -> tuple[str, list[float] | None]:
+    """A session's answer output (`probabilities`, or `prediction`) and, for a regression, the bin
+    edges its answers are counted in (from the file's metadata)."""
     names = [o.name for o in sess.get_outputs()]
-    proba = outputs[names.index("probabilities")]
-    return np.asarray(proba, dtype=np.float64)
+    if REGRESSION_OUTPUT in names:
+        meta = sess.get_modelmeta().custom_metadata_map
+        return REGRESSION_OUTPUT, [float(e) for e in json.loads(meta.get("edge.prediction_bins", "[]"))]
+    return CLASSIFIER_OUTPUT, None
 
 
-def parity(native_proba: np.ndarray, onnx_proba: np.ndarray) -> Parity:
+def answer_labels(outputs: np.ndarray, bins: list[float] | None) -> np.ndarray:
+    """Each row's answer as a small integer devices count: the predicted class, or the bin of a
+    regression's value (0..len(bins))."""
+    outputs = np.asarray(outputs)
+    if bins is None:
+        return outputs.argmax(axis=1)
+    return np.searchsorted(np.asarray(bins, dtype=np.float64), outputs.reshape(len(outputs)), side="right")
+
+
+def parity(native: np.ndarray, onnx_out: np.ndarray) -> Parity:
+    """How far the ONNX answers are from the native model's: probabilities' largest difference and
+    the share of equal labels; for a regression (1-d answers) the largest difference relative to
+    the largest prediction (at least 1), and the share of rows within 1e-3 of it."""
+    if np.ndim(native) == 1:
+        scale = max(1.0, float(np.max(np.abs(native))))
+        diff = np.abs(np.asarray(native) - np.asarray(onnx_out).reshape(np.shape(native))) / scale
+        return Parity(max_abs_diff=float(np.max(diff)), label_agreement=float(np.mean(diff <= 1e-3)))
     return Parity(
-        max_abs_diff=float(np.max(np.abs(native_proba - onnx_proba))),
-        label_agreement=float(np.mean(native_proba.argmax(axis=1) == onnx_proba.argmax(axis=1))),
+        max_abs_diff=float(np.max(np.abs(native - onnx_out))),
+        label_agreement=float(np.mean(native.argmax(axis=1) == onnx_out.argmax(axis=1))),
     )
 
 

@@ -315,13 +315,13 @@ def _usable(c: QuantCandidate, budget: float) -> bool:
 
 
 def _rejection(
-    c: QuantCandidate, fp32: QuantCandidate, budget: float, limit: float
+    c: QuantCandidate, fp32: QuantCandidate, budget: float, limit: float, metric: str = "accuracy"
 ) -> str:
     if not c.eligible and _drop(c) <= budget + _EPS:
         return f"{c.variant} is unusable ({c.note or 'marked ineligible'})"
     problems = []
     if _drop(c) > budget + _EPS:
-        problems.append(f"loses {_pt(_drop(c))} accuracy, over the {_pt(budget)} budget")
+        problems.append(f"loses {_pt(_drop(c))} {metric}, over the {_pt(budget)} budget")
     if c.size_bytes > fp32.size_bytes:
         problems.append(f"grows the file ({_size(c.size_bytes)} vs {_size(fp32.size_bytes)})")
     elif c.size_bytes == fp32.size_bytes:
@@ -337,10 +337,12 @@ def choose_variant(
     max_artifact_bytes: int | None,
     latency_tolerance: float = 0.10,
     size_tolerance: float = 0.05,
+    metric: str = "accuracy",
 ) -> tuple[str, str]:
     """Pick the variant to ship and say why, with the figures, in one sentence.
 
-    Eligible: usable and losing at most `accuracy_budget` accuracy (a fraction) vs fp32. If
+    Eligible: usable and losing at most `accuracy_budget` of the task's score `metric` (accuracy,
+    or R2 for a regression; a fraction) vs fp32. If
     fp32 exceeds `max_artifact_bytes`, size binds: the fastest eligible variant within the cap,
     else the smallest eligible. Otherwise the smallest eligible variant that is smaller than
     fp32 and at most `latency_tolerance` slower; variants within `size_tolerance` of the
@@ -356,7 +358,7 @@ def choose_variant(
     def figures(c: QuantCandidate) -> str:
         return (
             f"{_size(c.size_bytes)}, p50 {_ms(c.latency_p50_ms)} vs {_ms(fp32.latency_p50_ms)}"
-            f" for fp32, accuracy change {c.accuracy_change * 100:+.2f} pt"
+            f" for fp32, {metric} change {c.accuracy_change * 100:+.2f} pt"
         )
 
     if max_artifact_bytes is not None and fp32.size_bytes > max_artifact_bytes:
@@ -391,12 +393,12 @@ def choose_variant(
              f"{size_tolerance:.0%} and slower; " if tie else "") +
             f"chose {best.variant}: {fp32.size_bytes / max(best.size_bytes, 1):.1f}x smaller "
             f"than fp32 ({_size(best.size_bytes)} vs {_size(fp32.size_bytes)}), p50 "
-            f"{_ms(best.latency_p50_ms)} vs {_ms(fp32.latency_p50_ms)}, accuracy change "
+            f"{_ms(best.latency_p50_ms)} vs {_ms(fp32.latency_p50_ms)}, {metric} change "
             f"{best.accuracy_change * 100:+.2f} pt within the {_pt(accuracy_budget)} budget."
         )
     if not others:
         return "fp32", f"kept fp32 ({_size(fp32.size_bytes)}): no quantized variant was built."
-    rejected = "; ".join(_rejection(c, fp32, accuracy_budget, limit) for c in others)
+    rejected = "; ".join(_rejection(c, fp32, accuracy_budget, limit, metric) for c in others)
     return "fp32", (
         f"kept fp32 ({_size(fp32.size_bytes)}, p50 {_ms(fp32.latency_p50_ms)}): {rejected}."
     )
@@ -419,6 +421,7 @@ def quantize_candidates(
     warmup: int = 50,
     runs: int = 500,
     rounds: int = 3,
+    metric: str = "accuracy",
 ) -> tuple[QuantizationPlan, dict[str, Path]]:
     """Build, evaluate and time every variant, then choose one.
 
@@ -486,7 +489,7 @@ def quantize_candidates(
         within = -change <= accuracy_budget + _EPS
         notes = []
         if not within:
-            notes.append(f"accuracy drop {_pt(-change)} exceeds the {_pt(accuracy_budget)} budget")
+            notes.append(f"{metric} drop {_pt(-change)} exceeds the {_pt(accuracy_budget)} budget")
         if variant != "fp32" and build_note:
             notes.append(build_note)
         candidates.append(
@@ -503,8 +506,8 @@ def quantize_candidates(
                 note="; ".join(notes),
             )
         )
-    chosen, reason = choose_variant(candidates, accuracy_budget, max_artifact_bytes)
-    plan = QuantizationPlan(candidates=candidates, chosen=chosen, reason=reason)
+    chosen, reason = choose_variant(candidates, accuracy_budget, max_artifact_bytes, metric=metric)
+    plan = QuantizationPlan(candidates=candidates, chosen=chosen, reason=reason, metric=metric)
     return plan, paths
 
 

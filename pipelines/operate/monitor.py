@@ -146,22 +146,24 @@ def _iso(moment: datetime) -> str:
 
 def reference_frame(spec, spec_path: str | Path, settings: Settings, model_path: Path):
     """Training rows of the spec's data (at most REFERENCE_ROWS, seeded) with the deployed
-    model's predicted class index in `prediction`; and the resolved features."""
+    model's answers in `prediction` (class index, or a regression's bin); and the resolved features."""
     from pipelines.data import prepare_features, read_source, resolve_features, split
     from pipelines.onnx import export as onnx_export
     from pipelines.specs import spec_dir
 
+    session = onnx_export.session(model_path)
+    contract = session.get_modelmeta().custom_metadata_map
     frame = read_source(spec.data, spec_dir(spec_path), settings.s3_endpoint_url)
-    train = split(frame, spec.data.target, spec.data.test_size, spec.training.seed)[0]
+    train = split(frame, spec.data.target, spec.data.test_size, spec.training.seed,
+                  stratified=contract.get("edge.task") != "regression")[0]
     if len(train) > REFERENCE_ROWS:
         train = train.sample(n=REFERENCE_ROWS, random_state=spec.training.seed)
     features = resolve_features(spec.data.features, list(frame.columns))
-    session = onnx_export.session(model_path)
-    contract = session.get_modelmeta().custom_metadata_map
     model_features = json.loads(contract.get("edge.features") or "null") or features
-    proba = onnx_export.predict_proba(model_path, prepare_features(train, model_features), sess=session)
+    outputs = onnx_export.predict(model_path, prepare_features(train, model_features), sess=session)
     reference = train[features].copy()
-    reference[PREDICTION] = proba.argmax(axis=1)
+    # As devices report it: the class, or the bin of a regression's value.
+    reference[PREDICTION] = onnx_export.answer_labels(outputs, onnx_export.answer_contract(session)[1])
     return reference, features
 
 

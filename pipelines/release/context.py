@@ -103,14 +103,20 @@ def load_snapshot(ctx: Context, data: DataCheck):
 
 
 def splits(ctx: Context, data: DataCheck):
-    """Train and test rows, features prepared, targets as class indices; deterministic."""
+    """Train and test rows, features prepared, targets as class indices (or values, for a
+    regression); deterministic."""
     from pipelines.data import prepare_features, split
 
     frame = load_snapshot(ctx, data)
     target = ctx.spec.data.target
+    regression = data.task == "regression"
+    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed, stratified=not regression)
+    if regression:
+        return {"classes": [], "train": train, "test": test,
+                "x_train": prepare_features(train, data.features), "y_train": train[target].to_numpy("float64"),
+                "x_test": prepare_features(test, data.features), "y_test": test[target].to_numpy("float64")}
     classes = sorted(frame[target].unique().tolist())
     index = {c: i for i, c in enumerate(classes)}
-    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed)
     return {
         "classes": [str(c) for c in classes],
         "train": train, "test": test,

@@ -14,8 +14,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.records import (
     CostReport,
     DataCheck,
@@ -55,14 +53,18 @@ def _shipped(plan: QuantizationPlan, cost: CostReport | None) -> list[str]:
 
 
 def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan, variants: list[str] | None = None) -> dict:
-    """Test split, and class probabilities of fp32 and of the shipped variants on it."""
+    """Test split, and the answers of fp32 and of the shipped variants on it (class
+    probabilities, or a regression's predictions) under `proba`, and the predicted labels (or
+    values) under `predicted`."""
     from pipelines.onnx import export as onnx_export
 
     parts = splits(ctx, data)
     wanted = {"fp32", plan.chosen, *(variants or [])}
     paths = {c.variant: ctx.fetch(c.uri) for c in plan.candidates if c.variant in wanted}
-    proba = {variant: onnx_export.predict_proba(path, parts["x_test"]) for variant, path in paths.items()}
-    return {**parts, "paths": paths, "proba": proba, "n_classes": len(parts["classes"])}
+    proba = {variant: onnx_export.predict(path, parts["x_test"]) for variant, path in paths.items()}
+    predicted = {v: p if data.task == "regression" else p.argmax(axis=1) for v, p in proba.items()}
+    return {**parts, "paths": paths, "proba": proba, "predicted": predicted, "n_classes": len(parts["classes"]),
+            "task": data.task}
 
 
 # -- quality -----------------------------------------------------------------------------------
@@ -95,11 +97,12 @@ def _champion_metrics(ctx: Context, data: DataCheck, parts: dict) -> tuple[dict 
     if sha256_file(path) != checksum:
         return None, version, checksum, f"champion v{version} artifact does not match its checksum"
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if json.loads(meta.get("edge.features", "[]")) != data.features or \
+    task = meta.get("edge.task", "binary" if len(parts["classes"]) == 2 else "multiclass")
+    if json.loads(meta.get("edge.features", "[]")) != data.features or task != data.task or \
             json.loads(meta.get("edge.classes", "[]")) != parts["classes"]:
-        return None, version, checksum, f"champion v{version} has other features or classes: not comparable"
-    proba = onnx_export.predict_proba(path, parts["x_test"])
-    return training.classification_metrics(proba, parts["y_test"]), version, checksum, ""
+        return None, version, checksum, f"champion v{version} has other features, task or classes: not comparable"
+    outputs = onnx_export.predict(path, parts["x_test"])
+    return training.task_metrics(data.task, outputs, parts["y_test"]), version, checksum, ""
 
 
 def quality_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
@@ -122,8 +125,8 @@ def quality_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan,
         cached = ctx.load_record(evaluation_folder(data, registered), key, GateVerdict)
         if cached is not None:
             return cached
-    candidate = training.classification_metrics(ev["proba"][plan.chosen], ev["y_test"])
-    verdict = quality_verdict(ctx.spec.gates.quality, candidate, champion, version, note)
+    candidate = training.task_metrics(data.task, ev["proba"][plan.chosen], ev["y_test"])
+    verdict = quality_verdict(ctx.spec.gates.quality_for(data.task), candidate, champion, version, note)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "quality.json"
         report.write_text(json.dumps({"candidate": candidate, "champion": champion, "champion_version": version,
@@ -139,7 +142,7 @@ def _group_reports(ctx: Context, ev: dict, variants: list[str]) -> dict[str, dic
 
     sensitive = ev["test"][ctx.spec.data.sensitive_features]
     fairness = ctx.spec.responsible_ai.fairness
-    return {v: group_report(ev["y_test"], ev["proba"][v].argmax(axis=1), sensitive, fairness.min_group_size,
+    return {v: group_report(ev["y_test"], ev["predicted"][v], sensitive, fairness.min_group_size,
                             ev["n_classes"]) for v in variants}
 
 
@@ -204,12 +207,18 @@ def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, 
         return done
     shipped = _shipped(plan, cost)
     ev = _evaluation(ctx, data, plan, shipped)
+    from pipelines import training
+
     variants = sorted({"fp32", *shipped})
     reports = _group_reports(ctx, ev, variants) if ctx.spec.data.sensitive_features else {v: {} for v in variants}
-    accuracy = {v: float(np.mean(ev["proba"][v].argmax(axis=1) == ev["y_test"])) for v in variants}
+    accuracy = {v: training.score(data.task, ev["proba"][v], ev["y_test"]) for v in variants}
+    # A regression's group gaps are errors in the target's units: their widening is judged as a
+    # share of fp32's mean absolute error.
+    scale = training.regression_metrics(ev["proba"]["fp32"], ev["y_test"])["mae"] if data.task == "regression" else 1.0
     verdict = _combined({v: parity_verdict(v, accuracy["fp32"], accuracy[v], reports["fp32"], reports[v],
                                            ctx.spec.export.accuracy_budget,
-                                           ctx.spec.gates.quantization_fairness_change) for v in shipped},
+                                           ctx.spec.gates.quantization_fairness_change,
+                                           metric=training.score_name(data.task), gap_scale=scale) for v in shipped},
                         plan.chosen)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "quantization_parity.json"
@@ -219,9 +228,10 @@ def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, 
 
 
 # -- drift ---------------------------------------------------------------------------------------
-def drift_gate(spec_path: str | Path, data: DataCheck, registered: RegisteredVersion,
+def drift_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
                settings: Settings | None = None) -> GateVerdict:
-    """Evidently DataDriftPreset: training rows vs the most recent production window."""
+    """Evidently DataDriftPreset: training rows vs the most recent production window, over the
+    features and the shipped variant's predictions (`prediction`: a class, or a regression's value)."""
     from pipelines.data import fingerprint, read_source
     from pipelines.gates import waived
     from pipelines.gates.drift import drift_report, drift_verdict, no_production_data
@@ -246,9 +256,12 @@ def drift_gate(spec_path: str | Path, data: DataCheck, registered: RegisteredVer
     columns = [c for c in data.features if c in current.columns]
     missing = sorted(set(data.features) - set(columns))
     reference = splits(ctx, data)["train"][columns]
+    current = current[columns]
+    if not missing:
+        reference, current = _with_predictions(ctx, data, plan, reference), _with_predictions(ctx, data, plan, current)
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "drift_report.html"
-        figures = drift_report(reference, current[columns], share, html)
+        figures = drift_report(reference, current, share, html)
         verdict = drift_verdict(figures, share, len(reference), len(current), {})
         if missing:
             verdict = verdict.model_copy(update={
@@ -257,6 +270,17 @@ def drift_gate(spec_path: str | Path, data: DataCheck, registered: RegisteredVer
         summary.write_text(json.dumps({**figures, "current_source": source, "missing_columns": missing}, indent=2))
         verdict = _publish_evidence(ctx, data, registered, verdict, [html, summary])
     return ctx.save_record(evaluation_folder(data, registered), name, verdict)
+
+
+def _with_predictions(ctx: Context, data: DataCheck, plan: QuantizationPlan, frame):
+    """`frame` with the shipped variant's answer to each row in `prediction` (a class label as
+    text, or a regression's value), as the drift monitor compares it."""
+    from pipelines.data import prepare_features
+    from pipelines.onnx import export as onnx_export
+
+    outputs = onnx_export.predict(ctx.fetch(plan.chosen_candidate.uri), prepare_features(frame, data.features))
+    prediction = outputs if data.task == "regression" else outputs.argmax(axis=1).astype(str)
+    return frame.assign(prediction=prediction)
 
 
 # -- explanation, model card, decision -------------------------------------------------------------
@@ -275,17 +299,18 @@ def explain(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, regi
                                Explanation(method="none", note="the spec asks for no explanation"))
     ev = _evaluation(ctx, data, plan)
     importances = permutation_importances(ev["paths"][plan.chosen], ev["x_test"], ev["y_test"],
-                                          ctx.spec.training.seed)
+                                          ctx.spec.training.seed, data.task)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "permutation_importance.json").write_text(json.dumps(importances, indent=2))
         plot_importances(importances, folder / "permutation_importance.png",
-                         f"{ctx.spec.name} v{registered.version} ({plan.chosen})")
+                         f"{ctx.spec.name} v{registered.version} ({plan.chosen})", data.task)
         files = sorted(folder.iterdir())
         evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, registered, "explainability", p.name)) for p in files}
         registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/explainability", files)
+    what = "mean absolute error increase" if data.task == "regression" else "mean accuracy drop"
     record = Explanation(method=method, importances=importances, evidence=evidence,
-                         note="mean accuracy drop over 5 shuffles of each feature, on up to 2,000 held-out rows")
+                         note=f"{what} over 5 shuffles of each feature, on up to 2,000 held-out rows")
     return ctx.save_record(evaluation_folder(data, registered), "explanation.json", record)
 
 
@@ -305,8 +330,9 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
     card = card_document(
         schema="edge-release/model-card/v1",
         model={"name": spec.name, "version": registered.version, "owner": spec.owner,
-               "description": " ".join(spec.description.split()), "framework": spec.training.framework,
-               "model_type": spec.training.estimator or spec.training.architecture, "variant": plan.chosen,
+               "description": " ".join(spec.description.split()), "framework": trained.framework,
+               "task": data.task + (" (inferred from the target)" if data.task_inferred else ""),
+               "model_type": spec.training.model_type, "variant": plan.chosen,
                "artifact_sha256": chosen.sha256, "size_bytes": chosen.size_bytes, "mlflow_run_id": registered.run_id,
                "release_key": registered.release_key or data.release_key},
         intended_use=" ".join(spec.intended_use.split()),
@@ -315,8 +341,10 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
               "features": data.features if len(data.features) <= 50 else data.features[:50] + ["…"],
               "sensitive_features": ", ".join(spec.data.sensitive_features) or "none",
               "test_size": spec.data.test_size},
-        training={"framework": spec.training.framework, "seed": spec.training.seed,
-                  "params": spec.training.params, "train_seconds": trained.train_seconds},
+        training={"framework": trained.framework, "seed": spec.training.seed,
+                  "params": spec.training.params, "train_seconds": trained.train_seconds,
+                  **({"entrypoint": spec.training.entrypoint} if spec.training.entrypoint else {}),
+                  **({"imported_from": trained.source} if trained.source else {})},
         metrics=trained.metrics,
         quantization=plan.model_dump(mode="json", exclude={"reused"}),
         verdicts=[v.model_dump(mode="json") for v in verdicts],
@@ -428,8 +456,9 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     variants, measurements = {}, {}
     for candidate in eligible:
         path = ctx.fetch(candidate.uri)
-        graph = profile_graph(path)
         feed = onnx_export.feeds(onnx_export.session(path), parts["x_test"].iloc[:1])
+        # Shapes static inference cannot give (behind ai.onnx.ml ops) come from one real run.
+        graph = profile_graph(path, feed)
         measured = measure_host(path, feed)
         measurements[candidate.variant] = {"graph": graph.model_dump(mode="json"),
                                            "host": measured.model_dump(mode="json")}

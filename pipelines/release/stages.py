@@ -74,13 +74,17 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None, salt:
     data_spec = ctx.spec.data
     try:
         frame = read_source(data_spec, spec_dir(ctx.spec_path), ctx.settings.s3_endpoint_url)
-        check_target(frame, data_spec)
+        task = check_target(frame, data_spec, ctx.spec.task)
         features = resolve_features(data_spec.features, list(frame.columns))
     except DataError as error:
         raise DataValidationError(f"{ctx.spec_path}: {error}") from None
+    problem = ctx.spec.task_problem(task)
+    if problem:
+        raise DataValidationError(f"{ctx.spec_path}: {problem} (task {task}, inferred from {data_spec.target})")
     data_sha = fingerprint(frame)
-    salt = salt or _forced_salt(ctx, release_key(data_sha, ctx.spec.model_digest()))
-    key = release_key(data_sha, ctx.spec.model_digest(), salt)
+    model_sha = _model_identity(ctx)
+    salt = salt or _forced_salt(ctx, release_key(data_sha, model_sha))
+    key = release_key(data_sha, model_sha, salt)
     cached = ctx.load_record(key, "validation.json", DataCheck)
     if cached is not None and cached.passed:
         return _this_run(ctx, cached)
@@ -102,6 +106,7 @@ def validate_data(spec_path: str | Path, settings: Settings | None = None, salt:
         passed=True, source=data_spec.source, sha256=data_sha, rows=len(frame),
         schema={c: str(frame[c].dtype) for c in columns}, features=features,
         snapshot_uri=snapshot_uri, report_uri=report_uri, release_key=key, salt=salt,
+        task=task, task_inferred=ctx.spec.task is None,
     )
     ctx.save_record(key, "validation.json", record)
     return _this_run(ctx, record)
@@ -116,6 +121,31 @@ def _this_run(ctx, data: DataCheck) -> DataCheck:
         ctx.store.put_bytes(ctx.spec.model_dump_json(by_alias=True).encode(), key)
     return data.model_copy(update={"spec_sha256": spec_sha, "spec_uri": spec_uri,
                                    "evaluation_code": code_digest(EVALUATION_CODE)})
+
+
+def _model_identity(ctx) -> str:
+    """The spec's model digest, with what else shapes the model: the files of the spec's own
+    training code, or what an imported model's source is now (its bytes, its pinned version)."""
+    import hashlib
+
+    from pipelines.identity import files_digest
+
+    digest = ctx.spec.model_digest()
+    extra = ""
+    try:
+        if ctx.spec.training.entrypoint is not None:
+            from pipelines.training.entrypoint import code_files
+
+            files, root = code_files(ctx.spec.training.entrypoint, spec_dir(ctx.spec_path))
+            extra = files_digest(files, root)
+        elif ctx.spec.model is not None:
+            from pipelines.registry import sources
+
+            extra = sources.identity(ctx.spec.model, spec_dir(ctx.spec_path), ctx.settings.tracking_uri,
+                                     ctx.settings.s3_endpoint_url, ctx.settings.work_dir / "cache")
+    except (ValueError, RuntimeError) as error:  # SourceError, TrainingCodeError: one line each
+        raise DataValidationError(f"{ctx.spec_path}: {error}") from None
+    return hashlib.sha256(f"{digest}:{extra}".encode()).hexdigest() if extra else digest
 
 
 FORCED_RELEASE = "forced_release.json"
@@ -137,28 +167,114 @@ def release_options(params: dict, run_id: str) -> ReleaseOptions:
 
 # -- model -----------------------------------------------------------------------------------
 def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = None) -> TrainedModel:
-    """Fit the spec's model on the training split; metrics on the held-out split."""
+    """Fit the spec's model on the training split (or import the model `model.source` names);
+    the task's metrics on the held-out split."""
     from pipelines import training
+    from pipelines.onnx import export as onnx_export
 
     ctx, cached = resume(spec_path, data, "train.json", TrainedModel, settings)
     if cached is not None:
         return cached
 
     parts = splits(ctx, data)
-    fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]))
-    metrics = training.classification_metrics(training.predict_proba(fitted.model, parts["x_test"]), parts["y_test"])
-    suffix = "joblib" if fitted.framework == "sklearn" else "pt"
+    task = data.task
+    if ctx.spec.model is not None:
+        imported = _imported(ctx)
+        if imported.framework == "onnx":
+            outputs = onnx_export.predict(_contract_onnx(ctx, data, parts, imported.onnx_path), parts["x_test"])
+        else:
+            outputs = training.predict(imported.native, parts["x_test"], task)
+        fitted = training.Fitted(imported.native, imported.framework, 0.0)
+        source, local = imported.provenance, imported.onnx_path
+    else:
+        from pipelines.training.entrypoint import TrainingCodeError
+
+        try:
+            fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]),
+                                  task, spec_dir(ctx.spec_path))
+            outputs = training.predict(fitted.model, parts["x_test"], task)
+        except (TrainingCodeError, ValueError) as error:
+            raise ReleaseError(f"{error}" if isinstance(error, TrainingCodeError) else
+                               f"{ctx.spec_path}: {error}") from None
+        source, local = {}, None
+    _check_outputs(ctx, task, outputs, parts)
+    metrics = training.task_metrics(task, outputs, parts["y_test"])
+    suffix = {"sklearn": "joblib", "torch": "pt", "onnx": "onnx"}[fitted.framework]
     with tempfile.TemporaryDirectory() as tmp:
-        local = training.save(fitted, Path(tmp) / f"model.{suffix}")
+        if local is None:
+            local = training.save(fitted, Path(tmp) / f"model.{suffix}")
         model_uri = ctx.store.put_file(local, ctx.run_key(data.release_key, f"model.{suffix}"))
     record = TrainedModel(framework=fitted.framework, model_uri=model_uri, metrics=metrics,
-                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3))
+                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3), task=task, source=source)
     return ctx.save_record(data.release_key, "train.json", record)
+
+
+def _imported(ctx):
+    from pipelines.registry import sources
+
+    try:
+        return sources.fetch(ctx.spec.model, spec_dir(ctx.spec_path), ctx.settings.tracking_uri,
+                             ctx.settings.s3_endpoint_url, Path(tempfile.mkdtemp(dir=_scratch(ctx))))
+    except sources.SourceError as error:
+        raise ReleaseError(f"{ctx.spec_path}: {error}") from None
+
+
+def _scratch(ctx) -> Path:
+    folder = ctx.settings.work_dir / "imports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _check_outputs(ctx, task: str, outputs, parts: dict) -> None:
+    """A model's answers have the task's shape: one probability per class, or one number per row."""
+    import numpy as np
+
+    outputs = np.asarray(outputs)
+    if task == "regression":
+        if outputs.ndim != 1 or not np.isfinite(outputs).all():
+            raise ReleaseError(f"{ctx.spec_path}: the model does not give one finite number per row for task "
+                               f"regression (outputs of shape {list(outputs.shape)})")
+        return
+    classes = len(parts["classes"])
+    if outputs.ndim != 2 or outputs.shape[1] != classes:
+        raise ReleaseError(f"{ctx.spec_path}: the model gives outputs of shape {list(outputs.shape)}, not one "
+                           f"probability per class ({classes} classes of {ctx.spec.data.target})")
+    if not np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        raise ReleaseError(f"{ctx.spec_path}: the model's outputs are not probabilities (rows do not sum to 1): "
+                           "end a torch module with a softmax")
+
+
+def _contract_onnx(ctx, data: DataCheck, parts: dict, path: Path) -> Path:
+    """An imported ONNX file brought to the device contract, in place: its inputs are the
+    spec's features (one per column, or one matrix), its answer is named `probabilities` (or
+    `prediction`, `[N, 1]`, for a regression)."""
+    import onnx
+
+    from pipelines.onnx import export as onnx_export
+
+    proto = onnx.load(str(path))
+    inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) > 1 and sorted(inputs) != sorted(data.features):
+        raise ReleaseError(f"{ctx.spec_path}: model.source: the model's inputs {sorted(inputs)[:6]} are not the "
+                           f"spec's features {data.features[:6]} (one input per feature, or one matrix)")
+    wanted = onnx_export.output_name(data.task)
+    tensors = [o for o in proto.graph.output if o.type.HasField("tensor_type")
+               and o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
+    if data.task != "regression":
+        tensors = [o for o in tensors if len(o.type.tensor_type.shape.dim) == 2]
+    chosen = next((o for o in tensors if o.name == wanted), tensors[-1] if tensors else None)
+    if chosen is None:
+        raise ReleaseError(f"{ctx.spec_path}: model.source: no float tensor output for a {data.task} model "
+                           f"(outputs {[o.name for o in proto.graph.output]}; convert classifiers without ZipMap)")
+    onnx_export.rename_output(proto, chosen.name, wanted)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    return path
 
 
 def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
            settings: Settings | None = None) -> ExportedModel:
-    """Convert to one ONNX file and check parity with the native model on the test split."""
+    """Convert to one ONNX file and check parity with the native model on the test split (an
+    imported ONNX file has none: it gets the contract's metadata)."""
     import onnx
 
     from pipelines import training
@@ -169,25 +285,39 @@ def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
         return cached
 
     parts = splits(ctx, data)
-    native = training.load(trained.framework, ctx.fetch(trained.model_uri))
+    task = data.task
+    metadata = {"edge.model": ctx.spec.name, "edge.classes": json.dumps(trained.classes)}
     tolerance = ctx.spec.export.parity
     with tempfile.TemporaryDirectory() as tmp:
-        path = onnx_export.export_onnx(
-            trained.framework, native, parts["x_test"], Path(tmp) / "model.onnx", ctx.spec.export.opset,
-            {"edge.model": ctx.spec.name, "edge.classes": json.dumps(trained.classes)},
-        )
-        result = onnx_export.parity(training.predict_proba(native, parts["x_test"]),
-                                    onnx_export.predict_proba(path, parts["x_test"]))
-        try:
-            onnx_export.check_parity(result, tolerance.max_abs_diff, tolerance.min_label_agreement)
-        except onnx_export.ParityError as error:
-            raise ReleaseError(f"{ctx.spec_path}: export: {error}") from None
+        path = Path(tmp) / "model.onnx"
+        if trained.framework == "onnx":
+            native_out = None
+            onnx_export.write_contract(ctx.fetch(trained.model_uri), path, parts["x_test"], metadata, task)
+        else:
+            native = training.load(trained.framework, ctx.fetch(trained.model_uri), ctx.spec.training,
+                                   spec_dir(ctx.spec_path))
+            native_out = training.predict(native, parts["x_test"], task)
+            onnx_export.export_onnx(trained.framework, native, parts["x_test"], path, ctx.spec.export.opset,
+                                    metadata, task)
+        bins: list[float] = []
+        if task == "regression":
+            bins = onnx_export.prediction_bins(onnx_export.predict(path, parts["x_train"]))
+            onnx_export.write_contract(path, path, parts["x_test"], {**metadata,
+                                                                     "edge.prediction_bins": json.dumps(bins)}, task)
+        result = None
+        if native_out is not None:
+            result = onnx_export.parity(native_out, onnx_export.predict(path, parts["x_test"]))
+            try:
+                onnx_export.check_parity(result, tolerance.max_abs_diff, tolerance.min_label_agreement)
+            except onnx_export.ParityError as error:
+                raise ReleaseError(f"{ctx.spec_path}: export: {error}") from None
         opset = max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                     if o.domain in ("", "ai.onnx"))
         record = ExportedModel(
             uri=ctx.store.put_file(path, ctx.run_key(data.release_key, "model.fp32.onnx")),
             sha256=sha256_file(path), size_bytes=path.stat().st_size, opset=opset,
-            max_abs_diff=result.max_abs_diff, label_agreement=result.label_agreement,
+            max_abs_diff=result.max_abs_diff if result else None,
+            label_agreement=result.label_agreement if result else None, prediction_bins=bins,
         )
     return ctx.save_record(data.release_key, "export.json", record)
 
@@ -195,8 +325,7 @@ def export(spec_path: str | Path, data: DataCheck, trained: TrainedModel,
 def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
              settings: Settings | None = None) -> QuantizationPlan:
     """Build fp32, dynamic and static int8 candidates, measure each, choose one and say why."""
-    import numpy as np
-
+    from pipelines import training
     from pipelines.onnx import export as onnx_export
     from pipelines.onnx.quantize import quantize_candidates
 
@@ -212,17 +341,17 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
     calibration = [onnx_export.feeds(sess, calibration_rows.iloc[i:i + 1]) for i in range(len(calibration_rows))]
     latency_feed = onnx_export.feeds(sess, parts["x_test"].iloc[:1])
 
-    def accuracy(path: Path) -> float:
-        proba = onnx_export.predict_proba(path, parts["x_test"])
-        return float(np.mean(proba.argmax(axis=1) == parts["y_test"]))
+    def score(path: Path) -> float:
+        return training.score(data.task, onnx_export.predict(path, parts["x_test"]), parts["y_test"])
 
     export_spec = ctx.spec.export
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         plan, paths = quantize_candidates(
-            fp32, list(export_spec.quantization), calibration, latency_feed, accuracy,
+            fp32, list(export_spec.quantization), calibration, latency_feed, score,
             export_spec.accuracy_budget, export_spec.max_artifact_bytes, out_dir,
             uri_of=lambda p: ctx.store.uri(ctx.run_key(data.release_key, f"quant/{p.name}")),
+            metric=training.score_name(data.task),
         )
         for path in paths.values():
             ctx.store.put_file(path, ctx.run_key(data.release_key, f"quant/{path.name}"))
@@ -250,12 +379,12 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         raise ReleaseError(f"{chosen.uri}: sha256 differs from the quantization record")
     parts = splits(ctx, data)
     example = parts["x_test"].head(5)
-    if trained.framework == "torch":
+    if trained.framework == "torch" or len(onnx_export.session(onnx_path).get_inputs()) == 1:
         example = example.to_numpy("float32")
-    output = onnx_export.predict_proba(onnx_path, parts["x_test"].head(5)).astype("float32")
+    output = onnx_export.predict(onnx_path, parts["x_test"].head(5)).astype("float32")
     params = {
-        "framework": spec.training.framework,
-        "model_type": spec.training.estimator or spec.training.architecture,
+        "framework": trained.framework, "task": data.task,
+        "model_type": spec.training.model_type,
         "seed": str(spec.training.seed), "opset": str(exported.opset),
         "quantization.modes": ",".join(spec.export.quantization),
         "quantization.chosen": plan.chosen, "rows": str(data.rows),
@@ -263,8 +392,9 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         **{f"param.{k}": registry.json_safe(v) for k, v in sorted(spec.training.params.items())},
     }
     metrics = {f"test_{k}": v for k, v in trained.metrics.items()}
-    metrics.update({"train_seconds": trained.train_seconds, "onnx_max_abs_diff": exported.max_abs_diff,
-                    "onnx_label_agreement": exported.label_agreement})
+    metrics["train_seconds"] = trained.train_seconds
+    if exported.max_abs_diff is not None:
+        metrics.update({"onnx_max_abs_diff": exported.max_abs_diff, "onnx_label_agreement": exported.label_agreement})
     for candidate in plan.candidates:
         if candidate.size_bytes:
             metrics.update({f"{candidate.variant}_size_bytes": candidate.size_bytes,
@@ -275,6 +405,7 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         "data_sha256": data.sha256, "data_source": data.source, "spec_sha256": spec.digest(),
         "code_digest": code_digest(), "code_revision": code_revision(), "trigger": trigger,
         "variant": plan.chosen, "artifact_sha256": chosen.sha256, "owner": spec.owner,
+        **{f"source.{k}": v for k, v in trained.source.items()},
         "finops.cost_center": spec.finops.cost_center, "finops.project": spec.finops.project,
         **{f"version.{k}": v for k, v in {**library_versions(), "mlflow": _version("mlflow")}.items()},
         **(options or ReleaseOptions()).tags(), **({"release.salt": data.salt} if data.salt else {}),
@@ -592,6 +723,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         artifact_uri=published.uri if published else None, artifact_sha256=plan.chosen_candidate.sha256,
         gitops_commit=committed.commit if committed else None,
         gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
+        task=data.task + (" (inferred from the target)" if data.task_inferred else ""), model_source=trained.source,
         verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
         cost=cost.estimate if cost else None, cost_diff=cost.diff if cost else None,
@@ -653,7 +785,7 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
         timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
         timed("fairness_gate", gates.fairness_gate, spec_path, data, plan, registered, cost),
         timed("parity_gate", gates.parity_gate, spec_path, data, plan, registered, cost),
-        timed("drift_gate", gates.drift_gate, spec_path, data, registered),
+        timed("drift_gate", gates.drift_gate, spec_path, data, plan, registered),
     ]
     verdicts = all_verdicts(verdicts, cost)
     explanation = timed("explain", gates.explain, spec_path, data, plan, registered)

@@ -40,3 +40,20 @@ class EdgeNet(nn.Module):
         if self.shape is not None:
             x = x.reshape(-1, *self.shape)
         return torch.softmax(self.body(x), dim=1)
+
+
+class Shaped(nn.Module):
+    """A module that takes rows of `shape` (an image), fed the flat feature vector devices send."""
+
+    def __init__(self, module: nn.Module, shape: list[int], n_features: int):
+        super().__init__()
+        size = 1
+        for dim in shape:
+            size *= dim
+        if size != n_features:
+            raise ValueError(f"training.inputShape: {shape} holds {size} values, the data has {n_features} features")
+        self.module = module
+        self.shape = list(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.reshape(-1, *self.shape))

@@ -1,0 +1,208 @@
+"""The cost of data size: one whole release of the Adult demo spec at 1x, 10x, 100x its rows.
+
+For each scale N, the 32,561 rows of UCI Adult's training file (`builtin:uci-adult`) are
+written N times to one Parquet file. Copy 0 is the original; every later copy gets a small
+deterministic jitter (seeded): `age` and `hours_per_week` move by -1, 0 or +1, clipped to the
+spec's validation ranges, so no row is invalid and the copies are not plain duplicates. A copy
+of `model_specs/adult-income.yaml` whose `data.source` points at that file (name unchanged,
+in a folder of its own) is then released by `python -m pipelines release --json` in a new
+process on a fresh state folder (embedded defaults: no services). The drift gate's current
+window stays `builtin:uci-adult-test`.
+
+Per scale: the rows the release validated, the wall time of the whole release process,
+seconds per stage (from the release summary), and the peak RSS of the largest process of the
+releasing process tree (`os.wait4`'s resource usage of the child, which covers the
+descendants it waited for). Targets at 100x: every stage but `train` under 20 s, peak RSS
+under 3 GB.
+
+    .venv/bin/python bench/data_scale.py                  # 1x and 10x
+    .venv/bin/python bench/data_scale.py --scales 1,10,100
+    .venv/bin/python bench/data_scale.py --scales 10 --profile   # cProfile of the release
+
+Writes `$EDGE_STATE_DIR/bench/data_scale.json` (default `.edge-state`), and with
+`--profile` one cProfile file per scale beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.settings import get_settings  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SPEC = ROOT / "model_specs" / "adult-income.yaml"
+JITTER = ("age", "hours_per_week")
+COPIES_PER_ROW_GROUP = 10
+STAGE_TARGET_S = 20.0
+RSS_TARGET_MIB = 3 * 1024
+TARGET_SCALE = 100
+SEED = 20240601
+
+
+def write_rows(scale: int, path: Path, ranges: dict[str, list[float]]) -> int:
+    """The Adult rows `scale` times as one Parquet file; returns the row count."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data.builtin import load_uci_adult
+
+    base = load_uci_adult()
+    rng = np.random.default_rng(SEED)
+    schema = pa.Schema.from_pandas(base, preserve_index=False)
+    rows = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, scale, COPIES_PER_ROW_GROUP):
+            copies = []
+            for copy in range(start, min(start + COPIES_PER_ROW_GROUP, scale)):
+                frame = base.copy()
+                if copy:
+                    for column in JITTER:
+                        low, high = ranges[column]
+                        step = rng.integers(-1, 2, size=len(frame))
+                        frame[column] = (frame[column] + step).clip(low, high).astype(base[column].dtype)
+                copies.append(frame)
+            chunk = pd.concat(copies, ignore_index=True)
+            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+            rows += len(chunk)
+    return rows
+
+
+def _env(state: Path, specs: Path) -> dict[str, str]:
+    return {**os.environ, "EDGE_STATE_DIR": str(state), "EDGE_SPECS_DIR": str(specs), "PYTHONWARNINGS": "ignore",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def release(spec: Path, env: dict[str, str], log: Path, profile: Path | None) -> tuple[float, int, str]:
+    """Run one release in a child process: (wall seconds, peak RSS KiB of its tree, stdout)."""
+    command = [str(BIN / "python"), *(["-m", "cProfile", "-o", str(profile)] if profile else []),
+               "-m", "pipelines", "release", str(spec), "--json"]
+    began = time.perf_counter()
+    with log.open("w") as err, subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                                stderr=err, text=True) as child:
+        out = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - began
+    if child.returncode != 0:
+        raise SystemExit(f"release failed ({child.returncode}):\n{(out + log.read_text())[-3000:]}")
+    return wall, usage.ru_maxrss, out
+
+
+def measure(scale: int, work: Path, profile_dir: Path | None) -> dict:
+    import yaml
+
+    spec = yaml.safe_load(SPEC.read_text())
+    folder = work / f"{scale}x"
+    specs, state = folder / "specs", folder / "state"
+    specs.mkdir(parents=True)
+    data = folder / "adult.parquet"
+    began = time.perf_counter()
+    rows = write_rows(scale, data, spec["data"]["validation"]["ranges"])
+    prepare_s = time.perf_counter() - began
+    spec["data"]["source"] = str(data)
+    spec_path = specs / f"{spec['name']}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    profile = profile_dir / f"data_scale-{scale}x.prof" if profile_dir else None
+    wall, rss_kib, out = release(spec_path, _env(state, specs), folder / "release.log", profile)
+    summary = json.loads(out.strip().splitlines()[-1])
+    if summary["status"] != "released":
+        raise SystemExit(f"{scale}x: {summary['status']} ({summary.get('reasons')})")
+    validation = state / "artifacts" / "runs" / spec["name"] / summary["release_key"] / "validation.json"
+    validated = json.loads(validation.read_text())["rows"]
+    if validated != rows:
+        raise SystemExit(f"{scale}x: the release validated {validated:,} rows, {rows:,} were written")
+    return {"scale": scale, "rows": rows, "parquet_mib": round(data.stat().st_size / 2**20, 1),
+            "prepare_s": round(prepare_s, 2), "wall_s": round(wall, 2), "stages_s": summary["stages"],
+            "sum_of_stages_s": round(sum(summary["stages"].values()), 2), "peak_rss_mib": round(rss_kib / 1024),
+            "profiled": profile is not None, "metrics": summary["metrics"],
+            "quantization": summary["quantization"].get("chosen")}
+
+
+def _over(result: dict) -> list[str]:
+    """What misses the targets (they are set for 100x)."""
+    over = [f"{stage} {s:.2f} s" for stage, s in result["stages_s"].items() if stage != "train" and s >= STAGE_TARGET_S]
+    if result["peak_rss_mib"] >= RSS_TARGET_MIB:
+        over.append(f"peak RSS {result['peak_rss_mib']:,} MiB")
+    return over
+
+
+def table(results: list[dict]) -> str:
+    width = 12
+    head = f"{'':<18}" + "".join(f"{str(r['scale']) + 'x':>{width}}" for r in results) + f"   target at {TARGET_SCALE}x"
+    lines = [head, f"{'rows':<18}" + "".join(f"{r['rows']:>{width},}" for r in results),
+             f"{'parquet MiB':<18}" + "".join(f"{r['parquet_mib']:>{width}.1f}" for r in results)]
+    stages = list(dict.fromkeys(s for r in results for s in r["stages_s"]))
+    for stage in stages:
+        cells = "".join(f"{r['stages_s'].get(stage, float('nan')):>{width}.2f}" for r in results)
+        lines.append(f"  {stage:<16}{cells}   {'-' if stage == 'train' else f'< {STAGE_TARGET_S:.0f} s'}")
+    lines.append(f"{'sum of stages s':<18}" + "".join(f"{r['sum_of_stages_s']:>{width}.2f}" for r in results))
+    lines.append(f"{'wall (process) s':<18}" + "".join(f"{r['wall_s']:>{width}.2f}" for r in results))
+    lines.append(f"{'peak RSS MiB':<18}" + "".join(f"{r['peak_rss_mib']:>{width},}" for r in results)
+                 + f"   < {RSS_TARGET_MIB:,}")
+    lines.append(f"{'accuracy':<18}" + "".join(f"{r['metrics'].get('accuracy', float('nan')):>{width}.4f}"
+                                                for r in results))
+    for r in results:
+        over = _over(r)
+        verdict = "all met" if not over else "over: " + ", ".join(over)
+        note = "" if r["scale"] == TARGET_SCALE else f" (targets are for {TARGET_SCALE}x)"
+        lines.append(f"{r['scale']}x targets: {verdict}{note}")
+    if any(r["profiled"] for r in results):
+        lines.append("under cProfile: seconds include the profiler's overhead")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scales", default="1,10", help="comma-separated multiples of the 32,561 rows (default 1,10)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each release under cProfile (files beside the JSON; slower)")
+    args = parser.parse_args(argv)
+    try:
+        scales = [int(s) for s in args.scales.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--scales: {args.scales!r} is not a list of integers")
+    if not scales or min(scales) < 1:
+        parser.error("--scales: give positive integers")
+    out = get_settings().state / "bench" / "data_scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-scale-"))
+    results = []
+    try:
+        for scale in scales:
+            result = measure(scale, work, out.parent if args.profile else None)
+            print(f"{scale}x: {result['rows']:,} rows, release {result['wall_s']:.1f} s, "
+                  f"peak RSS {result['peak_rss_mib']:,} MiB (data written in {result['prepare_s']:.1f} s)", flush=True)
+            results.append(result)
+            shutil.rmtree(work / f"{scale}x", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(results))
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+              "jitter": {"columns": list(JITTER), "step": [-1, 0, 1], "seed": SEED, "first_copy": "unchanged"},
+              "targets": {"scale": TARGET_SCALE, "stage_s": STAGE_TARGET_S, "peak_rss_mib": RSS_TARGET_MIB},
+              "results": results}
+    out.write_text(json.dumps(report, indent=2))
+    print(f"written to {out}")
+    print(json.dumps({"bench": "data_scale", "results": [
+        {k: r[k] for k in ("scale", "rows", "wall_s", "sum_of_stages_s", "peak_rss_mib", "stages_s")} | {"over": _over(r)}
+        for r in results]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
