@@ -159,6 +159,7 @@ def check_target(frame: pd.DataFrame, data: DataSpec, task: str | None = None) -
                 sorted({repr(v) for v in values[~numeric].head(50)})[:2]
             raise DataError(f"{data.source}: column {data.target!r} (data.target) mixes numbers and text "
                             f"({', '.join(examples)}): make it one kind")
+    explicit = task is not None
     task = task or infer_task(values)
     if task == "regression":
         if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
@@ -168,7 +169,7 @@ def check_target(frame: pd.DataFrame, data: DataSpec, task: str | None = None) -
             raise DataError(f"{data.source}: column {data.target!r} (data.target) has one value: nothing to predict")
         return task
     classes = values.nunique()
-    if task == "binary" and classes != 2:
+    if explicit and task == "binary" and classes != 2:
         raise DataError(f"{data.source}: column {data.target!r} (data.target) has {classes:,} classes; task binary "
                         "needs exactly 2")
     test_rows = math.ceil(len(frame) * data.test_size)

@@ -110,6 +110,8 @@ def worst(report: dict, metric: str) -> tuple[float | None, str | None]:
 _GAP_RULES = (("demographic_parity_difference", "bias_score", "biasScore"),
               ("equalized_odds_difference", "equalized_odds", "equalizedOdds"))
 _REGRESSION_RULES = (("mae_difference", "max_error_gap", "maxErrorGap"),)
+# When no parity could be measured (no class with rows in every group): the accuracy spread.
+_ACCURACY_RULES = (("accuracy_difference", "bias_score", "biasScore"),)
 
 
 def _worst_feature(observed: dict, metric: str) -> str | None:
@@ -121,14 +123,20 @@ def _worst_feature(observed: dict, metric: str) -> str | None:
 
 def breaches(thresholds: dict, observed: dict) -> list[Breach]:
     """The fairness rules one variant's figures break: demographic parity and equalized odds
-    differences (of the worst class, with more than two) above biasScore and equalizedOdds; for a
-    regression, the gap in mean absolute error between groups above maxErrorGap; and the
+    differences (of the worst class, with more than two) above biasScore and equalizedOdds, or,
+    where no parity could be measured, the accuracy difference between groups above biasScore;
+    for a regression, the gap in mean absolute error between groups above maxErrorGap; and the
     lowest group accuracy below minGroupAccuracy."""
     found = []
     variant = observed.get("variant")
     variant = None if variant is None else str(variant)
-    regression = number(observed.get("mae_difference")) is not None
-    for metric, key, spec_key in _REGRESSION_RULES if regression else _GAP_RULES:
+    if number(observed.get("mae_difference")) is not None:
+        rules = _REGRESSION_RULES
+    elif number(observed.get("demographic_parity_difference")) is not None:
+        rules = _GAP_RULES
+    else:
+        rules = _ACCURACY_RULES
+    for metric, key, spec_key in rules:
         value, limit = number(observed.get(metric)), number(thresholds.get(key))
         if value is not None and limit is not None and value > limit:
             found.append(Breach(metric, value, limit, "max", f"responsibleAI.fairness.{spec_key}",
@@ -166,11 +174,13 @@ def fairness_verdict(report: dict, spec: FairnessSpec, evidence: dict[str, str],
     found = breaches(thresholds, observed)
     if found:
         reason = "; ".join(_problem(b) for b in found)
-    else:
+    elif dp is not None:
         worst_class = "" if all(e.get("demographic_parity_difference_class") is None for e in report.values()) \
             else " (worst class against the rest)"
         reason = (f"demographic parity difference {dp:.3f} (by {dp_feature}) and equalized odds difference "
                   f"{eo:.3f} (by {eo_feature}){worst_class} within {spec.bias_score:g} and {spec.equalized_odds:g}")
+    else:
+        reason = f"accuracy difference between groups {acc_gap:.3f} within {spec.bias_score:g}"
     return GateVerdict(gate="fairness", passed=not found, thresholds=thresholds, observed=observed,
                        evidence=evidence, reason=reason)
 

@@ -318,7 +318,7 @@ def _rejection(
     c: QuantCandidate, fp32: QuantCandidate, budget: float, limit: float, metric: str = "accuracy"
 ) -> str:
     if not c.eligible and _drop(c) <= budget + _EPS:
-        return f"{c.variant} is unusable ({c.note or 'marked ineligible'})"
+        return f"{c.variant} is not eligible ({c.note or 'marked ineligible'})"
     problems = []
     if _drop(c) > budget + _EPS:
         problems.append(f"loses {_pt(_drop(c))} {metric}, over the {_pt(budget)} budget")

@@ -353,9 +353,54 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
             uri_of=lambda p: ctx.store.uri(ctx.run_key(data.release_key, f"quant/{p.name}")),
             metric=training.score_name(data.task),
         )
+        plan = _parity_eligible(ctx, data, plan, paths, parts)
         for path in paths.values():
             ctx.store.put_file(path, ctx.run_key(data.release_key, f"quant/{path.name}"))
     return ctx.save_record(data.release_key, "quantization.json", plan)
+
+
+def _parity_eligible(ctx, data: DataCheck, plan: QuantizationPlan, paths: dict, parts: dict) -> QuantizationPlan:
+    """The plan with every int8 variant that would fail the quantization parity gate (a sensitive
+    group's gap widening beyond gates.quantizationFairnessChange) made ineligible, and the
+    choice made again among the others, fp32 included: a release is then rejected for parity
+    only when no variant passes it."""
+    from pipelines import training
+    from pipelines.gates.fairness import group_report
+    from pipelines.gates.parity import parity_verdict
+    from pipelines.onnx import export as onnx_export
+    from pipelines.onnx.quantize import choose_variant
+
+    spec = ctx.spec
+    if not spec.data.sensitive_features or "quantization_parity" in spec.gates.waive:
+        return plan
+    sensitive = parts["test"][spec.data.sensitive_features]
+
+    def report(variant: str) -> dict:
+        outputs = onnx_export.predict(paths[variant], parts["x_test"])
+        answers = outputs if data.task == "regression" else outputs.argmax(axis=1)
+        return group_report(parts["y_test"], answers, sensitive, spec.responsible_ai.fairness.min_group_size,
+                            len(parts["classes"]))
+
+    fp32 = next(c for c in plan.candidates if c.variant == "fp32")
+    scale = training.regression_metrics(onnx_export.predict(paths["fp32"], parts["x_test"]), parts["y_test"])["mae"] \
+        if data.task == "regression" else 1.0
+    base = None
+    candidates = []
+    for candidate in plan.candidates:
+        if candidate.variant != "fp32" and candidate.eligible and candidate.variant in paths:
+            base = base if base is not None else report("fp32")
+            verdict = parity_verdict(candidate.variant, fp32.accuracy, candidate.accuracy, base,
+                                     report(candidate.variant), spec.export.accuracy_budget,
+                                     spec.gates.quantization_fairness_change, metric=plan.metric, gap_scale=scale)
+            if not verdict.passed:
+                note = "; ".join(filter(None, [candidate.note, f"fails quantization parity: {verdict.reason}"]))
+                candidate = candidate.model_copy(update={"eligible": False, "note": note})
+        candidates.append(candidate)
+    if candidates == plan.candidates:
+        return plan
+    chosen, reason = choose_variant(candidates, spec.export.accuracy_budget, spec.export.max_artifact_bytes,
+                                    metric=plan.metric)
+    return plan.model_copy(update={"candidates": candidates, "chosen": chosen, "reason": reason})
 
 
 # -- registry, store, Git ----------------------------------------------------------------------

@@ -236,8 +236,14 @@ DATA = [
      ["data.csv: 5 columns, more than data.validation.maxColumns (4)"], False),
     ("target-mixes-numbers-and-text", _frame_csv(_assign("label", "yes", rows=[3])), {},
      ["column 'label' (data.target) mixes numbers and text", "'yes'"], False),
-    ("more-classes-than-the-test-split", _frame_csv(lambda f: f.assign(label=range(len(f)))), {},
+    ("more-classes-than-the-test-split", _frame_csv(lambda f: f.assign(label=[f"c{i}" for i in range(len(f))])), {},
      ["column 'label' (data.target) has 400 classes, more than the 80 rows of the test split"], False),
+    ("whole-number-target-named-multiclass", _frame_csv(lambda f: f.assign(label=range(len(f)))),
+     {"_spec": {"task": "multiclass"}}, ["column 'label' (data.target) has 400 classes, more than the 80 rows"], False),
+    ("text-target-named-regression", _frame_csv(lambda f: f.assign(label=f["colour"])), {"_spec": {"task": "regression", "responsibleAI": {"fairness": {"maxErrorGap": 1}}}},
+     ["column 'label' (data.target) is not numeric: task regression needs a number"], False),
+    ("regression-metric-for-a-classifier", _frame_csv(lambda f: f), {"_spec": {"gates": {"quality": {"mae": {"maxValue": 1}}}}},
+     ["gates.quality.mae: not a metric of a binary model (use accuracy, f1_macro, roc_auc)"], False),
 ]
 
 
@@ -248,6 +254,8 @@ def test_bad_data_stops_the_release_at_the_data_stage(tmp_path, state, capsys, w
     spec = write_spec(tmp_path, MODEL, "data.csv")
     if data:
         doc = yaml.safe_load(spec.read_text())
+        data = dict(data)
+        doc.update(data.pop("_spec", {}))  # top-level fields, where a case needs them
         doc["data"].update(data)
         spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     _one_line_error(capsys, ["release", spec], f"error: {spec}: ", *needles)

@@ -9,7 +9,8 @@ import yaml
 from pipelines.specs import SpecError, discover_specs, json_schema, load_spec, parse_quantity, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = sorted((ROOT / "model_specs").glob("*.yaml"))
+SPECS = sorted([*(ROOT / "model_specs").glob("*.yaml"),
+                *(p for p in (ROOT / "model_specs").glob("*/*.yaml") if p.parent.name == p.stem)])
 ADULT = ROOT / "model_specs" / "adult-income.yaml"
 
 
@@ -40,7 +41,7 @@ _DELETE = object()
 
 BAD = [
     ("training.estimatr", "x", "training.estimatr: unknown key"),
-    ("training.estimator", "xgboost", "training: training.estimator must be one of"),
+    ("training.estimator", "catboost", "training: training.estimator must be one of"),
     ("training.seed", -1, "training.seed: Input should be greater than or equal to 0"),
     ("finops.monthlyBudgetUsd", -5, "finops.monthlyBudgetUsd: Input should be greater than or equal to 0"),
     ("finops", _DELETE, "finops: Field required"),

@@ -66,7 +66,7 @@ def _until_publish(spec: Path, settings: Settings | None = None) -> SimpleNamesp
     verdicts = [gates.quality_gate(spec, data, plan, registered, **kw),
                 gates.fairness_gate(spec, data, plan, registered, cost, **kw),
                 gates.parity_gate(spec, data, plan, registered, cost, **kw),
-                gates.drift_gate(spec, data, registered, **kw), *cost.verdicts]
+                gates.drift_gate(spec, data, plan, registered, **kw), *cost.verdicts]
     explanation = gates.explain(spec, data, plan, registered, **kw)
     card = gates.model_card(spec, data, trained, plan, registered, verdicts, explanation, cost, **kw)
     assert release.decide(spec, data, verdicts, settings=settings).outcome == "release"
