@@ -88,6 +88,9 @@ class DataValidation(_Strict):
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     max_columns: int = Field(10_000, ge=1, le=1_000_000,
                              description="Most columns a data file may have (checked on its header, before reading).")
+    max_cell_bytes: int = Field(65_536, ge=16, le=2**30,
+                                description="Largest value a data file's cell may hold, in bytes (a CSV's lines are "
+                                            "checked before the file is read).")
 
     @field_validator("ranges")
     @classmethod

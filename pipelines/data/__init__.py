@@ -34,34 +34,46 @@ def read_source(data: DataSpec, base_dir: Path, s3_endpoint_url: str | None = No
             local = ObjectStore(f"s3://{bucket_url}", s3_endpoint_url).get_file(
                 key, Path(tmp) / Path(key).name
             )
-            return _read_file(local, source, data.validation.max_columns)
+            return _read_file(local, source, data.validation.max_columns, data.validation.max_cell_bytes)
     path = Path(source.removeprefix("file://"))
-    return _read_file(path if path.is_absolute() else base_dir / path, source, data.validation.max_columns)
+    return _read_file(path if path.is_absolute() else base_dir / path, source, data.validation.max_columns,
+                      data.validation.max_cell_bytes)
 
 
-def _check_header(path: Path, label: str, max_columns: int) -> None:
-    """A CSV's header, before the file is read: at most `max_columns` columns, no name twice
-    (a reader would silently rename the second `x` to `x.1`)."""
+def _check_header(path: Path, label: str, max_columns: int, max_cell_bytes: int = 65_536) -> int:
+    """A CSV, before it is read: a header of at most `max_columns` columns, no name twice (a
+    reader would silently rename the second `x` to `x.1`), and no line longer than its cells
+    can be (`max_cell_bytes` each), read a bounded piece at a time. Returns the longest line's
+    length in bytes."""
     import csv
     from collections import Counter
 
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        line = handle.readline()
-    names = next(csv.reader([line]), [])
-    if len(names) > max_columns:
-        raise DataError(f"{label}: {len(names):,} columns, more than data.validation.maxColumns "
-                        f"({max_columns:,})")
-    twice = sorted(name for name, count in Counter(n.strip() for n in names).items() if count > 1)
-    if twice:
-        raise DataError(f"{label}: column {twice[0]!r} appears more than once in the header"
-                        + (f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""))
+    with path.open("rb") as handle:
+        header = handle.readline(max_columns * (max_cell_bytes + 3) + 2)
+        names = next(csv.reader([header.decode("utf-8", errors="replace")]), [])
+        if len(names) > max_columns:
+            raise DataError(f"{label}: {len(names):,} columns, more than data.validation.maxColumns "
+                            f"({max_columns:,})")
+        twice = sorted(name for name, count in Counter(n.strip() for n in names).items() if count > 1)
+        if twice:
+            raise DataError(f"{label}: column {twice[0]!r} appears more than once in the header"
+                            + (f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""))
+        limit = max(len(names), 1) * (max_cell_bytes + 3) + 2
+        longest, number = len(header), 1
+        for number, line in enumerate(iter(lambda: handle.readline(limit + 1), b""), start=2):
+            if len(line) > limit:
+                raise DataError(f"{label}: line {number:,} is longer than {len(names):,} cells of "
+                                f"data.validation.maxCellBytes ({max_cell_bytes:,}) can be")
+            longest = max(longest, len(line))
+    return longest
 
 
-def _read_file(path: Path, label: str, max_columns: int) -> pd.DataFrame:
+def _read_file(path: Path, label: str, max_columns: int, max_cell_bytes: int = 65_536) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{label}: data file not found")
+    longest = None
     if path.suffix != ".parquet":
-        _check_header(path, label, max_columns)
+        longest = _check_header(path, label, max_columns, max_cell_bytes)
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -73,6 +85,12 @@ def _read_file(path: Path, label: str, max_columns: int) -> pd.DataFrame:
         raise DataError(f"{label}: no rows")
     if frame.shape[1] > max_columns:
         raise DataError(f"{label}: {frame.shape[1]:,} columns, more than data.validation.maxColumns ({max_columns:,})")
+    # A CSV whose lines are all shorter than a cell may be holds no cell too large.
+    for column in (frame.columns[frame.dtypes == object] if longest is None or longest > max_cell_bytes else []):
+        size = frame[column].astype(str).str.len().max()
+        if size > max_cell_bytes:
+            raise DataError(f"{label}: column {column!r} holds a value of {size:,} characters, more than "
+                            f"data.validation.maxCellBytes ({max_cell_bytes:,})")
     if frame.shape[1] == 1:
         header = str(frame.columns[0])
         other = next((sep for sep in (";", "\t", "|") if sep in header), None)

@@ -234,6 +234,12 @@ DATA = [
     ("duplicate-column", _duplicate_column, {}, ["data.csv: column 'x1' appears more than once in the header"], False),
     ("too-many-columns", _frame_csv(None), {"validation": {**VALIDATION, "maxColumns": 4}},
      ["data.csv: 5 columns, more than data.validation.maxColumns (4)"], False),
+    ("cell-too-large", _frame_csv(_assign("colour", "r" * 70_000, rows=[5])), {},
+     ["data.csv: column 'colour' holds a value of 70,000 characters, more than data.validation.maxCellBytes "
+      "(65,536)"], False),
+    ("line-too-long", _frame_csv(_assign("colour", "r" * 200, rows=[5])),
+     {"validation": {**VALIDATION, "maxCellBytes": 16}},
+     ["data.csv: line 7 is longer than 5 cells of data.validation.maxCellBytes (16) can be"], False),
     ("target-mixes-numbers-and-text", _frame_csv(_assign("label", "yes", rows=[3])), {},
      ["column 'label' (data.target) mixes numbers and text", "'yes'"], False),
     ("more-classes-than-the-test-split", _frame_csv(lambda f: f.assign(label=[f"c{i}" for i in range(len(f))])), {},

@@ -202,3 +202,10 @@ def test_a_user_module_of_the_same_name_in_two_spec_folders_is_each_its_own(tmp_
     assert load_module("train:x", tmp_path / "b").VALUE == 2
     assert str(tmp_path / "a") not in sys.path and str(tmp_path / "b") not in sys.path
 
+
+
+def test_the_own_code_demo_is_released_end_to_end(state, capsys):
+    summary = _release_json(ROOT / "model_specs" / "income-xgboost" / "income-xgboost.yaml", capsys)
+    assert summary["status"] == "released", summary["reasons"]
+    assert summary["metrics"]["accuracy"] > 0.85 and summary["task"] == "binary"
+    assert _deployed("income-xgboost")["spec"]["modelRef"]["checksum"] == f"sha256:{summary['artifact_sha256']}"
