@@ -86,7 +86,8 @@ def _read_file(path: Path, label: str, max_columns: int, max_cell_bytes: int = 6
     if frame.shape[1] > max_columns:
         raise DataError(f"{label}: {frame.shape[1]:,} columns, more than data.validation.maxColumns ({max_columns:,})")
     # A CSV whose lines are all shorter than a cell may be holds no cell too large.
-    for column in (frame.columns[frame.dtypes == object] if longest is None or longest > max_cell_bytes else []):
+    texts = [c for c in frame.columns if frame[c].dtype == object]
+    for column in (texts if longest is None or longest > max_cell_bytes else []):
         size = frame[column].astype(str).str.len().max()
         if size > max_cell_bytes:
             raise DataError(f"{label}: column {column!r} holds a value of {size:,} characters, more than "
