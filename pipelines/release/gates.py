@@ -130,10 +130,23 @@ def quality_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan,
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "quality.json"
         report.write_text(json.dumps({"candidate": candidate, "champion": champion, "champion_version": version,
-                                      "variant": plan.chosen, "rows": len(ev["y_test"]), "note": note}, indent=2))
+                                      "variant": plan.chosen, "rows": len(ev["y_test"]), "note": note,
+                                      "task": data.task, **_per_class(ev, plan.chosen)}, indent=2))
         verdict = _publish_evidence(ctx, data, registered, verdict, [report])
     ctx.save_record(evaluation_folder(data, registered), "gates/quality.json", verdict)
     return ctx.save_record(evaluation_folder(data, registered), name, verdict)
+
+
+def _per_class(ev: dict, variant: str) -> dict:
+    """A classifier's precision, recall, F1 and support per class (scikit-learn's report)."""
+    if ev["task"] == "regression":
+        return {}
+    from sklearn.metrics import classification_report
+
+    labels = list(range(len(ev["classes"])))
+    report = classification_report(ev["y_test"], ev["predicted"][variant], labels=labels,
+                                   target_names=ev["classes"], output_dict=True, zero_division=0)
+    return {"per_class": {name: {k: round(float(v), 6) for k, v in report[name].items()} for name in ev["classes"]}}
 
 
 # -- fairness and quantization parity ------------------------------------------------------------

@@ -98,7 +98,17 @@ def _one_line(error: BaseException, folder: Path, what: str) -> str:
         frame = (mine or frames or [None])[-1]
         where = f"{frame.filename}:{frame.lineno}" if frame is not None else str(folder)
     message = " ".join(str(error).split()) or "(no message)"
-    return f"{where}: {what}: {type(error).__name__}: {message[:300]}"
+    return f"{_shown(where)}: {what}: {type(error).__name__}: {message[:300]}"
+
+
+def _shown(where: str) -> str:
+    """A file of the user's as they know it: relative to the working folder when it is inside it."""
+    path = Path(where.rsplit(":", 1)[0])
+    try:
+        relative = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return where
+    return f"{relative}:{where.rsplit(':', 1)[1]}" if ":" in where else str(relative)
 
 
 def run(entrypoint: str, folder: Path, features, target, params: dict, seed: int, task: str):

@@ -209,3 +209,80 @@ def test_the_own_code_demo_is_released_end_to_end(state, capsys):
     assert summary["status"] == "released", summary["reasons"]
     assert summary["metrics"]["accuracy"] > 0.85 and summary["task"] == "binary"
     assert _deployed("income-xgboost")["spec"]["modelRef"]["checksum"] == f"sha256:{summary['artifact_sha256']}"
+
+
+TORCH_PY = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Takes rows shaped [1, 2] (the spec's training.inputShape), as an image model would."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2), nn.Softmax(dim=1))
+
+    def forward(self, x):
+        assert x.dim() == 3 and x.shape[1:] == (1, 2), x.shape
+        return self.body(x)
+
+
+def fit(features, target, params, seed):
+    torch.manual_seed(seed)
+    net = Net()
+    x = torch.tensor(features.to_numpy("float32")).reshape(-1, 1, 2)
+    y = torch.tensor(target, dtype=torch.long)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(int(params["epochs"])):
+        optimizer.zero_grad()
+        loss = nn.functional.nll_loss(torch.log(net(x) + 1e-9), y)
+        loss.backward()
+        optimizer.step()
+    return net.eval()
+'''
+
+
+def test_a_torch_module_from_own_code_takes_its_input_shape(tmp_path, state, capsys):
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    (tmp_path / "net.py").write_text(TORCH_PY)
+    data = {"source": "data.csv", "target": "label", "features": ["x1", "x2"], "sensitiveFeatures": ["group"],
+            "validation": {"minRows": 50}}
+    spec = write_spec(tmp_path, "own-torch", "data.csv", data=data,
+                      training={"entrypoint": "net:fit", "inputShape": [1, 2], "params": {"epochs": 60}, "seed": 2})
+    summary = _release_json(spec, capsys)
+    assert summary["status"] == "released", summary["reasons"]
+    assert summary["metrics"]["accuracy"] > 0.75
+    # Devices send the flat features: the shipped file takes [N, 2].
+    from pipelines.onnx import export as onnx_export
+
+    session = onnx_export.session(summary["artifact_uri"].removeprefix("file://"))
+    assert [i.name for i in session.get_inputs()] == ["input"] and session.get_inputs()[0].shape[1] == 2
+
+
+def test_an_onnx_file_in_s3_is_imported_over_http(tmp_path, state, capsys, s3_endpoint, monkeypatch):
+    import boto3
+
+    frame = tabular_frame()
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    _onnx_classifier(tmp_path / "bought.onnx", frame)
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIATESTVENDOR", "AWS_SECRET_ACCESS_KEY": "vendor-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1", "EDGE_S3_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="vendor-models")
+    s3.upload_file(str(tmp_path / "bought.onnx"), "vendor-models", "churn/v7/model.onnx")
+    data = {"source": "data.csv", "target": "label", "features": ["x1", "x2"], "sensitiveFeatures": ["group"],
+            "validation": {"minRows": 50}}
+    spec = write_spec(tmp_path, "s3-bought", "data.csv", data=data, training={"seed": 1},
+                      model={"source": "s3://vendor-models/churn/v7/model.onnx",
+                             "checksum": f"sha256:{sha256_file(tmp_path / 'bought.onnx')}"})
+    summary = _release_json(spec, capsys)
+    assert summary["status"] == "released"
+    assert summary["model_source"]["source"] == "s3://vendor-models/churn/v7/model.onnx"
+
+    # Another object under the same key: the release's identity changes, and the checksum refuses it.
+    (tmp_path / "other.onnx").write_bytes((tmp_path / "bought.onnx").read_bytes() + b"\0")
+    s3.upload_file(str(tmp_path / "other.onnx"), "vendor-models", "churn/v7/model.onnx")
+    assert main(["release", str(spec)]) == 2
+    assert "model.checksum: s3://vendor-models/churn/v7/model.onnx has sha256:" in capsys.readouterr().err
