@@ -88,6 +88,7 @@ test-prod: venv
 # Benchmarks print figures and write JSON under the state folder; they are not tests.
 bench: venv nginx
 	$(PY) bench/release_stages.py
+	$(PY) bench/data_scale.py
 	$(PY) bench/dag_parse.py
 	$(PY) bench/quantization.py
 	$(PY) bench/estimator_accuracy.py

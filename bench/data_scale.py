@@ -17,10 +17,12 @@ under 3 GB.
 
     .venv/bin/python bench/data_scale.py                  # 1x and 10x
     .venv/bin/python bench/data_scale.py --scales 1,10,100
-    .venv/bin/python bench/data_scale.py --scales 10 --profile   # cProfile of the release
+    .venv/bin/python bench/data_scale.py --scales 10,100 --profile   # where each stage's time goes
 
-Writes `$EDGE_STATE_DIR/bench/data_scale.json` (default `.edge-state`), and with
-`--profile` one cProfile file per scale beside it.
+Writes `$EDGE_STATE_DIR/bench/data_scale.json` (default `.edge-state`). With `--profile` each
+stage runs under its own cProfile profiler (slower: the seconds are not comparable with a
+plain run), one file per scale and stage beside the JSON, and the functions with the most own
+time are printed per stage.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ STAGE_TARGET_S = 20.0
 RSS_TARGET_MIB = 3 * 1024
 TARGET_SCALE = 100
 SEED = 20240601
+PROFILE_MIN_S = 1.0
 
 
 def write_rows(scale: int, path: Path, ranges: dict[str, list[float]]) -> int:
@@ -86,10 +89,65 @@ def _env(state: Path, specs: Path) -> dict[str, str]:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
+def profiled_release(spec: str, prefix: str) -> int:
+    """`python -m pipelines release SPEC --json` in this process, each stage under its own
+    cProfile profiler, written to `<prefix>-<stage>.prof`."""
+    import cProfile
+    import functools
+
+    from pipelines.__main__ import main as cli
+    from pipelines.release import gates, stages
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        def profiled(*args, **kwargs):
+            profiler = cProfile.Profile()
+            try:
+                return profiler.runcall(fn, *args, **kwargs)
+            finally:
+                profiler.dump_stats(f"{prefix}-{name}.prof")
+        return profiled
+
+    for name in stages.STAGES:
+        for module in (stages, gates):
+            if callable(getattr(module, name, None)):
+                setattr(module, name, wrap(name, getattr(module, name)))
+    return cli(["release", spec, "--json"])
+
+
+def hot_spots(prefix: Path, stage: str, top: int = 4) -> list[str]:
+    """Where a stage's time goes, from its profile: the release library's functions with the
+    most cumulative time (the stage function apart), the functions with the most own time,
+    and the time spent importing modules; seconds, share of the stage, file:line."""
+    import pstats
+
+    path = Path(f"{prefix}-{stage}.prof")
+    if not path.is_file():
+        return []
+    stats = pstats.Stats(str(path)).stats
+    total = max((cum for (_, _, name), (_, _, _, cum, _) in stats.items() if name == stage), default=1e-9)
+
+    def line(key, seconds, what):
+        file, number, function = key
+        where = file.split("site-packages/")[-1].removeprefix(str(ROOT) + "/")
+        if "/lib/python" in where:  # the standard library
+            where = where.split("/lib/")[-1]
+        return f"    {what:<5}{seconds:7.2f} s {100 * seconds / total:5.1f}%  {where}:{number}({function})"
+
+    library = [(key, value[3]) for key, value in stats.items()
+               if key[0].startswith(str(ROOT / "pipelines")) and key[2] != stage and not key[2].startswith("<")]
+    own = [(key, value[2]) for key, value in stats.items()]
+    imports = max((value[3] for key, value in stats.items() if key[2] == "_find_and_load"), default=0.0)
+    lines = [line(key, seconds, "cum") for key, seconds in sorted(library, key=lambda kv: -kv[1])[:top]]
+    lines += [line(key, seconds, "own") for key, seconds in sorted(own, key=lambda kv: -kv[1])[:top]]
+    lines.append(f"    {'imports':<5}{imports:5.2f} s {100 * imports / total:5.1f}%")
+    return lines
+
+
 def release(spec: Path, env: dict[str, str], log: Path, profile: Path | None) -> tuple[float, int, str]:
     """Run one release in a child process: (wall seconds, peak RSS KiB of its tree, stdout)."""
-    command = [str(BIN / "python"), *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-               "-m", "pipelines", "release", str(spec), "--json"]
+    command = [str(BIN / "python"), *([str(Path(__file__).resolve()), "--profile-release", str(spec), str(profile)]
+                                      if profile else ["-m", "pipelines", "release", str(spec), "--json"])]
     began = time.perf_counter()
     with log.open("w") as err, subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                                 stderr=err, text=True) as child:
@@ -117,7 +175,7 @@ def measure(scale: int, work: Path, profile_dir: Path | None) -> dict:
     spec_path = specs / f"{spec['name']}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    profile = profile_dir / f"data_scale-{scale}x.prof" if profile_dir else None
+    profile = profile_dir / f"data_scale-{scale}x" if profile_dir else None
     wall, rss_kib, out = release(spec_path, _env(state, specs), folder / "release.log", profile)
     summary = json.loads(out.strip().splitlines()[-1])
     if summary["status"] != "released":
@@ -166,12 +224,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_report(results: list[dict], folder: Path) -> str:
+    """Per profiled scale and stage (training apart), where the stage's own time goes."""
+    lines = []
+    for r in (r for r in results if r["profiled"]):
+        for stage in (s for s in r["stages_s"] if s != "train" and r["stages_s"][s] >= PROFILE_MIN_S):
+            lines.append(f"{r['scale']}x {stage} ({r['stages_s'][stage]:.2f} s under cProfile):")
+            lines += hot_spots(folder / f"data_scale-{r['scale']}x", stage)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", default="1,10", help="comma-separated multiples of the 32,561 rows (default 1,10)")
     parser.add_argument("--profile", action="store_true",
-                        help="run each release under cProfile (files beside the JSON; slower)")
+                        help="profile each stage with cProfile (files beside the JSON; slower) and print "
+                             "the functions with the most own time")
+    parser.add_argument("--profile-release", nargs=2, metavar=("SPEC", "PREFIX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile_release:
+        return profiled_release(*args.profile_release)
     try:
         scales = [int(s) for s in args.scales.split(",") if s.strip()]
     except ValueError:
@@ -192,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(results))
+    if args.profile:
+        print(profile_report(results, out.parent))
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
               "jitter": {"columns": list(JITTER), "step": [-1, 0, 1], "seed": SEED, "first_copy": "unchanged"},
               "targets": {"scale": TARGET_SCALE, "stage_s": STAGE_TARGET_S, "peak_rss_mib": RSS_TARGET_MIB},
