@@ -102,6 +102,28 @@ def load_snapshot(ctx: Context, data: DataCheck):
     return frame
 
 
+def variant_outputs(ctx: Context, data: DataCheck, sha256: str, onnx_uri: str, x_test, computed=None):
+    """A variant's answers on the test split, computed once per release (one batched inference
+    per variant) and shared by the stages that judge it: stored under the run as
+    `outputs/<the variant's sha256>.npy`. `computed` stores answers the caller already has."""
+    import tempfile
+
+    import numpy as np
+
+    key = ctx.run_key(data.release_key, f"outputs/{sha256}.npy")
+    if computed is None and ctx.store.exists(key):
+        return np.load(ctx.fetch(ctx.store.uri(key)), allow_pickle=False)
+    if computed is None:
+        from pipelines.onnx import export as onnx_export
+
+        computed = onnx_export.predict(ctx.fetch(onnx_uri), x_test)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "outputs.npy"
+        np.save(path, np.asarray(computed), allow_pickle=False)
+        ctx.store.put_file(path, key)
+    return computed
+
+
 def splits(ctx: Context, data: DataCheck):
     """Train and test rows, features prepared, targets as class indices (or values, for a
     regression); deterministic."""

@@ -24,7 +24,7 @@ from pipelines.records import (
     RegisteredVersion,
     TrainedModel,
 )
-from pipelines.release.context import Context, evaluation_folder, resume, splits, stage_context
+from pipelines.release.context import Context, evaluation_folder, resume, splits, stage_context, variant_outputs
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,11 @@ def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan, variants:
     """Test split, and the answers of fp32 and of the shipped variants on it (class
     probabilities, or a regression's predictions) under `proba`, and the predicted labels (or
     values) under `predicted`."""
-    from pipelines.onnx import export as onnx_export
-
     parts = splits(ctx, data)
     wanted = {"fp32", plan.chosen, *(variants or [])}
-    paths = {c.variant: ctx.fetch(c.uri) for c in plan.candidates if c.variant in wanted}
-    proba = {variant: onnx_export.predict(path, parts["x_test"]) for variant, path in paths.items()}
+    chosen = [c for c in plan.candidates if c.variant in wanted]
+    paths = {c.variant: ctx.fetch(c.uri) for c in chosen}
+    proba = {c.variant: variant_outputs(ctx, data, c.sha256, c.uri, parts["x_test"]) for c in chosen}
     predicted = {v: p if data.task == "regression" else p.argmax(axis=1) for v, p in proba.items()}
     return {**parts, "paths": paths, "proba": proba, "predicted": predicted, "n_classes": len(parts["classes"]),
             "task": data.task}
@@ -241,6 +240,9 @@ def parity_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, 
 
 
 # -- drift ---------------------------------------------------------------------------------------
+DRIFT_SAMPLE_ROWS = 100_000  # most rows of each side the drift gate compares (a seeded sample)
+
+
 def drift_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
                settings: Settings | None = None) -> GateVerdict:
     """Evidently DataDriftPreset: training rows vs the most recent production window, over the
@@ -270,12 +272,18 @@ def drift_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, r
     missing = sorted(set(data.features) - set(columns))
     reference = splits(ctx, data)["train"][columns]
     current = current[columns]
+    # Bounded samples (seeded): a distribution is known well before millions of rows, and
+    # Evidently's time grows with them.
+    totals = {"reference_rows_total": len(reference), "current_rows_total": len(current)}
+    reference = reference.sample(n=min(DRIFT_SAMPLE_ROWS, len(reference)), random_state=ctx.spec.training.seed)
+    current = current.sample(n=min(DRIFT_SAMPLE_ROWS, len(current)), random_state=ctx.spec.training.seed)
     if not missing:
         reference, current = _with_predictions(ctx, data, plan, reference), _with_predictions(ctx, data, plan, current)
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "drift_report.html"
         figures = drift_report(reference, current, share, html)
         verdict = drift_verdict(figures, share, len(reference), len(current), {})
+        verdict = verdict.model_copy(update={"observed": {**verdict.observed, **totals}})
         if missing:
             verdict = verdict.model_copy(update={
                 "passed": False, "reason": f"current data lacks feature columns {missing}; {verdict.reason}"})

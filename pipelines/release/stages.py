@@ -44,6 +44,7 @@ from pipelines.release.context import (
     resume,
     splits,
     stage_context,
+    variant_outputs,
 )
 from pipelines.settings import Settings, get_settings
 from pipelines.specs import ModelSpec, spec_dir
@@ -341,8 +342,15 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
     calibration = [onnx_export.feeds(sess, calibration_rows.iloc[i:i + 1]) for i in range(len(calibration_rows))]
     latency_feed = onnx_export.feeds(sess, parts["x_test"].iloc[:1])
 
+    outputs: dict[Path, object] = {}  # each variant's answers on the test split, inferred once
+
+    def answers(path: Path):
+        if path not in outputs:
+            outputs[path] = onnx_export.predict(path, parts["x_test"])
+        return outputs[path]
+
     def score(path: Path) -> float:
-        return training.score(data.task, onnx_export.predict(path, parts["x_test"]), parts["y_test"])
+        return training.score(data.task, answers(path), parts["y_test"])
 
     export_spec = ctx.spec.export
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,13 +361,17 @@ def quantize(spec_path: str | Path, data: DataCheck, exported: ExportedModel,
             uri_of=lambda p: ctx.store.uri(ctx.run_key(data.release_key, f"quant/{p.name}")),
             metric=training.score_name(data.task),
         )
-        plan = _parity_eligible(ctx, data, plan, paths, parts)
+        plan = _parity_eligible(ctx, data, plan, paths, parts, answers)
         for path in paths.values():
             ctx.store.put_file(path, ctx.run_key(data.release_key, f"quant/{path.name}"))
+        for candidate in plan.candidates:
+            if candidate.variant in paths and paths[candidate.variant] in outputs:
+                variant_outputs(ctx, data, candidate.sha256, candidate.uri, None, outputs[paths[candidate.variant]])
     return ctx.save_record(data.release_key, "quantization.json", plan)
 
 
-def _parity_eligible(ctx, data: DataCheck, plan: QuantizationPlan, paths: dict, parts: dict) -> QuantizationPlan:
+def _parity_eligible(ctx, data: DataCheck, plan: QuantizationPlan, paths: dict, parts: dict,
+                     answers=None) -> QuantizationPlan:
     """The plan with every int8 variant that would fail the quantization parity gate (a sensitive
     group's gap widening beyond gates.quantizationFairnessChange) made ineligible, and the
     choice made again among the others, fp32 included: a release is then rejected for parity
@@ -374,15 +386,16 @@ def _parity_eligible(ctx, data: DataCheck, plan: QuantizationPlan, paths: dict, 
     if not spec.data.sensitive_features or "quantization_parity" in spec.gates.waive:
         return plan
     sensitive = parts["test"][spec.data.sensitive_features]
+    answers = answers or (lambda path: onnx_export.predict(path, parts["x_test"]))
 
     def report(variant: str) -> dict:
-        outputs = onnx_export.predict(paths[variant], parts["x_test"])
-        answers = outputs if data.task == "regression" else outputs.argmax(axis=1)
-        return group_report(parts["y_test"], answers, sensitive, spec.responsible_ai.fairness.min_group_size,
+        outputs = answers(paths[variant])
+        labels = outputs if data.task == "regression" else outputs.argmax(axis=1)
+        return group_report(parts["y_test"], labels, sensitive, spec.responsible_ai.fairness.min_group_size,
                             len(parts["classes"]))
 
     fp32 = next(c for c in plan.candidates if c.variant == "fp32")
-    scale = training.regression_metrics(onnx_export.predict(paths["fp32"], parts["x_test"]), parts["y_test"])["mae"] \
+    scale = training.regression_metrics(answers(paths["fp32"]), parts["y_test"])["mae"] \
         if data.task == "regression" else 1.0
     base = None
     candidates = []
