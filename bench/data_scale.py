@@ -9,11 +9,13 @@ in a folder of its own) is then released by `python -m pipelines release --json`
 process on a fresh state folder (embedded defaults: no services). The drift gate's current
 window stays `builtin:uci-adult-test`.
 
-Per scale: the rows the release validated, the wall time of the whole release process,
-seconds per stage (from the release summary), and the peak RSS of the largest process of the
-releasing process tree (`os.wait4`'s resource usage of the child, which covers the
-descendants it waited for). Targets at 100x: every stage but `train` under 20 s, peak RSS
-under 3 GB.
+The child process runs the command line's own `main` (`pipelines.__main__`), with each stage
+wrapped to note the process's RSS high-water mark after it. Per scale: the rows the release
+validated, the wall time of the whole release process, seconds per stage (from the release
+summary), the peak RSS of the largest process of the releasing process tree (`os.wait4`'s
+resource usage of the child, which covers the descendants it waited for), and the stages
+that raised the RSS high-water mark most. Targets at 100x: every stage but `train` under
+20 s, peak RSS under 3 GB.
 
     .venv/bin/python bench/data_scale.py                  # 1x and 10x
     .venv/bin/python bench/data_scale.py --scales 1,10,100
@@ -89,30 +91,39 @@ def _env(state: Path, specs: Path) -> dict[str, str]:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
-def profiled_release(spec: str, prefix: str) -> int:
-    """`python -m pipelines release SPEC --json` in this process, each stage under its own
-    cProfile profiler, written to `<prefix>-<stage>.prof`."""
+def child_release(spec: str, prefix: str, profile: bool) -> int:
+    """`python -m pipelines release SPEC --json` in this process (the CLI's own `main`), with
+    the process's RSS high-water mark noted after each stage (`<prefix>-rss.json`) and, with
+    `profile`, each stage under its own cProfile profiler (`<prefix>-<stage>.prof`)."""
     import cProfile
     import functools
+    import resource
 
     from pipelines.__main__ import main as cli
     from pipelines.release import gates, stages
 
+    high_water: dict[str, int] = {}
+
     def wrap(name, fn):
         @functools.wraps(fn)
-        def profiled(*args, **kwargs):
-            profiler = cProfile.Profile()
+        def measured(*args, **kwargs):
+            profiler = cProfile.Profile() if profile else None
             try:
-                return profiler.runcall(fn, *args, **kwargs)
+                return profiler.runcall(fn, *args, **kwargs) if profiler else fn(*args, **kwargs)
             finally:
-                profiler.dump_stats(f"{prefix}-{name}.prof")
-        return profiled
+                high_water[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                if profiler:
+                    profiler.dump_stats(f"{prefix}-{name}.prof")
+        return measured
 
     for name in stages.STAGES:
         for module in (stages, gates):
             if callable(getattr(module, name, None)):
                 setattr(module, name, wrap(name, getattr(module, name)))
-    return cli(["release", spec, "--json"])
+    try:
+        return cli(["release", spec, "--json"])
+    finally:
+        Path(f"{prefix}-rss.json").write_text(json.dumps(high_water))
 
 
 def hot_spots(prefix: Path, stage: str, top: int = 4) -> list[str]:
@@ -144,10 +155,10 @@ def hot_spots(prefix: Path, stage: str, top: int = 4) -> list[str]:
     return lines
 
 
-def release(spec: Path, env: dict[str, str], log: Path, profile: Path | None) -> tuple[float, int, str]:
+def release(spec: Path, env: dict[str, str], log: Path, prefix: Path, profile: bool) -> tuple[float, int, str]:
     """Run one release in a child process: (wall seconds, peak RSS KiB of its tree, stdout)."""
-    command = [str(BIN / "python"), *([str(Path(__file__).resolve()), "--profile-release", str(spec), str(profile)]
-                                      if profile else ["-m", "pipelines", "release", str(spec), "--json"])]
+    command = [str(BIN / "python"), str(Path(__file__).resolve()), "--child-release", str(spec), str(prefix),
+               *(["--profile"] if profile else [])]
     began = time.perf_counter()
     with log.open("w") as err, subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                                 stderr=err, text=True) as child:
@@ -175,8 +186,9 @@ def measure(scale: int, work: Path, profile_dir: Path | None) -> dict:
     spec_path = specs / f"{spec['name']}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    profile = profile_dir / f"data_scale-{scale}x" if profile_dir else None
-    wall, rss_kib, out = release(spec_path, _env(state, specs), folder / "release.log", profile)
+    prefix = (profile_dir or folder) / f"data_scale-{scale}x"
+    wall, rss_kib, out = release(spec_path, _env(state, specs), folder / "release.log", prefix, profile_dir is not None)
+    high_water = json.loads(Path(f"{prefix}-rss.json").read_text())
     summary = json.loads(out.strip().splitlines()[-1])
     if summary["status"] != "released":
         raise SystemExit(f"{scale}x: {summary['status']} ({summary.get('reasons')})")
@@ -187,7 +199,8 @@ def measure(scale: int, work: Path, profile_dir: Path | None) -> dict:
     return {"scale": scale, "rows": rows, "parquet_mib": round(data.stat().st_size / 2**20, 1),
             "prepare_s": round(prepare_s, 2), "wall_s": round(wall, 2), "stages_s": summary["stages"],
             "sum_of_stages_s": round(sum(summary["stages"].values()), 2), "peak_rss_mib": round(rss_kib / 1024),
-            "profiled": profile is not None, "metrics": summary["metrics"],
+            "rss_high_water_after_stage_mib": {k: round(v / 1024) for k, v in high_water.items()},
+            "profiled": profile_dir is not None, "metrics": summary["metrics"],
             "quantization": summary["quantization"].get("chosen")}
 
 
@@ -219,9 +232,21 @@ def table(results: list[dict]) -> str:
         verdict = "all met" if not over else "over: " + ", ".join(over)
         note = "" if r["scale"] == TARGET_SCALE else f" (targets are for {TARGET_SCALE}x)"
         lines.append(f"{r['scale']}x targets: {verdict}{note}")
+    for r in results:
+        lines.append(f"{r['scale']}x RSS high-water grows most in: " + ", ".join(
+            f"{stage} +{grown:,} MiB" for stage, grown in _rss_growth(r)[:3]))
     if any(r["profiled"] for r in results):
         lines.append("under cProfile: seconds include the profiler's overhead")
     return "\n".join(lines)
+
+
+def _rss_growth(result: dict) -> list[tuple[str, int]]:
+    """Stages by how much they raised the releasing process's RSS high-water mark (MiB), most first."""
+    growth, before = [], 0
+    for stage, mark in result["rss_high_water_after_stage_mib"].items():
+        growth.append((stage if before else f"{stage} (from process start)", mark - before))
+        before = mark
+    return sorted((g for g in growth if g[1] > 0), key=lambda g: -g[1])
 
 
 def profile_report(results: list[dict], folder: Path) -> str:
@@ -240,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile each stage with cProfile (files beside the JSON; slower) and print "
                              "the functions with the most own time")
-    parser.add_argument("--profile-release", nargs=2, metavar=("SPEC", "PREFIX"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-release", nargs=2, metavar=("SPEC", "PREFIX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.profile_release:
-        return profiled_release(*args.profile_release)
+    if args.child_release:
+        return child_release(*args.child_release, profile=args.profile)
     try:
         scales = [int(s) for s in args.scales.split(",") if s.strip()]
     except ValueError:
