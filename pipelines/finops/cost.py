@@ -170,18 +170,27 @@ def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet:
     )
 
 
-def _choose(target, options: dict[str, GroupCost], base: str) -> tuple[GroupCost, str]:
-    """The variant a device group ships: the cheapest that meets its SLO (ties: the base, then
-    the smaller file); when none meets it, the fastest."""
+def _choose(target, options: dict[str, GroupCost], base: str, memory_cap: float | None = None) -> tuple[GroupCost, str]:
+    """The variant a device group ships: the cheapest that fits the memory it may use
+    (`memory_cap`: the spec's limit and its devices' memory) and meets its SLO (ties: the base,
+    then the smaller file); when none does, the fastest that fits, or the fastest."""
     slo = target.latency_slo_ms
-    meeting = [c for c in options.values() if slo is None or c.latency_p95_ms <= slo]
+    fitting = [c for c in options.values() if memory_cap is None or c.memory_bytes <= memory_cap]
+    meeting = [c for c in fitting if slo is None or c.latency_p95_ms <= slo]
     if meeting:
         best = min(meeting, key=lambda c: (round(c.total_usd, 6), c.variant != base, c.inputs["artifact_bytes"]))
         others = ", ".join(f"{c.variant} ${c.total_usd:,.2f}" for c in options.values() if c is not best)
         why = f"cheapest within the SLO (${best.total_usd:,.2f}/month" + (f"; {others}" if others else "") + ")"
+        left_out = [c.variant for c in options.values() if c not in fitting]
+        if left_out:
+            why += f"; {', '.join(left_out)} over the memory it may use"
+    elif fitting and slo is not None:
+        best = min(fitting, key=lambda c: c.latency_p95_ms)
+        why = f"no variant meets the {slo:g} ms SLO; the fastest that fits in memory ({best.latency_p95_ms:.3f} ms)"
     else:
         best = min(options.values(), key=lambda c: c.latency_p95_ms)
-        why = f"no variant meets the {slo:g} ms SLO; the fastest ({best.latency_p95_ms:.3f} ms)"
+        why = (f"no variant meets the {slo:g} ms SLO; the fastest ({best.latency_p95_ms:.3f} ms)" if fitting
+               else f"no variant fits the memory it may use; the fastest ({best.latency_p95_ms:.3f} ms)")
     return best, why
 
 
@@ -200,7 +209,10 @@ def estimate(spec: ModelSpec, catalog: Catalog, fleet: Fleet, host: HostFigures,
                              f"{target.selector.match_labels}: the fleet file cannot price it")
         options = {v: _group_cost(target, matched, catalog, fleet, host, v)
                    for v in dict.fromkeys([variant, *(eligible or [])])}
-        chosen, why = _choose(target, options, variant)
+        caps = [catalog.classes[g.device_class].memory_bytes.value for g in matched if g.device_class in catalog.classes]
+        if spec.resources.limits.memory:
+            caps.append(parse_quantity(spec.resources.limits.memory))
+        chosen, why = _choose(target, options, variant, min(caps) if caps else None)
         groups.append(chosen.model_copy(update={"inputs": {**chosen.inputs, "variant_choice": why}}))
     per_month = releases_per_month(spec.schedule)
     training = host.train_seconds / 3600 * fleet.prices.training_usd_per_hour.value * per_month

@@ -150,3 +150,23 @@ def test_release_cadence_from_the_schedule():
     assert cost.releases_per_month(None) == 1
     assert cost.releases_per_month("@daily") == 30
     assert cost.releases_per_month("0 3 * * 1") == 5
+
+
+def test_a_group_ships_the_cheapest_variant_that_fits_its_memory_and_slo():
+    from types import SimpleNamespace
+
+    from pipelines.finops.cost import GroupCost, _choose
+
+    def option(variant, usd, p95, memory):
+        return GroupCost.model_construct(variant=variant, total_usd=usd, latency_p95_ms=p95, memory_bytes=memory,
+                                         inputs={"artifact_bytes": memory // 4})
+
+    options = {"fp32": option("fp32", 3.0, 4.0, 90 * 2**20), "dynamic": option("dynamic", 1.0, 3.0, 70 * 2**20),
+               "static": option("static", 2.0, 3.5, 40 * 2**20)}
+    target = SimpleNamespace(latency_slo_ms=5.0)
+    best, why = _choose(target, options, "fp32")
+    assert best.variant == "dynamic"
+    best, why = _choose(target, options, "fp32", memory_cap=64 * 2**20)
+    assert best.variant == "static" and "fp32, dynamic over the memory it may use" in why
+    best, why = _choose(SimpleNamespace(latency_slo_ms=1.0), options, "fp32", memory_cap=64 * 2**20)
+    assert best.variant == "static" and "the fastest that fits in memory" in why
