@@ -23,8 +23,9 @@ that raised the RSS high-water mark most. Targets at 100x: every stage but `trai
 
 Writes `$EDGE_STATE_DIR/bench/data_scale.json` (default `.edge-state`). With `--profile` each
 stage runs under its own cProfile profiler (slower: the seconds are not comparable with a
-plain run), one file per scale and stage beside the JSON, and the functions with the most own
-time are printed per stage.
+plain run), one file per scale and stage beside the JSON, and per stage the release library's
+functions with the most cumulative time, the functions with the most own time and the time
+spent importing are printed.
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="1,10", help="comma-separated multiples of the 32,561 rows (default 1,10)")
     parser.add_argument("--profile", action="store_true",
                         help="profile each stage with cProfile (files beside the JSON; slower) and print "
-                             "the functions with the most own time")
+                             "where each stage's time goes")
     parser.add_argument("--child-release", nargs=2, metavar=("SPEC", "PREFIX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_release:

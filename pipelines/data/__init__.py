@@ -88,7 +88,7 @@ def _read_file(path: Path, label: str, max_columns: int, max_cell_bytes: int = 6
     # A CSV whose lines are all shorter than a cell may be holds no cell too large.
     texts = [c for c in frame.columns if frame[c].dtype == object]
     for column in (texts if longest is None or longest > max_cell_bytes else []):
-        size = frame[column].astype(str).str.len().max()
+        size = max((len(str(v)) for v in frame[column].dropna().unique()), default=0)  # each distinct value once
         if size > max_cell_bytes:
             raise DataError(f"{label}: column {column!r} holds a value of {size:,} characters, more than "
                             f"data.validation.maxCellBytes ({max_cell_bytes:,})")

@@ -124,24 +124,69 @@ def variant_outputs(ctx: Context, data: DataCheck, sha256: str, onnx_uri: str, x
     return computed
 
 
+class _Parts(dict):
+    """The split: `train`, `test`, `x_test`, `y_test`, `classes`; the training rows' prepared
+    features and targets (`x_train`, `y_train`) are made when first asked for (the gates never
+    need them)."""
+
+    def __init__(self, values: dict, features: list[str], target: str, index: dict | None):
+        super().__init__(values)
+        self._features, self._target, self._index = features, target, index
+
+    def __missing__(self, key: str):
+        from pipelines.data import prepare_features
+
+        if key == "x_train":
+            value = prepare_features(self["train"], self._features)
+        elif key == "y_train":
+            column = self["train"][self._target]
+            value = column.to_numpy("float64") if self._index is None else column.map(self._index).to_numpy()
+        else:
+            raise KeyError(key)
+        self[key] = value
+        return value
+
+
+def _split_positions(ctx: Context, data: DataCheck, frame):
+    """Row positions of the test split, computed once per release and stored with it
+    (`split.npy`: the train positions, then the test positions, and the train count)."""
+    import tempfile
+
+    import numpy as np
+
+    from pipelines.data import split
+
+    key = ctx.run_key(data.release_key, "split.npy")
+    if ctx.store.exists(key):
+        return np.load(ctx.fetch(ctx.store.uri(key)), allow_pickle=False)
+    positions = frame[[ctx.spec.data.target]].assign(_position=np.arange(len(frame)))
+    train, test = split(positions, ctx.spec.data.target, ctx.spec.data.test_size, ctx.spec.training.seed,
+                        stratified=data.task != "regression")
+    stored = np.concatenate([train["_position"].to_numpy(np.int64), test["_position"].to_numpy(np.int64),
+                             [len(train)]])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "split.npy"
+        np.save(path, stored, allow_pickle=False)
+        ctx.store.put_file(path, key)
+    return stored
+
+
 def splits(ctx: Context, data: DataCheck):
     """Train and test rows, features prepared, targets as class indices (or values, for a
-    regression); deterministic."""
-    from pipelines.data import prepare_features, split
+    regression); deterministic (the same rows and order as `pipelines.data.split` gives)."""
+    from pipelines.data import prepare_features
 
     frame = load_snapshot(ctx, data)
     target = ctx.spec.data.target
-    regression = data.task == "regression"
-    train, test = split(frame, target, ctx.spec.data.test_size, ctx.spec.training.seed, stratified=not regression)
-    if regression:
-        return {"classes": [], "train": train, "test": test,
-                "x_train": prepare_features(train, data.features), "y_train": train[target].to_numpy("float64"),
-                "x_test": prepare_features(test, data.features), "y_test": test[target].to_numpy("float64")}
+    stored = _split_positions(ctx, data, frame)
+    n_train = int(stored[-1])
+    train, test = frame.take(stored[:n_train]), frame.take(stored[n_train:-1])
+    if data.task == "regression":
+        return _Parts({"classes": [], "train": train, "test": test,
+                       "x_test": prepare_features(test, data.features), "y_test": test[target].to_numpy("float64")},
+                      data.features, target, None)
     classes = sorted(frame[target].unique().tolist())
     index = {c: i for i, c in enumerate(classes)}
-    return {
-        "classes": [str(c) for c in classes],
-        "train": train, "test": test,
-        "x_train": prepare_features(train, data.features), "y_train": train[target].map(index).to_numpy(),
-        "x_test": prepare_features(test, data.features), "y_test": test[target].map(index).to_numpy(),
-    }
+    return _Parts({"classes": [str(c) for c in classes], "train": train, "test": test,
+                   "x_test": prepare_features(test, data.features), "y_test": test[target].map(index).to_numpy()},
+                  data.features, target, index)
