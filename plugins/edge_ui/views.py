@@ -617,7 +617,8 @@ def _quality(verdict: GateVerdict) -> list[str]:
     return out
 
 
-_FAIRNESS_LABELS = {"accuracy_difference": "accuracy difference between groups"}
+_FAIRNESS_LABELS = {"accuracy_difference": "accuracy difference between groups",
+                    "mae_difference": "difference in mean absolute error between groups"}
 
 
 def _fairness(verdict: GateVerdict) -> list[str]:
@@ -646,7 +647,8 @@ def _parity(verdict: GateVerdict) -> list[str]:
     for observed in _by_variant(verdict.observed).values():
         for b in breaches(verdict.thresholds, observed):
             if b.metric == "accuracy":
-                out.append(f"The quantization parity gate failed: the {b.variant} int8 variant's accuracy is "
+                score = observed.get("metric") or "accuracy"
+                out.append(f"The quantization parity gate failed: the {b.variant} int8 variant's {score} is "
                            f"{b.value:.4f} against fp32's {b.baseline:.4f}, a drop of {100 * b.observed:.2f} points "
                            f"where {b.field} allows {100 * b.limit:.2f}.")
             else:

@@ -193,6 +193,15 @@ def test_explanations_of_regressions_parity_drift_and_unknown_gates():
                         "difference across race by 0.060 compared with fp32, more than the 0.02 allowed by "
                         "gates.quantizationFairnessChange")
 
+    errors = {"sex": {"mae_difference": 14.5, "max_group_mae": 52.0, "by_group": {}, "excluded_small_groups": {}}}
+    unfair = fairness_verdict(errors, FairnessSpec(maxErrorGap=12), {}, "fp32")
+    assert views.explain_verdict(unfair).startswith(
+        "The fairness gate failed: the difference in mean absolute error between groups across sex is 14.500, above "
+        "the 12 allowed by responsibleAI.fairness.maxErrorGap.")
+    r2 = parity_verdict("static", 0.51, 0.46, {}, {}, 0.02, 0.05, metric="r2")
+    assert views.explain_verdict(r2).startswith(
+        "The quantization parity gate failed: the static int8 variant's r2 is 0.4600 against fp32's 0.5100")
+
     drift = drift_verdict({"drifted_share": 0.75, "drifted_columns": 3, "columns": {"a": 0, "b": 0, "c": 0, "d": 0},
                            "drifted_column_names": ["a", "b", "c"]}, 0.5, 100, 100, {})
     assert views.explain_verdict(drift).startswith(
