@@ -82,11 +82,66 @@ def rename_output(proto, old: str, new: str) -> None:
             output.name = new
 
 
+def _float32_thresholds(estimator):
+    """A copy of a LightGBM model whose split thresholds are the largest float32 not above its own
+    (double) ones. For float32 inputs, which is what the exported model receives, `x <= t` and
+    `x <= floor32(t)` decide alike, so the copy answers exactly as the model does; and ONNX's
+    float32 thresholds then hold it without rounding (rounded to nearest, a threshold can land
+    on a data value and send it the other way: a LightGBM regressor's export differed by 16.5
+    on one row of 111)."""
+    import copy
+
+    import lightgbm
+
+    lines = estimator.booster_.model_to_string().split("\n")
+    found: dict[str, int] = {}
+    for number, line in enumerate(lines):
+        if line.startswith("Tree="):
+            found = {}
+        for key in ("threshold=", "decision_type="):
+            if line.startswith(key):
+                found[key] = number
+        if len(found) < 2:
+            continue
+        where, kinds = found.pop("threshold="), found.pop("decision_type=")
+        types = [int(v) for v in lines[kinds].split("=", 1)[1].split()]
+        values = []
+        for value, kind in zip(lines[where].split("=", 1)[1].split(), types):
+            if kind & 1:  # a categorical split lists categories, not a threshold
+                values.append(value)
+                continue
+            threshold = np.float32(float(value))
+            if float(threshold) > float(value):
+                threshold = np.nextafter(threshold, np.float32(-np.inf))
+            values.append(repr(float(threshold)))
+        lines[where] = "threshold=" + " ".join(values)
+    snapped = copy.deepcopy(estimator)
+    # The tree sizes in the header count characters of the old text: without them LightGBM reads tree by tree.
+    snapped._Booster = lightgbm.Booster(model_str="\n".join(x for x in lines if not x.startswith("tree_sizes=")))
+    return snapped
+
+
+def _lightgbm_safe(model):
+    """`model` with every LightGBM estimator in it (itself, or a Pipeline's step) given float32 thresholds."""
+    try:
+        from lightgbm import LGBMModel
+    except ImportError:  # pragma: no cover - a dependency
+        return model
+    if isinstance(model, LGBMModel):
+        return _float32_thresholds(model)
+    steps = getattr(model, "steps", None)
+    if not steps or not any(isinstance(step, LGBMModel) for _, step in steps):
+        return model
+    return model.__class__([(name, _float32_thresholds(step) if isinstance(step, LGBMModel) else step)
+                            for name, step in steps])
+
+
 def _export_sklearn(model, sample: pd.DataFrame, path: Path, opset: int, task: str) -> None:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     register_converters()
+    model = _lightgbm_safe(model)
     inputs = [
         (column, StringTensorType([None, 1]) if sample[column].dtype == object else FloatTensorType([None, 1]))
         for column in sample.columns

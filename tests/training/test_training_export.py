@@ -109,3 +109,29 @@ def test_a_scaled_random_forest_is_not_faithful(tmp_path):
     path = onnx_export.export_onnx("sklearn", model, features, tmp_path / "m.onnx", 17, {"edge.model": "t"})
     result = onnx_export.parity(model.predict_proba(features), onnx_export.predict_proba(path, features))
     assert result.max_abs_diff > 1e-3
+
+
+def test_lightgbm_thresholds_snapped_to_float32_decide_alike_and_export_faithfully(tmp_path):
+    """LightGBM keeps double thresholds; rounded to ONNX's float32 one can land on a data value.
+    The exported copy's thresholds are floored to float32: same answers, faithful export."""
+    import numpy as np
+
+    from pipelines import training
+    from pipelines.data import prepare_features, split
+    from pipelines.data.builtin import load_sklearn_diabetes
+    from pipelines.onnx import export as onnx_export
+    from pipelines.specs import TrainingSpec
+
+    frame = load_sklearn_diabetes()
+    train, test = split(frame, "progression", 0.25, 11, stratified=False)
+    features = [c for c in frame.columns if c != "progression"]
+    x_train, x_test = prepare_features(train, features), prepare_features(test, features)
+    spec = TrainingSpec(framework="sklearn", estimator="lightgbm", seed=11,
+                        params={"n_estimators": 60, "max_depth": 2, "learning_rate": 0.05})
+    model = training.fit(spec, x_train, train["progression"].to_numpy(), 0, "regression").model
+    native = training.predict(model, x_test, "regression")
+    snapped = onnx_export._lightgbm_safe(model)
+    assert snapped is not model and np.array_equal(training.predict(snapped, x_test, "regression"), native)
+    path = onnx_export.export_onnx("sklearn", model, x_test, tmp_path / "model.onnx", 17, {}, "regression")
+    result = onnx_export.parity(native, onnx_export.predict(path, x_test))
+    assert result.max_abs_diff < 1e-6 and result.label_agreement == 1.0
