@@ -633,6 +633,8 @@ def task_problem(spec: ModelSpec, task: str) -> str | None:
         return f"training.architecture: the built-in {spec.training.architecture} networks are classifiers"
     if task != "regression" and spec.training.estimator == "linear_regression":
         return "training.estimator: linear_regression is for task regression"
+    if task == "regression" and spec.training.estimator == "logistic_regression":
+        return "training.estimator: logistic_regression is a classifier (linear_regression is its regression)"
     return None
 
 

@@ -717,3 +717,32 @@ def test_the_edge_package_imports_neither_mlflow_nor_airflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'airflow')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_regression_is_served_and_its_answers_counted_in_the_files_bins(tmp_path_factory, tmp_path):
+    """A regression's answers are numbers: the device counts each in the bin the file's
+    metadata gives (ten equal shares of the training predictions), as a classifier's classes."""
+    from pipelines.data import prepare_features
+    from pipelines.onnx.export import answer_contract, answer_labels, predict, session
+
+    data = {"source": "data.csv", "target": "x2", "features": ["x1", "colour"], "sensitiveFeatures": ["group"],
+            "validation": {"minRows": 50}}
+    released = release_model(tmp_path_factory.mktemp("edge-regression"), data=data, task="regression",
+                             training={"framework": "sklearn", "estimator": "linear_regression", "seed": 1},
+                             gates={"quality": {"r2": {"minValue": -1.0}}},
+                             responsibleAI={"fairness": {"maxErrorGap": 5.0}})
+    world = World(released, tmp_path)
+    agent = world.agent("dev-r")
+    assert agent.poll_once()[0].state == "active"
+    rows = tabular_frame(rows=60, seed=8)[["x1", "colour"]]
+    served = agent.serve(MODEL, rows)
+    path = agent.active_model_path(MODEL)
+    name, bins = answer_contract(session(path))
+    assert name == "prediction" and len(bins) == 9
+    expected = answer_labels(predict(path, prepare_features(rows, list(rows.columns))), bins)
+    assert served == expected.tolist() and len(set(served)) > 3
+    agent.flush_telemetry()
+    [record] = _inference_records(world, "dev-r")
+    assert set(record["predictions"]) == {str(b) for b in range(10)}
+    assert {k: int(v) for k, v in record["predictions"].items() if v} == {
+        str(b): int((expected == b).sum()) for b in set(expected.tolist())}

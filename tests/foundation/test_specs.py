@@ -42,6 +42,11 @@ _DELETE = object()
 BAD = [
     ("training.estimatr", "x", "training.estimatr: unknown key"),
     ("training.estimator", "catboost", "training: training.estimator must be one of"),
+    ("task", "regression", "gates.quality.accuracy: not a metric of a regression model (use mae, rmse, r2)"),
+    ("task", "ranking", "task: Input should be 'binary', 'multiclass' or 'regression'"),
+    ("model", {"source": "model.pkl"}, "model.source: a model source is an .onnx file"),
+    ("model", {"source": "m.onnx", "checksum": "md5:abc"}, "model.checksum: 'md5:abc' is not sha256:"),
+    ("training.entrypoint", "train.py", "training.entrypoint: 'train.py' is not `module:function`"),
     ("training.seed", -1, "training.seed: Input should be greater than or equal to 0"),
     ("finops.monthlyBudgetUsd", -5, "finops.monthlyBudgetUsd: Input should be greater than or equal to 0"),
     ("finops", _DELETE, "finops: Field required"),
