@@ -36,6 +36,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _facts(pairs: list[tuple[str, object]]) -> str:
+    """Facts as a two-column table: a name per row, so long values (digests) never squeeze the
+    headers of a wide table."""
+    rows = "".join(f"<tr><th scope=\"row\">{html.escape(name)}</th><td>{_cell(value)}</td></tr>"
+                   for name, value in pairs if value not in (None, "", {}, []))
+    return f"<table class=\"facts\"><tbody>{rows}</tbody></table>"
+
+
+def _training_facts(training: dict) -> list[tuple[str, object]]:
+    """The training section as rows: what trained the model, then each parameter by name."""
+    pairs = [(key.replace("_", " "), training.get(key)) for key in ("framework", "entrypoint", "seed",
+                                                                   "train_seconds")]
+    pairs += [(f"params.{name}", json.dumps(value) if isinstance(value, list | dict | bool) or value is None
+               else value) for name, value in (training.get("params") or {}).items()]
+    pairs += [(f"imported from: {key}", value) for key, value in (training.get("imported_from") or {}).items()]
+    return pairs
+
+
 def _image(path: Path | None, alt: str) -> str:
     if path is None or not path.is_file():
         return ""
@@ -49,19 +67,23 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
     title = f"Model card: {model['name']} version {model['version']}"
     verdict_rows = [{"gate": v["gate"], "result": "waived" if v["waived"] else ("passed" if v["passed"] else "FAILED"),
                      "reason": v["reason"], "evidence": v.get("evidence", {})} for v in card["verdicts"]]
-    quant_rows = [{k: c[k] for k in ("variant", "size_bytes", "accuracy", "accuracy_change",
-                                     "latency_p50_ms", "latency_p95_ms", "eligible")}
+    score = card["quantization"].get("metric", "accuracy")
+    quant_rows = [{"variant": c["variant"], "size_bytes": c["size_bytes"], score: c["accuracy"],
+                   "change vs fp32": c["accuracy_change"], "latency_p50_ms": c["latency_p50_ms"],
+                   "latency_p95_ms": c["latency_p95_ms"], "eligible": "yes" if c["eligible"] else f"no: {c['note']}"}
                   for c in card["quantization"]["candidates"]]
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(model.get('description', ''))}</p>",
-        _table([model], ["name", "version", "owner", "framework", "model_type", "variant", "artifact_sha256",
-                         "release_key"]),
+        _facts([(key.replace("_", " "), model.get(key)) for key in
+                ("name", "version", "owner", "task", "framework", "model_type", "variant", "size_bytes",
+                 "artifact_sha256", "mlflow_run_id", "release_key")]),
         "<h2>Intended use</h2>", f"<p>{html.escape(card.get('intended_use') or 'Not stated in the spec.')}</p>",
         "<h2>Limitations</h2>",
         "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in card.get("limitations") or ["None stated."]) + "</ul>",
-        "<h2>Data</h2>", _table([card["data"]], ["source", "sha256", "rows", "feature_count", "sensitive_features"]),
-        "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(card['training'], indent=2))}</pre>",
+        "<h2>Data</h2>", _facts([(key.replace("_", " "), card["data"].get(key)) for key in
+                                 ("source", "sha256", "rows", "feature_count", "sensitive_features", "test_size")]),
+        "<h2>Training</h2>", _facts(_training_facts(card["training"])),
         "<h2>Metrics (held-out split, native model)</h2>",
         "<p>The quality gate below measures the shipped ONNX variant on the same rows.</p>",
         _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"]),
@@ -72,7 +94,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
                                              ["gate", "justification"])]
     parts += ["<h2>Fairness by group</h2>", _image(images.get("fairness"), "fairness by group")]
     parts += ["<h2>Quantization</h2>", _table(quant_rows, list(quant_rows[0]) if quant_rows else []),
-              f"<p>Chosen: <b>{html.escape(card['quantization']['chosen'])}</b>: "
+              f"<p>Shipped: <b>{html.escape(card['quantization']['chosen'])}</b>. Why: "
               f"{html.escape(card['quantization']['reason'])}</p>"]
     explain = card.get("explainability") or {}
     parts += ["<h2>Explainability</h2>", f"<p>Method: {html.escape(explain.get('method', 'none'))}. "
@@ -89,7 +111,8 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
     parts += ["<h2>Approval</h2>", f"<p>{html.escape(card.get('approval', ''))}</p>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;text-align:left;vertical-align:top;overflow-wrap:anywhere}img{max-width:100%}")
+             "font-size:13px;text-align:left;vertical-align:top}th{white-space:nowrap;background:#f6f6f6}"
+             "td{overflow-wrap:break-word}table.facts th{font-weight:600}img{max-width:100%}")
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
