@@ -182,8 +182,11 @@ def _relink(text: str, prefix: str) -> str:
     return _STORE_LINK.sub(replace, text)
 
 
+CSV_ROWS_SHOWN = 2_000  # a CSV's rows shown as a table; the file itself is one link away
+
+
 @app.get("/evidence")
-def evidence(uri: str = Query(..., max_length=2048)):
+def evidence(request: Request, uri: str = Query(..., max_length=2048), raw: bool = False):
     try:
         data, kind = views.open_evidence(uri)
     except views.EvidenceError:
@@ -191,10 +194,15 @@ def evidence(uri: str = Query(..., max_length=2048)):
     except FileNotFoundError:
         raise HTTPException(404, "No such evidence file in the artifact store") from None
     headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"}
+    if kind.startswith("text/csv") and not raw:
+        header, rows, total = views.csv_table(data, CSV_ROWS_SHOWN)
+        return _render(request, "table.html", title=uri.rsplit("/", 1)[-1], header=header, rows=rows, total=total,
+                       truncated=total > len(rows),
+                       raw_href=f"{_base(request)}evidence?uri={quote(uri, safe='')}&raw=1")
     if kind.startswith("text/html"):
         data = _relink(data.decode("utf-8", errors="replace"), views.store_prefix()).encode()
         headers["Content-Security-Policy"] = EVIDENCE_POLICY
-    elif not kind.startswith(("image/", "text/", "application/json")):
+    elif raw or not kind.startswith(("image/", "text/", "application/json")):
         headers["Content-Disposition"] = f'attachment; filename="{uri.rsplit("/", 1)[-1][:100]}"'
     return Response(data, media_type=kind, headers=headers)
 

@@ -903,6 +903,21 @@ def open_evidence(uri: str, settings: Settings | None = None) -> tuple[bytes, st
     return store.read_bytes(key), kind
 
 
+def csv_table(data: bytes, limit: int) -> tuple[list[str], list[list[str]], int]:
+    """A CSV evidence file as (header, at most `limit` rows, the number of rows)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace")))
+    header = next(reader, [])
+    rows, total = [], 0
+    for row in reader:
+        total += 1
+        if len(rows) < limit:
+            rows.append(row)
+    return header, rows, total
+
+
 def store_prefix(settings: Settings | None = None) -> str:
     """The URI prefix every object of the artifact store starts with."""
     return _store(_settings(settings)).uri("").rstrip("/") + "/"

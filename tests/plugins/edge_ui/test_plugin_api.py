@@ -112,3 +112,13 @@ def test_the_api_server_serves_the_edge_releases_to_logged_in_users(api_server, 
     assert "Model card: edge-view-shipped" in card.text and 'href="evidence?uri=' in card.text
     outside = requests.get(f"{base}/edge/evidence?uri={_uri('file:///etc/passwd')}", cookies=browser, timeout=30)
     assert outside.status_code == 400
+    # CSV evidence reads as a table in the page, and downloads as the file itself on request.
+    fairness = next(v for v in shipped.verdicts if v.gate == "fairness")
+    csv_uri = fairness.evidence["fairness_by_group.csv"]
+    table = requests.get(f"{base}/edge/evidence?uri={_uri(csv_uri)}", headers=HTML, cookies=browser, timeout=30)
+    assert table.status_code == 200 and table.headers["content-type"].startswith("text/html")
+    assert "<th>feature</th><th>group</th>" in table.text and "<td>group</td><td>a</td>" in table.text
+    assert "Download the CSV file" in table.text
+    raw = requests.get(f"{base}/edge/evidence?uri={_uri(csv_uri)}&raw=1", cookies=browser, timeout=30)
+    assert raw.status_code == 200 and raw.headers["content-disposition"].startswith("attachment")
+    assert raw.text.startswith("feature,group,")
