@@ -17,6 +17,10 @@ MLflow version); `approval` (`manual` makes a person approve even when the spec 
 nothing relaxes a manual spec); `dry_run` (validate, train, register, evaluate every gate
 and decide, then stop: nothing published or committed, the summary says what would have
 happened).
+
+**Unpausing**: a paused DAG runs only when triggered by hand. Airflow's "unpause on trigger"
+unpauses it for good: from then on the spec's `schedule` and drift events (`edge-drift://`)
+start releases too, until the DAG is paused again.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
 
     @dag(
         dag_id=f"edge_release__{spec.name}",
-        description=f"Release {spec.name} to edge devices ({spec.training.framework})",
+        description=f"Release {spec.name} to edge devices ({spec.training.model_type})",
         schedule=release_schedule(spec),
         start_date=datetime(2026, 1, 1),
         catchup=False,

@@ -10,7 +10,7 @@ def release_params() -> dict[str, Param]:
     """A release's trigger form: `reason`, `force_retrain`, `approval`, `dry_run`."""
     return {
         "reason": Param("", type="string", title="Reason",
-                        description="Why this release is started (recorded in MLflow and the summary)."),
+                        description="Optional: why this release is started (recorded in MLflow and the summary)."),
         "force_retrain": Param(False, type="boolean", title="Force retrain",
                                description="Retrain and re-run every stage even when the same data, spec and code "
                                            "were released before (otherwise their stored outputs are reused). "
@@ -36,5 +36,6 @@ def rollback_params(models: list[str]) -> dict[str, Param]:
     return {
         "model": Param(models[0], type="string", enum=models, description="The model to roll back."),
         "target": Param("", type="string", description="Version (3 or v3) or commit sha; empty: the previous version."),
-        "reason": Param("", type="string", minLength=5, description="Why (recorded in the commit and MLflow)."),
+        "reason": Param("", type="string", minLength=5,
+                        description="Required, at least 5 characters: why (recorded in the commit and MLflow)."),
     }
