@@ -135,3 +135,22 @@ def test_lightgbm_thresholds_snapped_to_float32_decide_alike_and_export_faithful
     path = onnx_export.export_onnx("sklearn", model, x_test, tmp_path / "model.onnx", 17, {}, "regression")
     result = onnx_export.parity(native, onnx_export.predict(path, x_test))
     assert result.max_abs_diff < 1e-6 and result.label_agreement == 1.0
+
+
+def test_an_entrypoint_is_found_in_the_spec_folder_first_then_among_installed_packages(tmp_path):
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from pipelines.training.entrypoint import TrainingCodeError, code_files
+
+    files, root = code_files("json.decoder:JSONDecoder", tmp_path)  # an installed package: all its files
+    assert root == Path(json.__file__).parent.parent
+    assert any(p.name == "decoder.py" for p in files) and all(p.suffix == ".py" for p in files)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "__init__.py").write_text("def fit(*a):\n    pass\n")
+    files, root = code_files("json:fit", tmp_path)  # the spec's folder wins over the installed one
+    assert (files, root) == ([tmp_path / "json" / "__init__.py"], tmp_path)
+    with pytest.raises(TrainingCodeError, match="module 'no_such_module_here' is neither in"):
+        code_files("no_such_module_here:fit", tmp_path)
