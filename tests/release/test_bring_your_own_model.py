@@ -302,7 +302,9 @@ def test_an_mlflow_scikit_learn_model_is_exported_and_checked_against_itself(tmp
     model = build_sklearn(TrainingSpec(framework="sklearn", estimator="logistic_regression"), features)
     model.fit(features, frame["label"])
     mlflow.set_tracking_uri(Settings().tracking_uri)
-    with mlflow.start_run() as run:
+    # Another team's experiment, its artifacts in a folder of its own (not the working folder).
+    experiment = mlflow.create_experiment("another-team", artifact_location=(tmp_path / "elsewhere").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.sklearn.log_model(model, name="model")
     spec = write_spec(tmp_path, "from-a-run", "data.csv", training={"seed": 1},
                       model={"source": f"runs:/{run.info.run_id}/model"})
