@@ -286,10 +286,21 @@ def answer_contract(sess) -> tuple[str, list[float] | None]:
     """A session's answer output (`probabilities`, or `prediction`) and, for a regression, the bin
     edges its answers are counted in (from the file's metadata)."""
     names = [o.name for o in sess.get_outputs()]
-    if REGRESSION_OUTPUT in names:
-        meta = sess.get_modelmeta().custom_metadata_map
-        return REGRESSION_OUTPUT, [float(e) for e in json.loads(meta.get("edge.prediction_bins", "[]"))]
-    return CLASSIFIER_OUTPUT, None
+    if REGRESSION_OUTPUT not in names:
+        return CLASSIFIER_OUTPUT, None
+    text = sess.get_modelmeta().custom_metadata_map.get("edge.prediction_bins", "[]")
+    try:
+        edges = [float(e) for e in json.loads(text)] if len(text) <= MAX_BIN_TEXT else None
+    except (ValueError, TypeError):
+        edges = None
+    # A device sizes its telemetry by these: a few finite, ordered numbers, or the model is not served.
+    if edges is None or len(edges) > MAX_BINS or not all(np.isfinite(edges)) or edges != sorted(edges):
+        raise ValueError(f"edge.prediction_bins is not a list of at most {MAX_BINS} ordered finite numbers")
+    return REGRESSION_OUTPUT, edges
+
+
+MAX_BINS = 64  # bin edges a regression's file may carry (devices count one bin more)
+MAX_BIN_TEXT = 4096
 
 
 def answer_labels(outputs: np.ndarray, bins: list[float] | None) -> np.ndarray:
