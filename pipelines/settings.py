@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     tuf_timestamp_key: Path | None = Field(None, description="Online timestamp key (PEM) of the publisher.")
     tuf_timestamp_expiry_hours: float = Field(24.0, gt=0, description="How long a signed timestamp is valid.")
     gitops_branch: str = "main"
+    mlflow_ui_url: str | None = Field(
+        None, description="The MLflow UI as people reach it (https://mlflow.example.com): Edge Releases links runs "
+                          "and model versions to it. Default: no links.")
+    git_commit_url: str | None = Field(
+        None, description="A web page of a GitOps commit, `{sha}` standing for the commit "
+                          "(https://github.com/org/fleet/commit/{sha}). Default: the commit view of Edge Releases.")
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
 

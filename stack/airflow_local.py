@@ -397,6 +397,13 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def ui_links(settings, mlflow_url: str) -> dict[str, str]:
+    """The environment that makes Edge Releases link runs and versions to the MLflow UI people
+    open: the configured one, else the tracking server when it is a web address."""
+    url = settings.mlflow_ui_url or (mlflow_url if mlflow_url.startswith(("http://", "https://")) else None)
+    return {"EDGE_MLFLOW_UI_URL": url} if url else {}
+
+
 def run_ui(port: int = 8080, mlflow_port: int = 5000, parallelism: int = 4, out=None) -> int:
     """`make ui`: the Airflow UI (api-server, dag-processor, scheduler, triggerer for the
     approval task) and the MLflow UI on the embedded state, all on 127.0.0.1, until SIGINT or
@@ -422,7 +429,8 @@ def run_ui(port: int = 8080, mlflow_port: int = 5000, parallelism: int = 4, out=
              "--default-artifact-root", settings.mlflow_artifacts],
             port=mlflow_port, health=f"http://127.0.0.1:{mlflow_port}/health")
     airflow = EmbeddedAirflow(home, port=port, parallelism=parallelism, components=LOCAL_COMPONENTS, services=services,
-                              env={"EDGE_STATE_DIR": str(state), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"})
+                              env={"EDGE_STATE_DIR": str(state), "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+                                   **ui_links(settings, mlflow_url)})
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -114,13 +114,29 @@ def tabular_frame(rows: int = 400, seed: int = 0):
                          "group": rng.choice(["a", "b"], size=rows), "label": label})
 
 
+API_USERS = "admin:admin,viewer:viewer"  # SimpleAuthManager's users of the session's api-server
+
+
+def user_token(base: str, username: str) -> str:
+    """A bearer token of one of API_USERS on the session's api-server."""
+    import json
+
+    import requests
+
+    passwords = json.loads((STATE / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
+    answer = requests.post(f"{base}/auth/token", json={"username": username, "password": passwords[username]},
+                           timeout=10)
+    answer.raise_for_status()
+    return answer.json()["access_token"]
+
+
 @pytest.fixture(scope="session")
 def api_server(airflow_db):
     """An Airflow api-server on the session's metadata database, bound to 127.0.0.1.
 
-    Yields (base URL, bearer token of the generated admin user). Stopped by its pid.
+    Yields (base URL, bearer token of the admin user); `user_token` gives the viewer's. Stopped
+    by its pid.
     """
-    import json
     import socket
     import time
 
@@ -129,13 +145,12 @@ def api_server(airflow_db):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    home = STATE / "airflow"
     log = open(SESSION_DIR / "api-server.log", "wb")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(port),
          "--workers", "1"],
-        env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": API_USERS},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -148,10 +163,7 @@ def api_server(airflow_db):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"api-server did not come up; see {SESSION_DIR / 'api-server.log'}")
             time.sleep(0.5)
-        passwords = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())
-        token = requests.post(f"{base}/auth/token", json={"username": "admin", "password": passwords["admin"]},
-                              timeout=10).json()["access_token"]
-        yield base, token
+        yield base, user_token(base, "admin")
     finally:
         stop_group(server)
         log.close()

@@ -416,6 +416,24 @@ def log(remote: str, branch: str, work_dir: Path, path: str | None = None) -> li
     return commits
 
 
+def show(remote: str, branch: str, sha: str, path: str, work_dir: Path) -> dict | None:
+    """A commit of the remote `branch` (sha, committer date, author, subject, body) with the files
+    under `path` it changed and its diff of them; None when `sha` names no commit of the branch."""
+    with fetched(remote, branch, work_dir) as clone:
+        found = _git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", cwd=clone, check=False)
+        full = found.stdout.strip()
+        if found.returncode != 0 or not full or _git(
+                "merge-base", "--is-ancestor", full, f"refs/remotes/origin/{branch}", cwd=clone,
+                check=False).returncode != 0:
+            return None
+        head = _git("show", "-s", "--format=%H%x1f%cI%x1f%an%x1f%s%x1f%b", full, cwd=clone).stdout
+        commit, date, author, subject, body = (head.split("\x1f", 4) + [""] * 5)[:5]
+        files = _git("show", "--format=", "--name-only", full, "--", path, cwd=clone).stdout.split()
+        diff = _git("show", "--format=", "--patch", "--no-color", full, "--", path, cwd=clone).stdout
+    return {"sha": commit.strip(), "date": date, "author": author, "subject": subject, "body": body.strip(),
+            "files": files, "diff": diff}
+
+
 def history(remote: str, branch: str, path: str, work_dir: Path) -> list[tuple[str, str | None]]:
     """Commits of the remote `branch` that changed `path`, newest first, each with the text of
     `path` at that commit (None where the commit deleted it)."""

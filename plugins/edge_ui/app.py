@@ -15,9 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from airflow.api_fastapi.core_api.security import requires_authenticated
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_authenticated
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,9 @@ EVIDENCE_POLICY = "sandbox allow-scripts allow-popups; frame-ancestors 'self'"
 
 app = FastAPI(title="Edge Releases", docs_url=None, redoc_url=None, openapi_url=None,
               dependencies=[Depends(requires_authenticated())])
+# Stylesheets only, and without a login: the page that asks for one is styled too.
+app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+STYLESHEETS = ("edge.css", "verdicts.css", "charts.css", "history.css")
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -103,7 +107,10 @@ def _base(request: Request) -> str:
 
 def _render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
     base = _base(request)
-    context.update(base=base, evidence_href=lambda uri: f"{base}evidence?uri={quote(str(uri), safe='')}")
+    context.update(base=base, evidence_href=lambda uri: f"{base}evidence?uri={quote(str(uri), safe='')}",
+                   stylesheets=[name for name in STYLESHEETS if (HERE / "static" / name).is_file()],
+                   commit_href=lambda model, sha: views.commit_web_url(sha)
+                   or f"{base}models/{quote(model, safe='')}/commits/{quote(sha, safe='')}")
     if "page" in context:
         context["model_href"] = f"{base}models/{quote(context['page'].model, safe='')}"
     text = templates.get_template(name).render(**context)
@@ -132,11 +139,23 @@ async def _http_error(request: Request, error: StarletteHTTPException):
     if error.status_code in (401, 403):
         title = "Log in to see Edge Releases" if error.status_code == 401 else "Not allowed"
         message = ("These pages show release data to Airflow users: log in to Airflow, then open them again."
-                   if error.status_code == 401 else f"Airflow refused the credentials: {error.detail}.")
+                   if error.status_code == 401 else f"{error.detail}.")
         return _render(request, "message.html", error.status_code, title=title, message=message,
                        login_url=_login_url(request))
     return _render(request, "message.html", error.status_code, title=f"Error {error.status_code}",
                    message=str(error.detail), login_url=None)
+
+
+def may_read_data(user, model: str | None) -> bool:
+    """Whether Airflow's auth manager lets `user` read a model's training data and model files:
+    the people who may start the model's release DAG (which reads them anyway). For a file of no
+    model, the right to start any DAG."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    details = DagDetails(id=views.release_dag_id(model)) if model else None
+    return get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN, details=details,
+                                                user=user)
 
 
 def _unknown(error: KeyError) -> HTTPException:
@@ -159,12 +178,32 @@ def model(request: Request, model: str):
 
 
 @app.get("/models/{model}/versions/{version}", response_class=HTMLResponse)
-def version(request: Request, model: str, version: str):
+def version(request: Request, user: GetUserDep, model: str, version: str):
     try:
         page = views.version_page(model, version)
     except views.UnknownModel as error:
         raise _unknown(error) from None
-    return _render(request, "version.html", page=page)
+    return _render(request, "version.html", page=page, links=views.version_links(
+        model, page.version, experiment_id=views.experiment_of(page.version.run_id)),
+        may_read_data=may_read_data(user, model))
+
+
+@app.get("/models/{model}/compare", response_class=HTMLResponse)
+def compare(request: Request, model: str, a: str = Query(..., max_length=9), b: str = Query(..., max_length=9)):
+    try:
+        page = views.compare_page(model, a, b)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+    return _render(request, "compare.html", page=page)
+
+
+@app.get("/models/{model}/commits/{sha}", response_class=HTMLResponse)
+def commit(request: Request, model: str, sha: str):
+    try:
+        page = views.commit_page(model, sha)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+    return _render(request, "commit.html", page=page)
 
 
 _STORE_LINK = re.compile(r'(href|src)="([^"]+)"')
@@ -186,11 +225,19 @@ CSV_ROWS_SHOWN = 2_000  # a CSV's rows shown as a table; the file itself is one 
 
 
 @app.get("/evidence")
-def evidence(request: Request, uri: str = Query(..., max_length=2048), raw: bool = False):
+def evidence(request: Request, user: GetUserDep, uri: str = Query(..., max_length=2048), raw: bool = False):
     try:
-        data, kind = views.open_evidence(uri)
+        key = views.evidence_key(uri)
     except views.EvidenceError:
         raise HTTPException(400, "Refused: only evidence files inside the artifact store are served") from None
+    if views.is_data_file(key):
+        model = views.evidence_model(key)
+        if not may_read_data(user, model):
+            dag = views.release_dag_id(model) if model else "a DAG"
+            raise HTTPException(403, f"Data snapshots and model files are for people who may run {dag}; "
+                                     f"your role may read the pages, verdicts and reports")
+    try:
+        data, kind = views.open_evidence(uri)
     except FileNotFoundError:
         raise HTTPException(404, "No such evidence file in the artifact store") from None
     headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"}
@@ -207,11 +254,6 @@ def evidence(request: Request, uri: str = Query(..., max_length=2048), raw: bool
     return Response(data, media_type=kind, headers=headers)
 
 
-@app.get("/static/edge.css")
-def stylesheet():
-    return FileResponse(HERE / "static" / "edge.css", media_type="text/css")
-
-
 # -- JSON ----------------------------------------------------------------------------------------
 @app.get("/api/models", response_model=list[views.ModelRow])
 def api_models():
@@ -222,6 +264,14 @@ def api_models():
 def api_model(model: str):
     try:
         return views.model_page(model)
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+
+
+@app.get("/api/models/{model}/compare", response_model=views.Comparison)
+def api_compare(model: str, a: str = Query(..., max_length=9), b: str = Query(..., max_length=9)):
+    try:
+        return views.compare_page(model, a, b)
     except views.UnknownModel as error:
         raise _unknown(error) from None
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from pydantic import Field
 
@@ -921,3 +921,200 @@ def csv_table(data: bytes, limit: int) -> tuple[list[str], list[list[str]], int]
 def store_prefix(settings: Settings | None = None) -> str:
     """The URI prefix every object of the artifact store starts with."""
     return _store(_settings(settings)).uri("").rstrip("/") + "/"
+
+
+# -- who may read what ----------------------------------------------------------------------------
+# Evidence a viewer reads: reports, verdicts, cards, aggregate tables. Everything else in the store
+# (data snapshots, test-row answers, model files, signatures) is training data or the model
+# itself, for the people who may run the model's release.
+_VIEWER_SUFFIXES = (".json", ".html", ".png", ".md", ".txt", ".yaml")
+_VIEWER_CSV = ("fairness_by_group.csv", "focus.csv")
+_MODEL_FOLDERS = ("runs", "models", "releases", "monitoring", "rollouts")
+
+
+def release_dag_id(model: str) -> str:
+    return f"edge_release__{model}"
+
+
+def is_data_file(key: str) -> bool:
+    """Whether a store key is a data snapshot, a model file or anything else that is not evidence
+    a viewer may read (deny by default)."""
+    name = posixpath.basename(key).lower()
+    return not (name.endswith(_VIEWER_SUFFIXES) or name in _VIEWER_CSV)
+
+
+def evidence_model(key: str) -> str | None:
+    """The model a store key belongs to (`runs/<model>/…`, `models/<model>/…`, …), if any."""
+    head, _, rest = key.partition("/")
+    model = rest.split("/", 1)[0]
+    return model if head in _MODEL_FOLDERS and DNS_LABEL.match(model) else None
+
+
+# -- links ------------------------------------------------------------------------------------------
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+class Links(Record):
+    """Where a version's identifiers lead: the MLflow UI (when configured) and the GitOps commit."""
+
+    mlflow_version: str | None = None
+    mlflow_run: str | None = None
+    commit: str | None = Field(None, description="The Git host's page of the commit, when configured.")
+
+
+def _mlflow_ui(settings: Settings) -> str | None:
+    url = settings.mlflow_ui_url
+    return url.rstrip("/") if url and url.startswith(("http://", "https://")) else None
+
+
+def commit_web_url(sha: str | None, settings: Settings | None = None) -> str | None:
+    """The Git host's page of a commit (`EDGE_GIT_COMMIT_URL` with `{sha}`); None when not configured."""
+    pattern = _settings(settings).git_commit_url
+    if not sha or not _SHA.match(sha) or not pattern or "{sha}" not in pattern:
+        return None
+    return pattern.replace("{sha}", sha)
+
+
+def version_links(model: str, version: VersionRow, settings: Settings | None = None,
+                  experiment_id: str | None = None) -> Links:
+    settings = _settings(settings)
+    ui = _mlflow_ui(settings)
+    return Links(
+        mlflow_version=f"{ui}/#/models/{quote(model, safe='')}/versions/{version.version}" if ui else None,
+        mlflow_run=f"{ui}/#/experiments/{experiment_id}/runs/{version.run_id}"
+        if ui and experiment_id and version.run_id else None,
+        commit=commit_web_url(version.gitops_commit, settings))
+
+
+def experiment_of(run_id: str | None, settings: Settings | None = None) -> str | None:
+    """The MLflow experiment of a run, for a link to the MLflow UI (None without one)."""
+    settings = _settings(settings)
+    if not run_id or not _mlflow_ui(settings):
+        return None
+    from pipelines import registry
+
+    try:
+        return registry.client(settings.tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 (no link rather than no page)
+        return None
+
+
+# -- one GitOps commit -------------------------------------------------------------------------------
+class CommitPage(Record):
+    model: str
+    sha: str
+    date: str
+    author: str
+    subject: str
+    body: str = ""
+    kind: str
+    files: list[str] = Field(default_factory=list, description="Files of apps/<model>/ the commit changed.")
+    diff: str = Field("", description="The change to apps/<model>/ as a unified diff.")
+    web_url: str | None = None
+
+
+def commit_page(model: str, sha: str, settings: Settings | None = None) -> CommitPage:
+    """A commit of the GitOps branch that touches `apps/<model>/`; UnknownModel otherwise."""
+    settings = _settings(settings)
+    check_model_name(model)
+    if not isinstance(sha, str) or not _SHA.match(sha):
+        raise UnknownModel(f"commit {sha}")
+    from pipelines.gitops import repo
+
+    if not repo.has_branch(settings.remote, settings.gitops_branch):
+        raise UnknownModel(f"commit {sha}")
+    shown = repo.show(settings.remote, settings.gitops_branch, sha, f"apps/{model}",
+                      settings.work_dir / "gitops")
+    if shown is None or not shown["files"]:
+        raise UnknownModel(f"commit {sha}")
+    kind = shown["subject"].split("(", 1)[0]
+    return CommitPage(model=model, kind=kind if kind in _COMMIT_KINDS else "other",
+                      web_url=commit_web_url(shown["sha"], settings), **shown)
+
+
+# -- two versions side by side -------------------------------------------------------------------------
+class VersionFacts(Record):
+    """What the comparison shows of one version, beside the row of the model page."""
+
+    row: VersionRow
+    data_sha256: str | None = None
+    data_rows: int | None = None
+    data_source: str | None = None
+    params: dict[str, str] = Field(default_factory=dict, description="The MLflow run's training parameters.")
+
+
+class Comparison(Record):
+    model: str
+    a: VersionFacts
+    b: VersionFacts
+    metrics: list[tuple[str, float | None, float | None]] = Field(default_factory=list)
+    gates: list[tuple[str, str | None, str | None]] = Field(
+        default_factory=list, description="Per gate: pass, fail, waived or None (not run) for a and b.")
+    cost: list[tuple[str, float | None, float | None]] = Field(
+        default_factory=list, description="$/month per device group and in total for a and b.")
+    variants: list[tuple[str, dict | None, dict | None]] = Field(
+        default_factory=list, description="Per quantization variant: size, latency and score of a and b.")
+    params: list[tuple[str, str | None, str | None]] = Field(default_factory=list)
+
+
+def _gate_result(verdict: GateVerdict) -> str:
+    return "waived" if verdict.waived else ("pass" if verdict.passed else "fail")
+
+
+def _version_facts(model: str, row: VersionRow, store: ObjectStore, settings: Settings) -> VersionFacts:
+    facts = VersionFacts(row=row)
+    if row.release_key:
+        try:
+            check = _read_json(store, f"runs/{model}/{row.release_key}/validation.json") or {}
+        except (StoreError, ValueError):
+            check = {}
+        facts = facts.model_copy(update={"data_sha256": check.get("sha256"), "data_rows": check.get("rows"),
+                                         "data_source": check.get("source")})
+    if row.run_id and _tracking_exists(settings):
+        from pipelines import registry
+
+        try:
+            params = registry.client(settings.tracking_uri).get_run(row.run_id).data.params
+            facts = facts.model_copy(update={"params": dict(sorted(params.items()))})
+        except Exception:  # noqa: BLE001 (a comparison without parameters is still a comparison)
+            pass
+    return facts
+
+
+def _pairs(left: dict, right: dict) -> list[tuple]:
+    return [(k, left.get(k), right.get(k)) for k in dict.fromkeys([*left, *right])]
+
+
+def compare_page(model: str, a: str, b: str, settings: Settings | None = None) -> Comparison:
+    """Versions `a` and `b` of a model side by side; UnknownModel when either does not exist."""
+    settings = _settings(settings)
+    check_model_name(model)
+    for version in (a, b):
+        if not _VERSION.match(str(version)):
+            raise UnknownModel(f"{model} v{version}")
+    page = model_page(model, settings)
+    rows = {v.version: v for v in page.versions}
+    for version in (a, b):
+        if str(version) not in rows:
+            raise UnknownModel(f"{model} v{version}")
+    store = _store(settings)
+    left, right = (_version_facts(model, rows[str(v)], store, settings) for v in (a, b))
+    sa, sb = left.row.summary, right.row.summary
+
+    def cost(summary) -> dict:
+        if summary is None or summary.cost is None:
+            return {}
+        out = {g.group: g.usd_per_month for g in summary.cost.groups if g.change != "removed"}
+        return {**out, "total": summary.cost.total_usd_per_month}
+
+    def variants(summary) -> dict:
+        return {c.variant: {"size_bytes": c.size_bytes, "latency_p95_ms": c.latency_p95_ms, "score": c.accuracy,
+                            "eligible": c.eligible} for c in (summary.quantization_candidates if summary else [])}
+
+    return Comparison(
+        model=model, a=left, b=right,
+        metrics=_pairs(sa.metrics if sa else {}, sb.metrics if sb else {}),
+        gates=_pairs({v.gate: _gate_result(v) for v in (sa.verdicts if sa else [])},
+                     {v.gate: _gate_result(v) for v in (sb.verdicts if sb else [])}),
+        cost=_pairs(cost(sa), cost(sb)), variants=_pairs(variants(sa), variants(sb)),
+        params=_pairs(left.params, right.params))

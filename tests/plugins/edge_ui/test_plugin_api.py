@@ -16,10 +16,12 @@ ROUTES = {
     "/": "/",
     "/models/{model}": "/models/some-model",
     "/models/{model}/versions/{version}": "/models/some-model/versions/1",
+    "/models/{model}/compare": "/models/some-model/compare?a=1&b=2",
+    "/models/{model}/commits/{sha}": "/models/some-model/commits/0123abcd",
     "/evidence": "/evidence?uri=file%3A%2F%2F%2Fetc%2Fpasswd",
-    "/static/edge.css": "/static/edge.css",
     "/api/models": "/api/models",
     "/api/models/{model}": "/api/models/some-model",
+    "/api/models/{model}/compare": "/api/models/some-model/compare?a=1&b=2",
     "/api/models/{model}/versions/{version}": "/api/models/some-model/versions/1",
 }
 HTML = {"accept": "text/html,application/xhtml+xml"}
@@ -29,8 +31,11 @@ def test_every_route_needs_an_airflow_user():
     from edge_ui.app import app
     from fastapi.testclient import TestClient
 
-    assert {route.path for route in app.routes} == set(ROUTES)
+    assert {route.path for route in app.routes} == set(ROUTES) | {"/static"}
     client = TestClient(app)
+    # The stylesheets are public, so the page asking for a login is styled; nothing else is.
+    assert client.get("/static/edge.css").status_code == 200
+    assert client.get("/static/../app.py").status_code == 404
     for example in ROUTES.values():
         answer = client.get(example)
         assert answer.status_code == 401 and answer.json() == {"detail": "Not authenticated"}, example
@@ -122,3 +127,64 @@ def test_the_api_server_serves_the_edge_releases_to_logged_in_users(api_server, 
     raw = requests.get(f"{base}/edge/evidence?uri={_uri(csv_uri)}&raw=1", cookies=browser, timeout=30)
     assert raw.status_code == 200 and raw.headers["content-disposition"].startswith("attachment")
     assert raw.text.startswith("feature,group,")
+
+
+@pytest.mark.integration
+def test_roles_decide_who_downloads_data_and_model_files(api_server, tmp_path):
+    """Airflow's auth manager decides: a viewer reads the pages, verdicts and reports; only a user
+    who may run the model's release DAG downloads its training snapshot and its model file."""
+    from conftest import user_token
+
+    from pipelines import release
+    from pipelines.settings import get_settings
+    from pipelines.storage import ObjectStore
+
+    base, admin = api_server
+    viewer = user_token(base, "viewer")
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    first = release.run_release(write_spec(tmp_path, "edge-view-roles", "data.csv"))
+    second = release.run_release(write_spec(tmp_path, "edge-view-roles", "data.csv",
+                                            training={"framework": "sklearn", "estimator": "random_forest",
+                                                      "seed": 1, "params": {"n_estimators": 20}}))
+    assert (first.status, second.status) == ("released", "rejected")  # the forest falls behind the champion
+    settings = get_settings()
+    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    snapshot = store.uri(f"runs/edge-view-roles/{second.release_key}/data.parquet")
+    assert store.exists(store.key_of(snapshot))
+    card = second.model_card_uri
+
+    def get(path, token, **kwargs):
+        return requests.get(f"{base}/edge{path}", cookies={"_token": token}, headers=HTML, timeout=60, **kwargs)
+
+    for token in (viewer, admin):
+        assert get("/", token).status_code == 200
+        page = get(f"/models/edge-view-roles/versions/{second.model_version}", token)
+        assert page.status_code == 200 and "<h2>Gates</h2>" in page.text
+        assert get(f"/evidence?uri={_uri(card)}", token).status_code == 200  # evidence for everyone
+    for uri in (snapshot, first.artifact_uri):
+        denied = get(f"/evidence?uri={_uri(uri)}", viewer)
+        assert denied.status_code == 403 and "may run edge_release__edge-view-roles" in denied.text
+        assert get(f"/evidence?uri={_uri(uri)}&raw=1", viewer).status_code == 403
+        allowed = get(f"/evidence?uri={_uri(uri)}", admin)
+        assert allowed.status_code == 200 and allowed.content == store.read_bytes(store.key_of(uri))
+    # The version page offers the model file to the admin only.
+    assert "download the signed ONNX file" in get(
+        f"/models/edge-view-roles/versions/{first.model_version}", admin).text
+    assert "download the signed ONNX file" not in get(
+        f"/models/edge-view-roles/versions/{first.model_version}", viewer).text
+
+    # Two versions side by side, and the GitOps commit of the first in the plugin's own view.
+    compared = get(f"/models/edge-view-roles/compare?a={first.model_version}&b={second.model_version}", viewer)
+    assert compared.status_code == 200 and "Training parameters" in compared.text
+    assert "n_estimators" in compared.text and "same data" in compared.text
+    api = requests.get(f"{base}/edge/api/models/edge-view-roles/compare",
+                       params={"a": first.model_version, "b": second.model_version},
+                       headers={"Authorization": f"Bearer {viewer}"}, timeout=60).json()
+    assert [g[0] for g in api["gates"]] == [v.gate for v in first.verdicts]
+    assert api["a"]["data_sha256"] == api["b"]["data_sha256"]
+    commit = get(f"/models/edge-view-roles/commits/{first.gitops_commit}", viewer)
+    assert commit.status_code == 200 and f"version {first.model_version}" in commit.text
+    assert "apps/edge-view-roles/" in commit.text and "+++ b/apps/edge-view-roles/" in commit.text
+    assert get("/models/edge-view-roles/commits/0000000000000000000000000000000000000000", viewer).status_code == 404
+    assert get(f"/models/edge-view-roles/commits/{first.gitops_commit}..HEAD", viewer).status_code == 404
+    assert get(f"/models/edge-view-roles/compare?a={first.model_version}&b=99", viewer).status_code == 404
