@@ -18,6 +18,10 @@ nothing relaxes a manual spec); `dry_run` (validate, train, register, evaluate e
 and decide, then stop: nothing published or committed, the summary says what would have
 happened).
 
+**Attempts**: every run is recorded in the artifact store (`releases/<model>/attempts/`, shown
+in Edge Releases): running, then its outcome, a person's answer (with the comment), or the task
+that failed and its error.
+
 **Unpausing**: a paused DAG runs only when triggered by hand. Airflow's "unpause on trigger"
 unpauses it for good: from then on the spec's `schedule` and drift events (`edge-drift://`)
 start releases too, until the DAG is paused again.
@@ -32,8 +36,9 @@ from airflow.sdk import dag, task
 from edge_airflow import connections
 from edge_airflow.approval import ReleaseApproval, answer, decide_release, decided
 from edge_airflow.assets import DESIRED_STATE, desired_state_changed
+from edge_airflow.attempts import on_failure, started
 from edge_airflow.params import release_params
-from edge_airflow.run import log_summary, options, trigger
+from edge_airflow.run import log_summary, options, run_id, trigger
 from edge_airflow.schedules import release_schedule
 from edge_airflow.xcom import every_verdict, pulled, run_stage, stage_seconds
 
@@ -55,13 +60,16 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
         tags=["edge-release", spec.training.framework or ("imported" if spec.model else "own-code"),
               f"cost-center:{spec.finops.cost_center}"],
         owner_links={},
-        default_args={"owner": spec.owner, "retries": 0, "pre_execute": connections.pre_execute},
+        # A task that fails for good records the run's attempt as failed (edge_airflow.attempts).
+        default_args={"owner": spec.owner, "retries": 0, "pre_execute": connections.pre_execute,
+                      "on_failure_callback": on_failure(spec.name)},
         doc_md=f"{__doc__}\n\n**Spec**: `{spec_path.name}` — {spec.description}",
         params=release_params(),
     )
     def release():
         @task
         def validate_data():
+            started(spec.name)  # the run's attempt, running
             return run_stage("validate_data", path, salt=options().salt)
 
         @task
@@ -137,7 +145,7 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
             return log_summary(run_stage(
                 "summarize", path, data, trained, plan, registered, every_verdict(verdicts, cost), decided("decide"),
                 pulled("publish"), pulled("commit"), card, answer("approve_release"), stage_seconds(), trigger(),
-                cost, options=options()))
+                cost, options=options(), attempt_id=run_id()))
 
         data = validate_data()
         trained = train(data)
@@ -154,7 +162,7 @@ def build_release_dag(spec_path: Path, spec: ModelSpec):
         # Every DAG has the approval task: the spec or the run's `approval` parameter may ask
         # for it; `decide` skips it otherwise.
         approval = ReleaseApproval(task_id="approve_release", subject=f"Release {spec.name}? All gates passed",
-                                   decided_by="decide")
+                                   model=spec.name, decided_by="decide")
         decision >> approval >> published
         decision >> published
         committed = commit(data, trained, registered, published, plan, verdicts, cost)

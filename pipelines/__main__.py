@@ -16,7 +16,10 @@ from pipelines.specs import SpecError
 
 
 def _table(summary) -> str:
-    """The release summary as a readable table."""
+    """The release summary as a readable table: the shipped variant's figures first, money as
+    every page shows it (`pipelines.records.usd`)."""
+    from pipelines.records import usd
+
     status = {"released": "RELEASED", "in_review": "IN REVIEW: committed to a review branch",
               "rejected": "REJECTED: nothing was committed",
               "awaiting_approval": "WAITING FOR APPROVAL: nothing committed yet",
@@ -45,8 +48,16 @@ def _table(summary) -> str:
           if summary.model_source else []),
         f"  trigger         {summary.trigger}",
         *([f"  parameters      {', '.join(asked)}"] if asked else []),
-        "  metrics         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.metrics.items())),
     ]
+    # The headline figures are the shipped variant's; the native model's follow as its own.
+    metrics = [(f"{summary.shipped_variant} (shipped)", summary.shipped_metrics)] if summary.shipped_metrics else []
+    metrics.append(("native model", summary.metrics))
+    lines += [f"  {'' if i else 'metrics':<16}{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
+              for i, (label, values) in enumerate(metrics)]
+    if summary.cost:
+        cost = summary.cost
+        lines.append(f"  cost            {usd(cost['total_usd_per_month'])}/month (training "
+                     f"{usd(cost['training_usd_per_month'])}), budget {usd(cost['monthly_budget_usd'])}")
     if summary.reasons:
         heading = "  dry run:" if summary.status == "dry_run" else "  why not released:"
         lines += ["", heading] + [f"    - {reason}" for reason in summary.reasons]
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             options = release_options({"reason": args.reason, "force_retrain": args.force_retrain,
                                        "approval": args.approval, "dry_run": args.dry_run}, run_id)
             trigger = f"{args.trigger}: {args.reason}" if args.reason else args.trigger
-            result = run_release(args.spec, trigger=trigger, approval=approval, options=options)
+            result = run_release(args.spec, trigger=trigger, approval=approval, options=options, attempt_id=run_id)
             print(result.model_dump_json() if args.json else _table(result))
         elif args.command == "validate-spec":
             from pipelines.specs import load_spec

@@ -217,6 +217,18 @@ class GitOpsCommit(Record):
     created: bool
 
 
+def money(value: float) -> float:
+    """A dollar figure at the precision it is shown and recorded: cents from $0.01, four decimals below."""
+    small = round(value, 4)
+    return small if abs(small) < 0.01 else round(value, 2)
+
+
+def usd(value: float) -> str:
+    """A dollar figure as every summary, card and page shows it (at `money`'s precision)."""
+    value = money(value)
+    return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4f}"
+
+
 class ReleaseSummary(Record):
     model: str
     model_version: str
@@ -230,7 +242,12 @@ class ReleaseSummary(Record):
     gitops_commit: str | None
     gitops_commit_created: bool
     quantization: QuantizationPlan
-    metrics: dict[str, float]
+    metrics: dict[str, float] = Field(description="The trained model's metrics on the held-out rows (native, fp32: "
+                                                  "before quantization).")
+    shipped_variant: str = Field("", description="The variant the manifest ships (`quantization.chosen`).")
+    shipped_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The shipped variant's metrics on the held-out rows, from the answers the "
+                                          "quantization plan and the quality gate scored: the release's headline figures.")
     task: str = Field("binary", description="What the model predicts; `(inferred)` when the spec names no task.")
     model_source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance.")
     verdicts: list[GateVerdict] = Field(default_factory=list)

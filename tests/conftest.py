@@ -6,6 +6,7 @@ so no test touches the user's own `.edge-state`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -130,13 +131,10 @@ def user_token(base: str, username: str) -> str:
     return answer.json()["access_token"]
 
 
-@pytest.fixture(scope="session")
-def api_server(airflow_db):
-    """An Airflow api-server on the session's metadata database, bound to 127.0.0.1.
-
-    Yields (base URL, bearer token of the admin user); `user_token` gives the viewer's. Stopped
-    by its pid.
-    """
+@contextlib.contextmanager
+def running_api_server(env: dict[str, str], log_path: Path):
+    """An Airflow api-server bound to 127.0.0.1 with `env` over this process's environment and
+    the users of API_USERS; yields its base URL. Stopped by its pid."""
     import socket
     import time
 
@@ -145,11 +143,11 @@ def api_server(airflow_db):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(SESSION_DIR / "api-server.log", "wb")
+    log = open(log_path, "wb")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(port),
          "--workers", "1"],
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": API_USERS},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": API_USERS, **env},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -161,12 +159,22 @@ def api_server(airflow_db):
             except (requests.RequestException, OSError):  # starting: refused or not answering yet
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"api-server did not come up; see {SESSION_DIR / 'api-server.log'}")
+                raise RuntimeError(f"api-server did not come up; see {log_path}")
             time.sleep(0.5)
-        yield base, user_token(base, "admin")
+        yield base
     finally:
         stop_group(server)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def api_server(airflow_db):
+    """An Airflow api-server on the session's metadata database and state folder.
+
+    Yields (base URL, bearer token of the admin user); `user_token` gives the viewer's.
+    """
+    with running_api_server({}, SESSION_DIR / "api-server.log") as base:
+        yield base, user_token(base, "admin")
 
 
 def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
@@ -196,6 +204,8 @@ def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: di
                                params={"response_received": False}, timeout=10).json()
         for detail in pending.get("hitl_details", []):
             ti = detail["task_instance"]
+            if ti.get("state") != "awaiting_input":
+                continue  # an answer before the task defers is never delivered to it
             outcome["body"] = detail.get("body") or ""
             url = (f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
                    f"{ti['task_id']}/{ti['map_index']}/hitlDetails")

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 from pydantic import Field
 
 from pipelines.finops.catalog import Catalog, DeviceClass, Fleet, FleetGroup
-from pipelines.gates import Breach, number
-from pipelines.records import GateVerdict, Record
+from pipelines.gates import Breach, Check, failed, number
+from pipelines.records import GateVerdict, Record, money, usd
 from pipelines.specs import ModelSpec, parse_quantity
 
 DAYS_PER_MONTH = 30
@@ -83,9 +83,9 @@ class CostEstimate(Record):
     def brief(self) -> dict:
         """What the manifest carries, and what the next release diffs against."""
         return {
-            "totalUsdPerMonth": round(self.total_usd_per_month, 2),
+            "totalUsdPerMonth": money(self.total_usd_per_month),
             "budgetUsdPerMonth": self.monthly_budget_usd,
-            "groups": {g.group: {"variant": g.variant, "usdPerMonth": round(g.total_usd, 2),
+            "groups": {g.group: {"variant": g.variant, "usdPerMonth": money(g.total_usd),
                                  "energyWhPerDay": round(g.energy_kwh_per_month * 1000 / DAYS_PER_MONTH, 3),
                                  "egressGbPerMonth": round(g.ota_gb_per_month + g.telemetry_gb_per_month, 4),
                                  "latencyP95Ms": round(g.latency_p95_ms, 4)} for g in self.groups},
@@ -179,8 +179,8 @@ def _choose(target, options: dict[str, GroupCost], base: str, memory_cap: float 
     meeting = [c for c in fitting if slo is None or c.latency_p95_ms <= slo]
     if meeting:
         best = min(meeting, key=lambda c: (round(c.total_usd, 6), c.variant != base, c.inputs["artifact_bytes"]))
-        others = ", ".join(f"{c.variant} ${c.total_usd:,.2f}" for c in options.values() if c is not best)
-        why = f"cheapest within the SLO (${best.total_usd:,.2f}/month" + (f"; {others}" if others else "") + ")"
+        others = ", ".join(f"{c.variant} {usd(c.total_usd)}" for c in options.values() if c is not best)
+        why = f"cheapest within the SLO ({usd(best.total_usd)}/month" + (f"; {others}" if others else "") + ")"
         left_out = [c.variant for c in options.values() if c not in fitting]
         if left_out:
             why += f"; {', '.join(left_out)} over the memory it may use"
@@ -230,9 +230,9 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
-def memory_breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The edge memory rule, as `Breach`es: per device group, the model's memory above
-    resources.limits.memory or above the memory of a device class the group runs on."""
+def memory_checks(thresholds: dict, observed: dict) -> list[Check]:
+    """The edge memory rule: per device group, the model's memory at most resources.limits.memory
+    and at most the memory of each device class the group runs on."""
     limit = thresholds.get("limits.memory")
     allowed = parse_quantity(str(limit)) if limit else None
     found = []
@@ -240,16 +240,21 @@ def memory_breaches(thresholds: dict, observed: dict) -> list[Breach]:
         group, needed = key.removesuffix(".memory_bytes"), number(value)
         if group == key or needed is None:
             continue
-        if allowed is not None and needed > allowed:
-            found.append(Breach("memory_bytes", needed, allowed, "max", "resources.limits.memory", group=group,
-                                limit_text=str(limit)))
+        if allowed is not None:
+            found.append(Check("memory_bytes", needed, allowed, "max", "resources.limits.memory", group=group,
+                               limit_text=str(limit), passed=not needed > allowed))
         for name, device in thresholds.items():  # "<group>.<device class>.memory_bytes"
             head, _, device_class = name.removesuffix(".memory_bytes").partition(".")
             memory = number(device) if head == group and device_class and name.endswith(".memory_bytes") else None
-            if memory is not None and needed > memory:
-                found.append(Breach("memory_bytes", needed, memory, "max", f"classes.{device_class}.memory_bytes",
-                                    group=group, device_class=device_class))
+            if memory is not None:
+                found.append(Check("memory_bytes", needed, memory, "max", f"classes.{device_class}.memory_bytes",
+                                   group=group, device_class=device_class, passed=not needed > memory))
     return found
+
+
+def memory_breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The edge memory checks the figures fail."""
+    return failed(memory_checks(thresholds, observed))
 
 
 def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -> GateVerdict:
@@ -269,16 +274,22 @@ def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -
                        reason=reason)
 
 
-def latency_breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The edge latency rule, as `Breach`es: each device group's projected p95 above its
-    targets[].latencySloMs."""
+def latency_checks(thresholds: dict, observed: dict) -> list[Check]:
+    """The edge latency rule: each device group's projected p95 at most its
+    targets[].latencySloMs (a group without an SLO has nothing to check)."""
     found = []
     for key, value in observed.items():
         group = key.removesuffix(".latency_p95_ms")
         p95, slo = number(value), number(thresholds.get(f"{group}.latency_slo_ms"))
-        if group != key and p95 is not None and slo is not None and p95 > slo:
-            found.append(Breach("latency_p95_ms", p95, slo, "max", f"targets[{group}].latencySloMs", group=group))
+        if group != key and p95 is not None and slo is not None:
+            found.append(Check("latency_p95_ms", p95, slo, "max", f"targets[{group}].latencySloMs", group=group,
+                               passed=not p95 > slo))
     return found
+
+
+def latency_breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The edge latency checks the figures fail."""
+    return failed(latency_checks(thresholds, observed))
 
 
 def latency_verdict(spec: ModelSpec, estimate_: CostEstimate) -> GateVerdict:
@@ -300,23 +311,30 @@ def latency_verdict(spec: ModelSpec, estimate_: CostEstimate) -> GateVerdict:
                        reason=reason)
 
 
-def budget_breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The budget rule, as `Breach`es: the projected monthly total above finops.monthlyBudgetUsd."""
+def budget_checks(thresholds: dict, observed: dict) -> list[Check]:
+    """The budget rule: the projected monthly total at most finops.monthlyBudgetUsd."""
     total, budget = number(observed.get("total_usd_per_month")), number(thresholds.get("monthly_budget_usd"))
-    if total is None or budget is None or total <= budget:
+    if total is None or budget is None:
         return []
-    return [Breach("total_usd_per_month", total, budget, "max", "finops.monthlyBudgetUsd")]
+    return [Check("total_usd_per_month", total, budget, "max", "finops.monthlyBudgetUsd", passed=total <= budget)]
+
+
+def budget_breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The budget check the figures fail, if any."""
+    return failed(budget_checks(thresholds, observed))
 
 
 def budget_verdict(estimate_: CostEstimate) -> GateVerdict:
+    """The projected total vs finops.monthlyBudgetUsd; figures recorded and written at the
+    precision every page shows money (`pipelines.records.money`, `usd`)."""
     total, budget = estimate_.total_usd_per_month, estimate_.monthly_budget_usd
-    observed = {"total_usd_per_month": round(total, 2), "training_usd_per_month": round(estimate_.training_usd_per_month, 2),
-                **{f"{g.group}.usd_per_month": round(g.total_usd, 2) for g in estimate_.groups}}
+    observed = {"total_usd_per_month": money(total), "training_usd_per_month": money(estimate_.training_usd_per_month),
+                **{f"{g.group}.usd_per_month": money(g.total_usd) for g in estimate_.groups}}
     thresholds = {"monthly_budget_usd": budget}
     passed = not budget_breaches(thresholds, observed)
     biggest = max(estimate_.groups, key=lambda g: g.total_usd)
-    reason = (f"${total:,.2f}/month {'within' if passed else 'exceeds'} the ${budget:,.2f} budget "
-              f"of {estimate_.cost_center}/{estimate_.project} (largest: {biggest.group} ${biggest.total_usd:,.2f})")
+    reason = (f"{usd(total)}/month {'within' if passed else 'exceeds'} the {usd(budget)} budget "
+              f"of {estimate_.cost_center}/{estimate_.project} (largest: {biggest.group} {usd(biggest.total_usd)})")
     return GateVerdict(gate="budget", passed=passed, thresholds=thresholds, observed=observed, reason=reason)
 
 
@@ -340,15 +358,19 @@ def cost_diff(candidate: dict, deployed: dict | None, deployed_version: str | No
         if name not in candidate["groups"]:
             groups[name] = {"status": "removed"}
     return {"baseline": f"v{deployed_version}", "groups": groups,
-            "deltaUsdPerMonth": round(candidate["totalUsdPerMonth"] - deployed.get("totalUsdPerMonth", 0), 2)}
+            "deltaUsdPerMonth": money(candidate["totalUsdPerMonth"] - deployed.get("totalUsdPerMonth", 0))}
+
+
+def signed_usd(value: float) -> str:
+    return ("+" if money(value) >= 0 else "-") + usd(abs(value))
 
 
 def diff_lines(diff: dict) -> list[str]:
     """The diff as readable lines (commit message, summary)."""
-    lines = [f"Cost vs {diff['baseline']}: {diff['deltaUsdPerMonth']:+,.2f} USD/month"]
+    lines = [f"Cost vs {diff['baseline']}: {signed_usd(diff['deltaUsdPerMonth'])}/month"]
     for name, values in diff["groups"].items():
         if values["status"] == "new":
-            lines.append(f"  + {name}: new, {values['variant']}, {values['usdPerMonth']:,.2f} USD/month, "
+            lines.append(f"  + {name}: new, {values['variant']}, {usd(values['usdPerMonth'])}/month, "
                          f"{values['energyWhPerDay']:.3f} Wh/day, {values['egressGbPerMonth']:.2f} GB/month egress, "
                          f"p95 {values['latencyP95Ms']:.3f} ms")
         elif values["status"] == "removed":
@@ -356,7 +378,7 @@ def diff_lines(diff: dict) -> list[str]:
         else:
             variant = (f", {values['previousVariant']} -> {values['variant']}"
                        if values.get("previousVariant") not in (None, values["variant"]) else "")
-            lines.append(f"  ~ {name}: {values['deltaUsdPerMonth']:+,.2f} USD/month, "
+            lines.append(f"  ~ {name}: {signed_usd(values['deltaUsdPerMonth'])}/month, "
                          f"{values['deltaEnergyWhPerDay']:+.3f} Wh/day, {values['deltaEgressGbPerMonth']:+.3f} GB/month, "
                          f"p95 {values['deltaLatencyP95Ms']:+.4f} ms{variant}")
     return lines
@@ -399,12 +421,12 @@ def focus_rows(estimate_: CostEstimate, model_version: str) -> list[dict]:
 
 def cost_table(estimate_: CostEstimate) -> list[str]:
     """Per-group figures as table lines (the release summary)."""
-    lines = ["  device group        devices  variant   p95 ms   energy J/inf   USD/month  (energy / OTA / telemetry)"]
+    lines = ["  device group        devices  variant   p95 ms   energy J/inf     $/month  (energy / OTA / telemetry)"]
     for g in estimate_.groups:
         lines.append(f"  {g.group:<18} {g.devices:>8,}  {g.variant:<8} {g.latency_p95_ms:>7.3f}   {g.energy_j_per_inference:>12.3g}"
-                     f"   {g.total_usd:>9,.2f}  ({g.energy_usd:,.2f} / {g.ota_usd:,.2f} / {g.telemetry_usd:,.2f})")
-    lines.append(f"  {'training':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {estimate_.training_usd_per_month:>9,.2f}"
+                     f"   {usd(g.total_usd):>9}  ({usd(g.energy_usd)} / {usd(g.ota_usd)} / {usd(g.telemetry_usd)})")
+    lines.append(f"  {'training':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {usd(estimate_.training_usd_per_month):>9}"
                  f"  ({estimate_.releases_per_month:g} releases/month)")
-    lines.append(f"  {'total':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {estimate_.total_usd_per_month:>9,.2f}"
-                 f"  budget {estimate_.monthly_budget_usd:,.2f}")
+    lines.append(f"  {'total':<18} {'':>8}  {'':<8} {'':>7}   {'':>12}   {usd(estimate_.total_usd_per_month):>9}"
+                 f"  budget {usd(estimate_.monthly_budget_usd)}")
     return lines

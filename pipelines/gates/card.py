@@ -7,10 +7,12 @@ import html
 import json
 from pathlib import Path
 
+from pipelines.records import usd
+
 
 def card_document(**sections) -> dict:
     """The card's JSON document, sections in a fixed order."""
-    order = ("schema", "model", "intended_use", "limitations", "data", "training", "metrics",
+    order = ("schema", "model", "intended_use", "limitations", "data", "training", "shipped", "metrics",
              "quantization", "verdicts", "waivers", "explainability", "cost", "approval")
     return {key: sections[key] for key in order if key in sections}
 
@@ -54,6 +56,28 @@ def _training_facts(training: dict) -> list[tuple[str, object]]:
     return pairs
 
 
+def _metrics(card: dict) -> list[str]:
+    """The held-out metrics: the shipped variant's (the headline, what the quality gate measured),
+    beside the native model's."""
+    shipped = card.get("shipped")
+    if not shipped:
+        return ["<h2>Metrics (held-out split, native model)</h2>",
+                _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"])]
+    column = f"{shipped['variant']} (shipped)"
+    rows = [{"metric": k, column: f"{v:.4f}", "native model": f"{card['metrics'][k]:.4f}"}
+            for k, v in shipped["metrics"].items()]
+    return ["<h2>Metrics (held-out split)</h2>",
+            f"<p>The shipped variant, <b>{html.escape(shipped['variant'])}</b>, as the quality gate measured it; "
+            "the native model before export and quantization beside it.</p>",
+            _table(rows, ["metric", column, "native model"])]
+
+
+def _cost_headline(cost: dict) -> list[str]:
+    """Total, training and budget per month, formatted as every page formats money."""
+    return [f"<p>Total <b>{usd(cost['total_usd_per_month'])}</b>/month (training "
+            f"{usd(cost['training_usd_per_month'])}), budget {usd(cost['budget_usd_per_month'])}.</p>"]
+
+
 def _image(path: Path | None, alt: str) -> str:
     if path is None or not path.is_file():
         return ""
@@ -84,9 +108,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
         "<h2>Data</h2>", _facts([(key.replace("_", " "), card["data"].get(key)) for key in
                                  ("source", "sha256", "rows", "feature_count", "sensitive_features", "test_size")]),
         "<h2>Training</h2>", _facts(_training_facts(card["training"])),
-        "<h2>Metrics (held-out split, native model)</h2>",
-        "<p>The quality gate below measures the shipped ONNX variant on the same rows.</p>",
-        _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"]),
+        *_metrics(card),
         "<h2>Gate verdicts</h2>", _table(verdict_rows, ["gate", "result", "reason", "evidence"]),
     ]
     if card.get("waivers"):
@@ -104,7 +126,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
               _image(images.get("importance"), "permutation importance")]
     if card.get("cost"):
         cost = card["cost"]
-        parts += ["<h2>Edge cost (estimate)</h2>", f"<pre>{html.escape(chr(10).join(cost['table']))}</pre>",
+        parts += ["<h2>Edge cost (estimate)</h2>", *_cost_headline(cost), f"<pre>{html.escape(chr(10).join(cost['table']))}</pre>",
                   f"<pre>{html.escape(chr(10).join(cost['diff']))}</pre>",
                   "<p>Figures marked as assumptions in the device catalog: "
                   f"{html.escape(', '.join(cost['assumptions']) or 'none')}.</p>"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.gates import Breach, number
+from pipelines.gates import Breach, Check, failed, number
 from pipelines.records import GateVerdict
 
 
@@ -39,7 +39,7 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, share: float, h
     return figures
 
 
-def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+def checks(thresholds: dict, observed: dict) -> list[Check]:
     """The drift rule: the share of drifted columns must stay below gates.driftShare. A check
     that ran without a share fails; without production data there is nothing to judge."""
     limit = number(thresholds.get("drift_share"))
@@ -47,8 +47,13 @@ def breaches(thresholds: dict, observed: dict) -> list[Breach]:
         return []
     share = number(observed["drifted_share"])
     if share is None:
-        return [Breach("drifted_share", None, limit, "missing", "gates.driftShare")]
-    return [Breach("drifted_share", share, limit, "max", "gates.driftShare")] if share >= limit else []
+        return [Check("drifted_share", None, limit, "missing", "gates.driftShare", passed=False)]
+    return [Check("drifted_share", share, limit, "max", "gates.driftShare", strict=True, passed=not share >= limit)]
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The drift check the figures fail, if any."""
+    return failed(checks(thresholds, observed))
 
 
 def drift_verdict(figures: dict, share: float, reference_rows: int, current_rows: int,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.gates import Breach, number, rounded
+from pipelines.gates import Breach, Check, failed, number, rounded
 from pipelines.records import GateVerdict
 from pipelines.specs import FairnessSpec
 
@@ -137,12 +137,13 @@ def _worst_feature(observed: dict, metric: str) -> str | None:
     return max(values)[1] if values else None
 
 
-def breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The fairness rules one variant's figures break: demographic parity and equalized odds
-    differences (of the worst class, with more than two) above biasScore and equalizedOdds, or,
-    where no parity could be measured, the accuracy difference between groups above biasScore;
-    for a regression, the gap in mean absolute error between groups above maxErrorGap; and the
-    lowest group accuracy below minGroupAccuracy."""
+def checks(thresholds: dict, observed: dict) -> list[Check]:
+    """The fairness rules on one variant's figures: demographic parity and equalized odds
+    differences (of the worst class, with more than two) at most biasScore and equalizedOdds, or,
+    where no parity could be measured, the accuracy difference between groups at most biasScore;
+    for a regression, the gap in mean absolute error between groups at most maxErrorGap; and the
+    lowest group accuracy at least minGroupAccuracy. Each gap is the worst over the sensitive
+    features, and names that feature."""
     found = []
     variant = observed.get("variant")
     variant = None if variant is None else str(variant)
@@ -154,14 +155,19 @@ def breaches(thresholds: dict, observed: dict) -> list[Breach]:
         rules = _ACCURACY_RULES
     for metric, key, spec_key in rules:
         value, limit = number(observed.get(metric)), number(thresholds.get(key))
-        if value is not None and limit is not None and value > limit:
-            found.append(Breach(metric, value, limit, "max", f"responsibleAI.fairness.{spec_key}",
-                                group=_worst_feature(observed, metric), variant=variant))
+        if value is not None and limit is not None:
+            found.append(Check(metric, value, limit, "max", f"responsibleAI.fairness.{spec_key}",
+                               group=_worst_feature(observed, metric), variant=variant, passed=not value > limit))
     lowest, floor = number(observed.get("min_group_accuracy")), number(thresholds.get("min_group_accuracy"))
-    if lowest is not None and floor is not None and lowest < floor:
-        found.append(Breach("min_group_accuracy", lowest, floor, "min", "responsibleAI.fairness.minGroupAccuracy",
-                            variant=variant))
+    if lowest is not None and floor is not None:
+        found.append(Check("min_group_accuracy", lowest, floor, "min", "responsibleAI.fairness.minGroupAccuracy",
+                           variant=variant, passed=not lowest < floor))
     return found
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The fairness checks one variant's figures fail."""
+    return failed(checks(thresholds, observed))
 
 
 def _problem(breach: Breach) -> str:

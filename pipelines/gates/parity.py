@@ -6,14 +6,14 @@ error is not spread evenly, and a minority group can carry most of it.
 
 from __future__ import annotations
 
-from pipelines.gates import Breach, number, rounded
+from pipelines.gates import Breach, Check, failed, number, rounded
 from pipelines.gates.fairness import GAP_METRICS, worst
 from pipelines.records import GateVerdict
 
 
-def breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """The parity rules one int8 variant's figures break: an accuracy drop vs fp32 beyond
-    export.accuracyBudget, and any group gap that widens by more than
+def checks(thresholds: dict, observed: dict) -> list[Check]:
+    """The parity rules on one int8 variant's figures: its accuracy drop vs fp32 within
+    export.accuracyBudget, and each group gap widening by at most
     gates.quantizationFairnessChange. An fp32 variant has no quantization error to judge."""
     variant = observed.get("variant")
     if variant is None or variant == "fp32":
@@ -22,17 +22,24 @@ def breaches(thresholds: dict, observed: dict) -> list[Breach]:
     found = []
     before, after = number(observed.get("fp32_accuracy")), number(observed.get("variant_accuracy"))
     budget = number(thresholds.get("accuracy_budget"))
-    if before is not None and after is not None and budget is not None and before - after > budget + 1e-12:
-        found.append(Breach("accuracy", before - after, budget, "regression", "export.accuracyBudget",
-                            variant=variant, value=after, baseline=before, direction="higher"))
+    if before is not None and after is not None and budget is not None:
+        found.append(Check("accuracy", before - after, budget, "regression", "export.accuracyBudget",
+                           variant=variant, value=after, baseline=before, direction="higher",
+                           passed=not before - after > budget + 1e-12))
     allowed = number(thresholds.get("fairness_change"))
     for key, value in observed.items():
         metric, _, column = key.removesuffix(".change").partition(".")
         widening = number(value) if key.endswith(".change") and metric in GAP_METRICS else None
-        if widening is not None and allowed is not None and widening > allowed + 1e-12:
-            found.append(Breach(metric, widening, allowed, "regression", "gates.quantizationFairnessChange",
-                                group=column, variant=variant, direction="lower"))
+        if widening is not None and allowed is not None:
+            found.append(Check(metric, widening, allowed, "regression", "gates.quantizationFairnessChange",
+                               group=column, variant=variant, direction="lower",
+                               passed=not widening > allowed + 1e-12))
     return found
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The parity checks one int8 variant's figures fail."""
+    return failed(checks(thresholds, observed))
 
 
 def parity_verdict(variant: str, fp32_accuracy: float, variant_accuracy: float, fp32_report: dict,

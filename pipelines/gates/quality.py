@@ -3,37 +3,43 @@ version the GitOps repository deploys now), on the same evaluation rows."""
 
 from __future__ import annotations
 
-from pipelines.gates import Breach, number, rounded
+from pipelines.gates import Breach, Check, failed, number, rounded
 from pipelines.records import GateVerdict
 from pipelines.specs import MetricThreshold
 
 
-def breaches(thresholds: dict, observed: dict) -> list[Breach]:
-    """Per metric, in the spec's order: not measured, below minValue, above maxValue, or worse
-    than the champion by more than maxRegression."""
+def checks(thresholds: dict, observed: dict) -> list[Check]:
+    """Per metric, in the spec's order: measured at all, at least minValue, at most maxValue, and
+    no worse than the champion by more than maxRegression."""
     found = []
     champion = observed.get("champion_version")
     for name in dict.fromkeys(key.rsplit(".", 1)[0] for key in thresholds):
         field = f"gates.quality.{name}"
         value = number(observed.get(f"{name}.candidate"))
         if value is None:
-            found.append(Breach(name, None, None, "missing", field))
+            found.append(Check(name, None, None, "missing", field, passed=False))
             continue
         low, high = number(thresholds.get(f"{name}.min_value")), number(thresholds.get(f"{name}.max_value"))
-        if low is not None and value < low:
-            found.append(Breach(name, value, low, "min", f"{field}.minValue"))
-        if high is not None and value > high:
-            found.append(Breach(name, value, high, "max", f"{field}.maxValue"))
+        if low is not None:
+            found.append(Check(name, value, low, "min", f"{field}.minValue", passed=not value < low))
+        if high is not None:
+            found.append(Check(name, value, high, "max", f"{field}.maxValue", passed=not value > high))
         allowed, change = number(thresholds.get(f"{name}.max_regression")), number(observed.get(f"{name}.change"))
         if allowed is None or change is None:
             continue
         direction = "lower" if thresholds.get(f"{name}.direction") == "lower" else "higher"
         regression = -change if direction == "higher" else change
-        if regression > allowed + 1e-12:
-            found.append(Breach(name, regression, allowed, "regression", f"{field}.maxRegression", value=value,
-                                baseline=number(observed.get(f"{name}.champion")),
-                                champion=None if champion is None else str(champion), direction=direction))
+        found.append(Check(name, regression, allowed, "regression", f"{field}.maxRegression", value=value,
+                           baseline=number(observed.get(f"{name}.champion")),
+                           champion=None if champion is None else str(champion), direction=direction,
+                           passed=not regression > allowed + 1e-12))
     return found
+
+
+def breaches(thresholds: dict, observed: dict) -> list[Breach]:
+    """The checks the candidate fails: not measured, below minValue, above maxValue, or worse
+    than the champion by more than maxRegression."""
+    return failed(checks(thresholds, observed))
 
 
 def _problem(breach: Breach) -> str:

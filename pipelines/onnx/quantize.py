@@ -339,7 +339,8 @@ def choose_variant(
     size_tolerance: float = 0.05,
     metric: str = "accuracy",
 ) -> tuple[str, str]:
-    """Pick the variant to ship and say why, with the figures, in one sentence.
+    """Pick the variant to ship and say why, with the figures, in one sentence that does not
+    name the choice again (every page prints it beside the variant: "Chosen: dynamic. <why>").
 
     Eligible: usable and losing at most `accuracy_budget` of the task's score `metric` (accuracy,
     or R2 for a regression; a fraction) vs fp32. If
@@ -368,13 +369,13 @@ def choose_variant(
             best = min(fits, key=lambda c: (c.latency_p50_ms, c.size_bytes, order[c.variant]))
             return best.variant, (
                 f"fp32 ({_size(fp32.size_bytes)}) exceeds the {cap} cap, so size is binding: "
-                f"chose {best.variant}, the fastest eligible variant within it ({figures(best)})."
+                f"the fastest eligible variant within it ({figures(best)})."
             )
         best = min(eligible, key=lambda c: (c.size_bytes, c.latency_p50_ms, order[c.variant]))
         return best.variant, (
             f"fp32 ({_size(fp32.size_bytes)}) exceeds the {cap} cap and no eligible variant "
-            f"fits it: chose {best.variant}, the smallest eligible ({figures(best)}), which "
-            f"still exceeds the cap by {_size(best.size_bytes - max_artifact_bytes)}."
+            f"fits it: the smallest eligible ({figures(best)}), which still exceeds the cap by "
+            f"{_size(best.size_bytes - max_artifact_bytes)}."
         )
 
     limit = fp32.latency_p50_ms * (1 + latency_tolerance)
@@ -389,18 +390,19 @@ def choose_variant(
         best = min(tied, key=lambda c: (c.latency_p50_ms, c.size_bytes, order[c.variant]))
         tie = [c.variant for c in tied if c is not best]
         return best.variant, (
-            (f"{' and '.join(tie)} {'is' if len(tie) == 1 else 'are'} as small within "
-             f"{size_tolerance:.0%} and slower; " if tie else "") +
-            f"chose {best.variant}: {fp32.size_bytes / max(best.size_bytes, 1):.1f}x smaller "
+            f"{fp32.size_bytes / max(best.size_bytes, 1):.1f}x smaller "
             f"than fp32 ({_size(best.size_bytes)} vs {_size(fp32.size_bytes)}), p50 "
             f"{_ms(best.latency_p50_ms)} vs {_ms(fp32.latency_p50_ms)}, {metric} change "
-            f"{best.accuracy_change * 100:+.2f} pt within the {_pt(accuracy_budget)} budget."
+            f"{best.accuracy_change * 100:+.2f} pt within the {_pt(accuracy_budget)} budget"
+            + (f"; {' and '.join(tie)} {'is' if len(tie) == 1 else 'are'} as small within "
+               f"{size_tolerance:.0%} and slower" if tie else "") + "."
         )
     if not others:
-        return "fp32", f"kept fp32 ({_size(fp32.size_bytes)}): no quantized variant was built."
+        return "fp32", f"No quantized variant was built (fp32: {_size(fp32.size_bytes)})."
     rejected = "; ".join(_rejection(c, fp32, accuracy_budget, limit, metric) for c in others)
     return "fp32", (
-        f"kept fp32 ({_size(fp32.size_bytes)}, p50 {_ms(fp32.latency_p50_ms)}): {rejected}."
+        f"No quantized variant qualifies (fp32: {_size(fp32.size_bytes)}, p50 {_ms(fp32.latency_p50_ms)}): "
+        f"{rejected}."
     )
 
 

@@ -17,21 +17,33 @@ A failed check rolls back at once (a commit restoring the previous release, as `
 does); too few canary requests or a pause not yet over hold; otherwise the share advances to
 the next step by a commit. Every commit message carries the analysis. A first release has no
 control cohort and goes to every device (nothing to compare against).
+
+Every analysis but `no_release` (and none of a dry run) is also saved to the artifact store as
+`rollouts/<model>/<YYYYmmddTHHMMSSZ>.json` (an `AnalysisRecord`: the step and when it was made),
+after its commit, for the Edge Releases view's canary chart.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import logging
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from pipelines.edge import telemetry
+from pipelines.errors import one_line
 from pipelines.records import Record
 from pipelines.settings import Settings, get_settings
 from pipelines.specs import ModelSpec, load_spec, parse_duration
+from pipelines.storage import ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
 
 StepDecision = Literal["advance", "hold", "rollback", "complete", "not_canary", "no_release"]
 ROLLOUT_BY = "edge_rollout"
+ROLLOUTS_PREFIX = "rollouts"
 
 
 class CanaryCheck(Record):
@@ -73,6 +85,29 @@ class RolloutStep(Record):
         for check in self.checks:
             out.append(f"  [{'pass' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
         return out
+
+
+class AnalysisRecord(RolloutStep):
+    """A saved analysis: the step and when it was made."""
+
+    at: str = Field(description="The `now` of the analysis (UTC, ISO 8601).")
+
+
+def analysis_key(model: str, moment: datetime) -> str:
+    """Where the analysis of `model` made at `moment` is saved."""
+    return f"{ROLLOUTS_PREFIX}/{model}/{moment.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+
+
+def save_analysis(result: RolloutStep, now: datetime, settings: Settings) -> str | None:
+    """Save `result` as an AnalysisRecord in the artifact store; its URI, or None when the store
+    cannot be written (logged, not raised: the decision, and any commit, stand without it)."""
+    record = AnalysisRecord(**result.model_dump(), at=telemetry.timestamp(now))
+    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    try:
+        return store.put_bytes(record.model_dump_json(indent=1).encode(), analysis_key(result.model, now))
+    except StoreError as error:
+        log.warning("rollout analysis of %s not saved: %s", result.model, one_line(error, 300))
+        return None
 
 
 def _pct(value: float | None) -> str:
@@ -172,7 +207,6 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops import repo
     from pipelines.gitops.manifest import base_manifest_path, dump, read_manifest
-    from pipelines.storage import ObjectStore
 
     settings = settings or get_settings()
     spec = load_spec(spec_path)
@@ -189,7 +223,10 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     records = telemetry.read_records(ObjectStore(settings.telemetry_url, settings.s3_endpoint_url), spec.name,
                                      since, now, kind="inference")
     result = analyze(spec, base, records, since, now)
-    if dry_run or result.decision not in ("advance", "rollback"):
+    if dry_run:
+        return result
+    if result.decision not in ("advance", "rollback"):
+        save_analysis(result, now, settings)
         return result
     details = "Canary analysis:\n" + "\n".join(result.lines())
     if result.decision == "rollback":
@@ -197,7 +234,9 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
 
         done = rollback_release(spec.name, result.previous_version, f"canary analysis failed: {result.reason}",
                                 ROLLOUT_BY, settings, details=details, expect_tree=tree, publish=publish)
-        return result.model_copy(update={"commit": done.commit})
+        result = result.model_copy(update={"commit": done.commit})
+        save_analysis(result, now, settings)
+        return result
     doc = yaml.safe_load(files[path])
     step = result.step + 1 if result.next_share < 100 else result.steps
     doc["spec"]["rollout"] = {**doc["spec"]["rollout"], "share": result.next_share, "step": step}
@@ -207,6 +246,8 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
                f"{details}\n")
     committed = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message,
                                     (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
+    result = result.model_copy(update={"commit": committed.commit})
+    save_analysis(result, now, settings)
     if publish:
         publish_after_commit(settings)
-    return result.model_copy(update={"commit": committed.commit})
+    return result

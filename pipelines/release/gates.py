@@ -66,6 +66,18 @@ def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan, variants:
             "task": data.task}
 
 
+def shipped_metrics(ctx: Context, data: DataCheck, plan: QuantizationPlan) -> dict[str, float]:
+    """The shipped variant's metrics on the held-out rows (a release's headline figures): its
+    answers the quantization plan scored (stored once per release), scored as the quality gate
+    scores them."""
+    from pipelines import training
+
+    parts = splits(ctx, data)
+    chosen = plan.chosen_candidate
+    outputs = variant_outputs(ctx, data, chosen.sha256, chosen.uri, parts["x_test"])
+    return training.task_metrics(data.task, outputs, parts["y_test"])
+
+
 # -- quality -----------------------------------------------------------------------------------
 def deployed_manifest(ctx: Context) -> dict | None:
     """The manifest the GitOps repository deploys now for this model (None before the first release)."""
@@ -76,8 +88,12 @@ def deployed_manifest(ctx: Context) -> dict | None:
     return manifest.read_manifest(text) if text else None
 
 
-def _champion_metrics(ctx: Context, data: DataCheck, parts: dict) -> tuple[dict | None, str | None, str, str]:
-    """Metrics of the deployed model on the candidate's evaluation rows, its version, sha, and a note."""
+def _champion_metrics(ctx: Context, data: DataCheck, parts: dict, registered: RegisteredVersion,
+                      candidate_sha: str) -> tuple[dict | None, str | None, str, str]:
+    """Metrics of the deployed model on the candidate's evaluation rows, its version, sha, and a note.
+
+    The notes stay true after the candidate lands: no champion when it was evaluated, or the
+    candidate is the deployed champion itself (nothing else to compare it with)."""
     import onnx
 
     from pipelines import training
@@ -86,9 +102,14 @@ def _champion_metrics(ctx: Context, data: DataCheck, parts: dict) -> tuple[dict 
 
     deployed = deployed_manifest(ctx)
     if deployed is None:
-        return None, None, "none", "no champion deployed yet, nothing to compare against"
+        return (None, None, "none",
+                f"no champion deployed when v{registered.version} was evaluated, nothing to compare against")
     ref = deployed["spec"]["modelRef"]
     version, checksum = str(ref["version"]), ref["checksum"].removeprefix("sha256:")
+    if version == str(registered.version):
+        return None, version, checksum, f"v{version} is the deployed champion itself"
+    if checksum == candidate_sha:
+        return None, version, checksum, f"the deployed champion v{version} is this very artifact"
     try:
         path = ctx.fetch(ref["sourceUri"])
     except Exception as error:  # a champion outside this store, or gone: say so, do not guess
@@ -115,7 +136,7 @@ def quality_gate(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan,
     if "quality" in ctx.spec.gates.waive:
         return waived("quality", ctx.spec.gates.waive["quality"])
     ev = _evaluation(ctx, data, plan)
-    champion, version, champion_sha, note = _champion_metrics(ctx, data, ev)
+    champion, version, champion_sha, note = _champion_metrics(ctx, data, ev, registered, plan.chosen_candidate.sha256)
     # The champion is part of this verdict's identity: a new deployment means a new comparison.
     # When the champion is this very artifact (a re-run after the release landed), the verdict
     # that let it land stands; comparing it with itself would only rewrite the manifest.
@@ -366,6 +387,7 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
                   "params": spec.training.params, "train_seconds": trained.train_seconds,
                   **({"entrypoint": spec.training.entrypoint} if spec.training.entrypoint else {}),
                   **({"imported_from": trained.source} if trained.source else {})},
+        shipped={"variant": plan.chosen, "metrics": shipped_metrics(ctx, data, plan)},
         metrics=trained.metrics,
         quantization=plan.model_dump(mode="json", exclude={"reused"}),
         verdicts=[v.model_dump(mode="json") for v in verdicts],
@@ -400,7 +422,10 @@ def _card_cost(cost: CostReport | None) -> dict | None:
     from pipelines.finops.cost import CostEstimate, cost_table, diff_lines
 
     estimate = CostEstimate.model_validate(cost.estimate)
-    return {"brief": estimate.brief(), "table": cost_table(estimate), "diff": diff_lines(cost.diff),
+    return {"total_usd_per_month": estimate.total_usd_per_month,
+            "training_usd_per_month": estimate.training_usd_per_month,
+            "budget_usd_per_month": estimate.monthly_budget_usd,
+            "brief": estimate.brief(), "table": cost_table(estimate), "diff": diff_lines(cost.diff),
             "assumptions": sorted({a for g in estimate.groups for a in g.assumptions})}
 
 

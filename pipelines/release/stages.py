@@ -733,14 +733,20 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
               registered: RegisteredVersion, verdicts: list[GateVerdict], decision: Decision,
               published: PublishedArtifact | None, committed: GitOpsCommit | None, card: ModelCard | None,
               approval: Approval | None, stages: dict[str, float], trigger: str, cost: CostReport | None = None,
-              settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
+              settings: Settings | None = None, options: ReleaseOptions | None = None,
+              attempt_id: str = "") -> ReleaseSummary:
     """The release's outcome in one record. A version that was not committed is tagged
-    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons.
+    `release_status=rejected` (or `awaiting_approval`) in MLflow with the reasons, unless an
+    earlier run shipped it: it then keeps its status and its summary, and this run's outcome
+    is in the model's latest summary and the run's attempt. A version this run committed is
+    tagged with its `trigger`. With `attempt_id` (the run's id), the run's attempt record is
+    finished with the summary (`pipelines.release.attempts`).
 
     A dry run says what the decision was (`would`); its summary is kept apart from the
     releases' (`latest-dry-run.json`), and a version that an earlier run released keeps its
     status (the dry run adds `dry_run.*` tags only)."""
     from pipelines import registry
+    from pipelines.release.gates import shipped_metrics
 
     ctx = stage_context(spec_path, data, settings)
     # The salt actually in the release key: a plain run may resume a forced release's.
@@ -763,24 +769,32 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     else:
         status = "awaiting_approval"
         reasons = [f"approval: waiting for a person ({'; '.join(decision.reasons) or 'manual approval'})"]
+    mlflow_client = registry.client(ctx.settings.tracking_uri)
+    current = mlflow_client.get_model_version(ctx.spec.name, registered.version).tags.get("release_status")
+    # A version an earlier run shipped keeps its status and its summary when a later run of it
+    # stops short (waits for a person again, or is rejected): that run is its attempt's record.
+    kept = status not in ("released", "in_review") and current in ("released", "in_review", "rolled_back")
     if status == "dry_run":
-        mlflow_client = registry.client(ctx.settings.tracking_uri)
-        current = mlflow_client.get_model_version(ctx.spec.name, registered.version).tags.get("release_status")
         tags = {"dry_run.outcome": would, "dry_run.reasons": " | ".join(reasons)}
-        if current not in ("released", "in_review", "rolled_back"):
+        if not kept:
             tags["release_status"] = "dry_run"
         registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version, tags)
         log.warning("%s v%s DRY RUN: %s", ctx.spec.name, registered.version, "; ".join(reasons))
     elif status not in ("released", "in_review"):
-        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
-                              {"release_status": status, "release_reasons": " | ".join(reasons)})
+        if not kept:
+            registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version,
+                                  {"release_status": status, "release_reasons": " | ".join(reasons)})
         log.warning("%s v%s %s: %s", ctx.spec.name, registered.version, status.upper(), "; ".join(reasons))
+    elif committed is not None and committed.created:
+        # The version names the run that released it (its `trigger` tag was set when it was registered).
+        registry.mark_version(ctx.settings.tracking_uri, ctx.spec.name, registered.version, {"trigger": trigger})
     summary = ReleaseSummary(
         model=ctx.spec.name, model_version=registered.version, status=status, reasons=reasons,
         release_key=data.release_key, run_id=registered.run_id, trigger=trigger,
         artifact_uri=published.uri if published else None, artifact_sha256=plan.chosen_candidate.sha256,
         gitops_commit=committed.commit if committed else None,
         gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
+        shipped_variant=plan.chosen, shipped_metrics=shipped_metrics(ctx, data, plan),
         task=data.task + (" (inferred from the target)" if data.task_inferred else ""), model_source=trained.source,
         verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
@@ -793,9 +807,14 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
                         ReleaseOptions(force_retrain=True, salt=data.salt, reason=options.reason))
     suffix = "-dry-run" if status == "dry_run" else ""
     ctx.save_record(evaluation_folder(data, registered), f"summary{suffix}.json", summary)
-    # The version's latest summary, beside the release that built it (what Edge Releases reads).
-    ctx.save_record(registered.release_key or data.release_key, f"summary{suffix}.json", summary)
+    if status == "dry_run" or not kept:
+        # The version's latest summary, beside the release that built it (what Edge Releases reads).
+        ctx.save_record(registered.release_key or data.release_key, f"summary{suffix}.json", summary)
     ctx.store.put_bytes(summary.model_dump_json(indent=2).encode(), f"releases/{ctx.spec.name}/latest{suffix}.json")
+    if attempt_id:
+        from pipelines.release.attempts import finish_attempt
+
+        finish_attempt(summary, attempt_id, ctx.store)
     return summary
 
 
@@ -812,21 +831,46 @@ def latest_summary(model: str, settings: Settings | None = None, dry_run: bool =
 
 
 def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval | None = None,
-                settings: Settings | None = None, options: ReleaseOptions | None = None) -> ReleaseSummary:
+                settings: Settings | None = None, options: ReleaseOptions | None = None,
+                attempt_id: str | None = None) -> ReleaseSummary:
     """Every stage in order, in this process (the CLI's path; the DAG runs the same calls).
 
     A spec (or `options.approval`) asking for manual approval stops before publishing unless
     `approval` is given (the CLI's `--approve-as`); the decision is recorded with the release.
     A dry run stops after the decision.
+
+    The run is an attempt (`pipelines.release.attempts`) under `attempt_id` (default: a new
+    `cli__…` id): `running` from the start, then its outcome, or `failed` with the stage
+    that raised and the error, which is raised again.
     """
+    from pipelines.release import attempts
+
+    ctx = context(spec_path, settings)
+    run_id = attempt_id or attempts.new_run_id()
+    attempts.start_attempt(ctx.spec.name, run_id, trigger, ctx.store)
+    progress: dict[str, str] = {"stage": STAGES[0]}
+    try:
+        return _run_stages(spec_path, trigger, approval, settings, options or ReleaseOptions(), run_id, progress)
+    except BaseException as error:
+        try:
+            attempts.fail_attempt(ctx.spec.name, run_id, progress["stage"], error, ctx.store, trigger,
+                                  progress.get("version"), (Path(spec_path).parent, ctx.settings.state))
+        except Exception as unrecorded:  # noqa: BLE001 (the release's own error is the one to raise)
+            log.warning("%s: the failed attempt %s was not recorded: %s", ctx.spec.name, run_id, unrecorded)
+        raise
+
+
+def _run_stages(spec_path: str | Path, trigger: str, approval: Approval | None, settings: Settings | None,
+                options: ReleaseOptions, attempt_id: str, progress: dict[str, str]) -> ReleaseSummary:
+    """`run_release`'s stages; `progress` names the stage running (and the version, once registered)."""
     import time
 
     from pipelines.release import gates
 
-    options = options or ReleaseOptions()
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):
+        progress["stage"] = name
         start = time.perf_counter()
         result = fn(*args, settings=settings, **kwargs)
         timings[name] = time.perf_counter() - start
@@ -838,6 +882,7 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
     exported = timed("export", export, spec_path, data, trained)
     plan = timed("quantize", quantize, spec_path, data, exported)
     registered = timed("register", register, spec_path, data, trained, exported, plan, trigger, options=options)
+    progress["version"] = registered.version
     cost = timed("edge_cost", gates.edge_cost, spec_path, data, trained, plan, registered)
     verdicts = [
         timed("quality_gate", gates.quality_gate, spec_path, data, plan, registered),
@@ -861,8 +906,7 @@ def run_release(spec_path: str | Path, trigger: str = "cli", approval: Approval 
             from pipelines.edge.publish import publish_after_commit
 
             publish_after_commit(settings or get_settings())
+    progress["stage"] = "summarize"
     return summarize(spec_path, data, trained, plan, registered, verdicts, decision, published, committed, card,
                      approval if decision.outcome == "await_approval" and not options.dry_run else None, timings,
-                     trigger, cost, settings, options)
-
-
+                     trigger, cost, settings, options, attempt_id)

@@ -2,8 +2,9 @@
 
 The `decide` task is a branch (`decide_release`): it follows `pipelines.release.next_step`
 to publish, to ask a person (with a Markdown body of the verdicts, the variant and the
-evidence), or to stop. `ReleaseApproval` asks; `answer` reads what the person chose as a
-`pipelines.records.Approval`, which the commit and the summary record.
+evidence), or to stop. `ReleaseApproval` asks (with a comment field) and records the answer on
+the run's attempt; `answer` reads what the person chose as a `pipelines.records.Approval`,
+which the commit and the summary record.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import get_current_context
+from airflow.sdk import Param, get_current_context
 
 from edge_airflow.run import options
 from edge_airflow.xcom import call, pulled, run_stage
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from pipelines.records import Approval
 
 DECISION, BODY, ANSWER = "decision", "approval_body", "answer"  # XCom keys
+COMMENT = "comment"  # the approval form's field
 
 
 def decide_release(spec_path: str, data: dict, verdicts: list[dict], card: dict, plan: dict, registered: dict, *,
@@ -42,19 +44,29 @@ def decide_release(spec_path: str, data: dict, verdicts: list[dict], card: dict,
 
 
 class ReleaseApproval(ApprovalOperator):
-    """Airflow's ApprovalOperator asking with the body the `decided_by` task prepared, and
-    keeping the answer (who, when, what) as XCom `answer`: on Reject the operator skips its
-    downstream and its return value is not kept."""
+    """Airflow's ApprovalOperator asking `model`'s release with the body the `decided_by` task
+    prepared, with an optional comment field; it keeps the answer (who, when, what, the
+    comment) as XCom `answer` and records it on the run's attempt
+    (`edge_airflow.attempts.approved`): on Reject the operator skips its downstream and its
+    return value is not kept."""
 
-    def __init__(self, *, decided_by: str, **kwargs: Any) -> None:
+    def __init__(self, *, model: str, decided_by: str, **kwargs: Any) -> None:
         kwargs.setdefault("body", "{{ ti.xcom_pull(task_ids='%s', key='%s') }}" % (decided_by, BODY))
+        # The form's only field (the operator keeps task params alone, never the DAG's).
+        kwargs["params"] = {COMMENT: Param("", type="string", title="Comment", source="task",
+                                           description="Optional: why (recorded with the release).")}
         super().__init__(**kwargs)
+        self.model = model
 
     def execute_complete(self, context, event):
-        context["ti"].xcom_push(key=ANSWER, value={
-            "chosen_options": event.get("chosen_options"), "params_input": event.get("params_input") or {},
-            "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))})
-        return super().execute_complete(context, event)
+        from edge_airflow.attempts import approved
+
+        kept = {"chosen_options": event.get("chosen_options"), "params_input": event.get("params_input") or {},
+                "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))}
+        context["ti"].xcom_push(key=ANSWER, value=kept)
+        result = super().execute_complete(context, event)  # validates the answer; a Reject skips downstream
+        approved(self.model, context, approval_of(kept))
+        return result
 
 
 def approval_of(kept: dict | None) -> Approval | None:
@@ -67,7 +79,7 @@ def approval_of(kept: dict | None) -> Approval | None:
     return Approval(approved=kept["chosen_options"] == [ApprovalOperator.APPROVE],
                     by=user.get("name") or user.get("id") or "unknown",
                     at=str(kept.get("responded_at")),
-                    comment=(kept.get("params_input") or {}).get("comment", ""))
+                    comment=(kept.get("params_input") or {}).get(COMMENT) or "")
 
 
 def decided(task_id: str) -> dict:

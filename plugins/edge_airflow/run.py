@@ -20,10 +20,10 @@ def options() -> ReleaseOptions:
     return release_options(dict(context["params"]), context["run_id"])
 
 
-def trigger() -> str:
+def trigger(context: dict | None = None) -> str:
     """What started the run: a person (with the reason they gave), the schedule, or drift
-    events (with their figures)."""
-    context = get_current_context()
+    events (with their figures); of the running task's context unless one is given."""
+    context = context or get_current_context()
     run = context["dag_run"]
     reason = (context["params"].get("reason") or "").strip()
     run_type = str(getattr(run.run_type, "value", run.run_type))
@@ -32,6 +32,11 @@ def trigger() -> str:
         extras = [dict(getattr(e, "extra", {}) or {}) for e in events]
         return f"asset_triggered: {json.dumps(extras, sort_keys=True, default=str)[:400]}"
     return f"{run_type}: {reason}" if reason else run_type
+
+
+def run_id() -> str:
+    """This run's id."""
+    return get_current_context()["run_id"]
 
 
 def triggered_by() -> str:

@@ -22,7 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_ui import views
+from edge_ui import charts, history, trends, verdicts, views
+from pipelines.finops.cost import signed_usd
+from pipelines.gitops.git import GitError
+from pipelines.records import usd
+from pipelines.storage import StoreError
 
 HERE = Path(__file__).resolve().parent
 # Same origin only (the Airflow UI's iframe included); the pages need no script.
@@ -41,15 +45,11 @@ STYLESHEETS = ("edge.css", "verdicts.css", "charts.css", "history.css")
 
 # -- rendering -------------------------------------------------------------------------------------
 def _money(value) -> str:
-    if value is None:
-        return "—"
-    return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4f}"
+    return "—" if value is None else usd(value)
 
 
 def _signed_money(value) -> str:
-    if value is None:
-        return ""
-    return ("+" if value >= 0 else "−") + _money(abs(value))
+    return "" if value is None else signed_usd(value)
 
 
 def _number(value, digits: int = 4) -> str:
@@ -86,7 +86,7 @@ def _short(value, length: int = 8) -> str:
 _STATUS = {"released": "ok", "ok": "ok", "pass": "ok", "release": "ok",
            "rejected": "bad", "drift": "bad", "fail": "bad",
            "awaiting_approval": "wait", "in_review": "info", "insufficient_data": "neutral", "rollout": "wait",
-           "rolled_back": "warn", "rollback": "warn", "dry_run": "neutral"}
+           "rolled_back": "warn", "rollback": "warn", "dry_run": "neutral", "failed": "bad", "running": "info"}
 
 
 def _status_class(status) -> str:
@@ -95,6 +95,7 @@ def _status_class(status) -> str:
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+templates.globals.update(verdict_rows=verdicts.verdict_rows, context_rows=verdicts.context_rows)
 templates.filters.update(money=_money, signed_money=_signed_money, number=_number, figure=_figure, share=_share,
                          when=_when, short=_short, status_class=_status_class)
 
@@ -162,6 +163,41 @@ def _unknown(error: KeyError) -> HTTPException:
     return HTTPException(404, f"No model or version named {error.args[0]!r}")
 
 
+# -- charts ----------------------------------------------------------------------------------------
+def _drawn(problems: list[str], what: str, draw) -> charts.Chart | None:
+    """One chart, or None with the reason among the page's problems when its data is unreadable."""
+    try:
+        return draw()
+    except (StoreError, ValueError, KeyError, OSError) as error:
+        problems.append(f"{what} chart not drawn: {error}")
+        return None
+
+
+def _model_charts(page: views.ModelPage) -> dict[str, charts.Chart | None]:
+    """The model's charts; the cost is the deployed version's (the latest release's before one is)."""
+    model, problems = page.model, page.problems
+    deployed = next((v for v in page.versions if v.version == page.row.deployed_version), None)
+    summary = _drawn(problems, "stored summary", lambda: views.stored_summary(model, deployed.release_key)) \
+        if deployed else None
+    return {
+        "cost": _drawn(problems, "cost", lambda: charts.cost_chart(trends.cost_trend(model, summary=summary))),
+        "versions": _drawn(problems, "versions running", lambda: charts.versions_chart(trends.versions_running(model))),
+        "canary": _drawn(problems, "canary", lambda: charts.canary_chart(trends.canary_trend(model))),
+        "drift": _drawn(problems, "drift", lambda: charts.drift_chart(trends.drift_trend(model))),
+    }
+
+
+def _version_charts(model: str, release_key: str | None, problems: list[str]) -> dict[str, charts.Chart | None]:
+    summary = _drawn(problems, "stored summary", lambda: views.stored_summary(model, release_key))
+    if not summary:
+        return {}
+    return {
+        "fairness": _drawn(problems, "fairness", lambda: charts.fairness_chart(trends.fairness_groups(model, summary=summary))),
+        "quantization": _drawn(problems, "quantization", lambda: charts.quantization_chart(trends.quantization_points(summary))),
+        "cost": _drawn(problems, "cost", lambda: charts.cost_chart(trends.cost_trend(model, summary=summary))),
+    }
+
+
 # -- pages ---------------------------------------------------------------------------------------
 @app.get("/", response_class=HTMLResponse)
 def index(request: Request):
@@ -174,7 +210,12 @@ def model(request: Request, model: str):
         page = views.model_page(model)
     except views.UnknownModel as error:
         raise _unknown(error) from None
-    return _render(request, "model.html", page=page)
+    try:
+        events = history.model_history(model)
+    except (StoreError, ValueError, OSError, GitError) as error:
+        events = []
+        page.problems.append(f"history not readable: {error}")
+    return _render(request, "model.html", page=page, charts=_model_charts(page), events=events)
 
 
 @app.get("/models/{model}/versions/{version}", response_class=HTMLResponse)
@@ -185,7 +226,8 @@ def version(request: Request, user: GetUserDep, model: str, version: str):
         raise _unknown(error) from None
     return _render(request, "version.html", page=page, links=views.version_links(
         model, page.version, experiment_id=views.experiment_of(page.version.run_id)),
-        may_read_data=may_read_data(user, model))
+        may_read_data=may_read_data(user, model),
+        charts=_version_charts(model, page.version.release_key, page.problems))
 
 
 @app.get("/models/{model}/compare", response_class=HTMLResponse)

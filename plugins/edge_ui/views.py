@@ -27,13 +27,14 @@ from urllib.parse import quote, unquote, urlparse
 
 from pydantic import Field
 
-from pipelines.records import GateVerdict, QuantCandidate, Record
+from pipelines.gates import by_variant
+from pipelines.records import GateVerdict, QuantCandidate, Record, usd
+from pipelines.release.attempts import Attempt, list_attempts
 from pipelines.settings import Settings, get_settings
 from pipelines.specs import DNS_LABEL
 from pipelines.storage import ObjectStore, StoreError
 
 _VERSION = re.compile(r"^[0-9]{1,9}$")
-_VARIANTS = ("fp32", "dynamic", "static")
 _COMMIT_KINDS = ("release", "rollout", "rollback")
 _SUMMARY_FILE = "summary.json"
 _DRIFT_FILE = "drift.json"
@@ -108,6 +109,8 @@ class ModelRow(Record):
     deployed_version: str | None = None
     deployments: list[GroupDeployment] = Field(default_factory=list)
     last_release: ReleaseOutcome | None = None
+    last_attempt: Attempt | None = Field(None, description="The newest release run, whatever its outcome "
+                                         "(a run that failed or is still going after the last release).")
     cost: CostStatus = CostStatus()
     drift: DriftStatus | None = None
     problems: list[str] = Field(default_factory=list, description="What could not be read, and why.")
@@ -186,7 +189,10 @@ class VersionSummary(Record):
     artifact_uri: str | None = None
     artifact_sha256: str | None = None
     gitops_commit: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict, description="The native (fp32) model's.")
+    shipped_variant: str | None = None
+    shipped_metrics: dict[str, float] = Field(default_factory=dict, description="The shipped variant's, measured "
+                                              "on the same held-out rows: the headline figures.")
     verdicts: list[GateVerdict] = Field(default_factory=list)
     model_card_uri: str | None = None
     quantization_choice: str | None = None
@@ -481,6 +487,8 @@ def version_summary(data: dict) -> VersionSummary:
         artifact_uri=data.get("artifact_uri"), artifact_sha256=data.get("artifact_sha256"),
         gitops_commit=data.get("gitops_commit"),
         metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if _number(v) is not None},
+        shipped_variant=data.get("shipped_variant"),
+        shipped_metrics={k: float(v) for k, v in (data.get("shipped_metrics") or {}).items() if _number(v) is not None},
         verdicts=[GateVerdict.model_validate(v) for v in data.get("verdicts") or []],
         model_card_uri=data.get("model_card_uri"), quantization_choice=plan.get("chosen"),
         quantization_reason=plan.get("reason"),
@@ -488,6 +496,13 @@ def version_summary(data: dict) -> VersionSummary:
         cost=_summary_cost(data), approved_by=approval.get("by") if approval.get("approved") else None,
         approved_at=approval.get("at"), approval_comment=approval.get("comment") or None,
     )
+
+
+def stored_summary(model: str, release_key: str | None, settings: Settings | None = None) -> dict | None:
+    """The summary JSON stored beside the release `release_key` built (None without one)."""
+    if not release_key or not re.fullmatch(r"[0-9a-f]{16,128}", release_key):
+        return None
+    return _read_json(_store(_settings(settings)), f"runs/{check_model_name(model)}/{release_key}/{_SUMMARY_FILE}")
 
 
 # -- MLflow --------------------------------------------------------------------------------------
@@ -567,23 +582,10 @@ _TRY = {
 }
 
 
-def _by_variant(observed: dict) -> dict[str, dict]:
-    """A combined verdict's observations per shipped variant (others are prefixed `<variant>.`)."""
-    base = str(observed.get("variant") or "")
-    split: dict[str, dict] = {base: {}}
-    for key, value in observed.items():
-        head, _, rest = key.partition(".")
-        if head in _VARIANTS and head != base and rest:
-            split.setdefault(head, {})[rest] = value
-        else:
-            split[base][key] = value
-    return split
-
-
 def _per_variant(verdict: GateVerdict, sentences_of) -> list[str]:
     """Sentences for each shipped variant of a combined verdict; variants that fail the same way
     share one sentence, naming them when more than one variant ships."""
-    parts = _by_variant(verdict.observed)
+    parts = by_variant(verdict.observed)
     found: dict[str, list[str]] = {}
     for variant, observed in parts.items():
         for sentence in sentences_of(observed):
@@ -644,7 +646,7 @@ def _parity(verdict: GateVerdict) -> list[str]:
     from pipelines.gates.parity import breaches
 
     out = []
-    for observed in _by_variant(verdict.observed).values():
+    for observed in by_variant(verdict.observed).values():
         for b in breaches(verdict.thresholds, observed):
             if b.metric == "accuracy":
                 score = observed.get("metric") or "accuracy"
@@ -702,8 +704,8 @@ def _budget(verdict: GateVerdict) -> list[str]:
     groups = {k.removesuffix(".usd_per_month"): _number(v) for k, v in verdict.observed.items()
               if k.endswith(".usd_per_month") and k != "training_usd_per_month" and _number(v) is not None}
     largest = max(groups, key=groups.get) if groups else None
-    most = f"; the largest share is the {largest} group at ${groups[largest]:,.2f}" if largest else ""
-    return [f"The budget gate failed: the projected cost is ${b.observed:,.2f} per month, above the ${b.limit:,.2f} "
+    most = f"; the largest share is the {largest} group at {usd(groups[largest])}" if largest else ""
+    return [f"The budget gate failed: the projected cost is {usd(b.observed)} per month, above the {usd(b.limit)} "
             f"set by {b.field}{most}." for b in budget_breaches(verdict.thresholds, verdict.observed)]
 
 
@@ -765,6 +767,11 @@ def _row(model: str, spec_path: Path | None, gitops: _GitOps, store: ObjectStore
             latest = data
     except (StoreError, ValueError) as error:
         problems.append(f"latest release summary not readable: {error}")
+    try:
+        attempt = next(iter(list_attempts(model, store, 1)), None)
+    except (StoreError, ValueError) as error:
+        attempt = None
+        problems.append(f"release attempts not readable: {error}")
     from pipelines.finops.cost import budget_breaches
 
     brief = ((base or {}).get("spec") or {}).get("cost") or {}
@@ -791,7 +798,7 @@ def _row(model: str, spec_path: Path | None, gitops: _GitOps, store: ObjectStore
     problems += [p for p in gitops.problems if p.startswith(f"apps/{model}/") or not p.startswith("apps/")]
     return ModelRow(model=model, owner=owner, description=description, has_spec=spec_path is not None,
                     spec_error=spec_error, deployed_version=deployed_version, deployments=deployments,
-                    last_release=last, cost=cost, drift=drift, problems=problems)
+                    last_release=last, last_attempt=attempt, cost=cost, drift=drift, problems=problems)
 
 
 def _released_models(store: ObjectStore) -> set[str]:

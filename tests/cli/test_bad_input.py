@@ -9,6 +9,7 @@ registered MLflow model, no GitOps commit.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from conftest import tabular_frame, write_spec
 
 from pipelines.__main__ import main
 from pipelines.settings import Settings
+from pipelines.storage import ObjectStore
 
 MODEL = "bad-input"
 DELETE = object()
@@ -58,8 +60,6 @@ def _commits(settings: Settings, path: str | None = None) -> int:
 
 
 def _store_keys(settings: Settings) -> list[str]:
-    from pipelines.storage import ObjectStore
-
     return ObjectStore(settings.store_url).list_keys("")
 
 
@@ -76,7 +76,13 @@ def _assert_nothing_written(evidence: tuple[str, ...] = ()) -> None:
     MLflow model and no GitOps commit for the model."""
     settings = Settings()
     keys = [k for k in _store_keys(settings) if not (evidence and k.endswith(evidence))]
-    assert keys == [], keys
+    # The run's own record says it failed (Edge Releases lists it); nothing else is written.
+    from pipelines.release.attempts import folder
+
+    attempts = [k for k in keys if k.startswith(folder(MODEL))]
+    for key in attempts:
+        assert json.loads(ObjectStore(settings.store_url).read_bytes(key))["status"] == "failed", key
+    assert [k for k in keys if k not in attempts] == [], keys
     assert _registered(settings) == []
     assert _commits(settings, f"apps/{MODEL}") == 0
 

@@ -117,7 +117,7 @@ def test_diff_against_the_deployed_brief(setup):
     assert diff["baseline"] == "v4"
     assert diff["deltaUsdPerMonth"] == pytest.approx(-5.0)
     assert diff["groups"]["pis"]["deltaEgressGbPerMonth"] == pytest.approx(-50.0)
-    assert cost.diff_lines(diff)[0] == "Cost vs v4: -5.00 USD/month"
+    assert cost.diff_lines(diff)[0] == "Cost vs v4: -$5.00/month"
 
 
 def test_focus_rows_carry_the_columns_and_tags(setup):

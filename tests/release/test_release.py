@@ -9,6 +9,7 @@ from conftest import tabular_frame, write_spec
 from pipelines import release
 from pipelines.__main__ import main
 from pipelines.gitops import manifest
+from pipelines.records import usd
 from pipelines.settings import Settings
 from pipelines.storage import sha256_file
 
@@ -167,7 +168,7 @@ def test_model_card_is_published_and_referenced_by_checksum(small_spec, state):
     assert card["model"]["artifact_sha256"] == summary.artifact_sha256
     assert {v["gate"] for v in card["verdicts"]} == {"quality", "fairness", "quantization_parity", "drift",
                                                     "edge_memory", "edge_latency", "budget"}
-    assert card["cost"]["diff"][0] == "Cost vs new: +" + f"{summary.cost['total_usd_per_month']:,.2f} USD/month"
+    assert card["cost"]["diff"][0] == f"Cost vs new: +{usd(summary.cost['total_usd_per_month'])}/month"
     assert card["intended_use"] == "" and card["explainability"]["method"] == "permutation_importance"
     assert set(card["explainability"]["importances"]) == {"x1", "x2", "colour"}
     html_text = open(card_path.replace(".json", ".html")).read()
