@@ -18,6 +18,7 @@ from pipelines.specs import SpecError
 def _table(summary) -> str:
     """The release summary as a readable table: the shipped variant's figures first, money as
     every page shows it (`pipelines.records.usd`)."""
+    from pipelines.gates.card import shipped_label
     from pipelines.records import usd
 
     status = {"released": "RELEASED", "in_review": "IN REVIEW: committed to a review branch",
@@ -50,7 +51,7 @@ def _table(summary) -> str:
         *([f"  parameters      {', '.join(asked)}"] if asked else []),
     ]
     # The headline figures are the shipped variant's; the native model's follow as its own.
-    metrics = [(f"{summary.shipped_variant} (shipped)", summary.shipped_metrics)] if summary.shipped_metrics else []
+    metrics = [(shipped_label(v.model_dump()), v.metrics) for v in summary.shipped]
     metrics.append(("native model", summary.metrics))
     lines += [f"  {'' if i else 'metrics':<16}{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
               for i, (label, values) in enumerate(metrics)]

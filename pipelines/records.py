@@ -229,6 +229,16 @@ def usd(value: float) -> str:
     return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4f}"
 
 
+class ShippedVariant(Record):
+    """A variant some device groups run, measured on the held-out rows from the same answers the
+    quantization plan and the gates scored."""
+
+    variant: str
+    groups: list[str] = Field(default_factory=list, description="The device groups that run it (all, without a "
+                                                                "cost estimate).")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
 class ReleaseSummary(Record):
     model: str
     model_version: str
@@ -244,10 +254,9 @@ class ReleaseSummary(Record):
     quantization: QuantizationPlan
     metrics: dict[str, float] = Field(description="The trained model's metrics on the held-out rows (native, fp32: "
                                                   "before quantization).")
-    shipped_variant: str = Field("", description="The variant the manifest ships (`quantization.chosen`).")
-    shipped_metrics: dict[str, float] = Field(
-        default_factory=dict, description="The shipped variant's metrics on the held-out rows, from the answers the "
-                                          "quantization plan and the quality gate scored: the release's headline figures.")
+    shipped: list[ShippedVariant] = Field(
+        default_factory=list, description="Each variant that ships, with the device groups that run it and its "
+                                          "metrics on the held-out rows: the release's headline figures.")
     task: str = Field("binary", description="What the model predicts; `(inferred)` when the spec names no task.")
     model_source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance.")
     verdicts: list[GateVerdict] = Field(default_factory=list)

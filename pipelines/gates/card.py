@@ -57,19 +57,26 @@ def _training_facts(training: dict) -> list[tuple[str, object]]:
 
 
 def _metrics(card: dict) -> list[str]:
-    """The held-out metrics: the shipped variant's (the headline, what the quality gate measured),
-    beside the native model's."""
-    shipped = card.get("shipped")
+    """The held-out metrics: each shipped variant's (the headline; the base one is what the
+    quality gate measured) with the device groups that run it, beside the native model's."""
+    shipped = card.get("shipped") or []
     if not shipped:
         return ["<h2>Metrics (held-out split, native model)</h2>",
                 _table([{"metric": k, "value": v} for k, v in card["metrics"].items()], ["metric", "value"])]
-    column = f"{shipped['variant']} (shipped)"
-    rows = [{"metric": k, column: f"{v:.4f}", "native model": f"{card['metrics'][k]:.4f}"}
-            for k, v in shipped["metrics"].items()]
+    columns = [shipped_label(v) for v in shipped]
+    rows = [{"metric": k, **{c: f"{v['metrics'][k]:.4f}" for c, v in zip(columns, shipped) if k in v["metrics"]},
+             "native model": f"{card['metrics'][k]:.4f}" if k in card["metrics"] else ""}
+            for k in shipped[0]["metrics"]]
     return ["<h2>Metrics (held-out split)</h2>",
-            f"<p>The shipped variant, <b>{html.escape(shipped['variant'])}</b>, as the quality gate measured it; "
-            "the native model before export and quantization beside it.</p>",
-            _table(rows, ["metric", column, "native model"])]
+            "<p>What the devices run, measured on the held-out rows; the native model before export and "
+            "quantization beside it.</p>",
+            _table(rows, ["metric", *columns, "native model"])]
+
+
+def shipped_label(shipped: dict) -> str:
+    """`dynamic (shipped to phones, tablets)`: a shipped variant as every summary names it."""
+    groups = shipped.get("groups") or []
+    return f"{shipped['variant']} (shipped" + (f" to {', '.join(groups)})" if groups else ")")
 
 
 def _cost_headline(cost: dict) -> list[str]:

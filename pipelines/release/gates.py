@@ -22,6 +22,7 @@ from pipelines.records import (
     ModelCard,
     QuantizationPlan,
     RegisteredVersion,
+    ShippedVariant,
     TrainedModel,
 )
 from pipelines.release.context import Context, evaluation_folder, resume, splits, stage_context, variant_outputs
@@ -66,16 +67,25 @@ def _evaluation(ctx: Context, data: DataCheck, plan: QuantizationPlan, variants:
             "task": data.task}
 
 
-def shipped_metrics(ctx: Context, data: DataCheck, plan: QuantizationPlan) -> dict[str, float]:
-    """The shipped variant's metrics on the held-out rows (a release's headline figures): its
-    answers the quantization plan scored (stored once per release), scored as the quality gate
-    scores them."""
+def shipped_variants(ctx: Context, data: DataCheck, plan: QuantizationPlan,
+                     cost: CostReport | None) -> list[ShippedVariant]:
+    """Each variant that ships (the base one first) with the device groups that run it and its
+    metrics on the held-out rows (a release's headline figures): the answers the quantization
+    plan scored (stored once per release), scored as the quality gate scores them."""
     from pipelines import training
 
     parts = splits(ctx, data)
-    chosen = plan.chosen_candidate
-    outputs = variant_outputs(ctx, data, chosen.sha256, chosen.uri, parts["x_test"])
-    return training.task_metrics(data.task, outputs, parts["y_test"])
+    groups = {g["group"]: g.get("variant") or plan.chosen for g in (cost.estimate.get("groups") or [])} if cost else {}
+    out = []
+    for variant in _shipped(plan, cost):
+        candidate = next(c for c in plan.candidates if c.variant == variant)
+        outputs = variant_outputs(ctx, data, candidate.sha256, candidate.uri, parts["x_test"])
+        runs = [g for g, v in groups.items() if v == variant]
+        if groups and not runs:
+            continue  # the manifest's base, overridden in every group
+        out.append(ShippedVariant(variant=variant, groups=runs,
+                                  metrics=training.task_metrics(data.task, outputs, parts["y_test"])))
+    return out
 
 
 # -- quality -----------------------------------------------------------------------------------
@@ -387,7 +397,7 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
                   "params": spec.training.params, "train_seconds": trained.train_seconds,
                   **({"entrypoint": spec.training.entrypoint} if spec.training.entrypoint else {}),
                   **({"imported_from": trained.source} if trained.source else {})},
-        shipped={"variant": plan.chosen, "metrics": shipped_metrics(ctx, data, plan)},
+        shipped=[v.model_dump(mode="json") for v in shipped_variants(ctx, data, plan, cost)],
         metrics=trained.metrics,
         quantization=plan.model_dump(mode="json", exclude={"reused"}),
         verdicts=[v.model_dump(mode="json") for v in verdicts],

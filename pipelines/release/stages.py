@@ -746,7 +746,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
     releases' (`latest-dry-run.json`), and a version that an earlier run released keeps its
     status (the dry run adds `dry_run.*` tags only)."""
     from pipelines import registry
-    from pipelines.release.gates import shipped_metrics
+    from pipelines.release.gates import shipped_variants
 
     ctx = stage_context(spec_path, data, settings)
     # The salt actually in the release key: a plain run may resume a forced release's.
@@ -794,7 +794,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         artifact_uri=published.uri if published else None, artifact_sha256=plan.chosen_candidate.sha256,
         gitops_commit=committed.commit if committed else None,
         gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
-        shipped_variant=plan.chosen, shipped_metrics=shipped_metrics(ctx, data, plan),
+        shipped=shipped_variants(ctx, data, plan, cost),
         task=data.task + (" (inferred from the target)" if data.task_inferred else ""), model_source=trained.source,
         verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_ui import charts, history, trends, verdicts, views
 from pipelines.finops.cost import signed_usd
+from pipelines.gates.card import shipped_label
 from pipelines.gitops.git import GitError
 from pipelines.records import usd
 from pipelines.storage import StoreError
@@ -96,6 +97,7 @@ def _status_class(status) -> str:
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 templates.globals.update(verdict_rows=verdicts.verdict_rows, context_rows=verdicts.context_rows)
+templates.filters["shipped_label"] = lambda shipped: shipped_label(shipped.model_dump())
 templates.filters.update(money=_money, signed_money=_signed_money, number=_number, figure=_figure, share=_share,
                          when=_when, short=_short, status_class=_status_class)
 

@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlparse
 from pydantic import Field
 
 from pipelines.gates import by_variant
-from pipelines.records import GateVerdict, QuantCandidate, Record, usd
+from pipelines.records import GateVerdict, QuantCandidate, Record, ShippedVariant, usd
 from pipelines.release.attempts import Attempt, list_attempts
 from pipelines.settings import Settings, get_settings
 from pipelines.specs import DNS_LABEL
@@ -190,9 +190,8 @@ class VersionSummary(Record):
     artifact_sha256: str | None = None
     gitops_commit: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="The native (fp32) model's.")
-    shipped_variant: str | None = None
-    shipped_metrics: dict[str, float] = Field(default_factory=dict, description="The shipped variant's, measured "
-                                              "on the same held-out rows: the headline figures.")
+    shipped: list[ShippedVariant] = Field(default_factory=list, description="What the devices run, measured on "
+                                          "the same held-out rows: the headline figures.")
     verdicts: list[GateVerdict] = Field(default_factory=list)
     model_card_uri: str | None = None
     quantization_choice: str | None = None
@@ -487,8 +486,7 @@ def version_summary(data: dict) -> VersionSummary:
         artifact_uri=data.get("artifact_uri"), artifact_sha256=data.get("artifact_sha256"),
         gitops_commit=data.get("gitops_commit"),
         metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if _number(v) is not None},
-        shipped_variant=data.get("shipped_variant"),
-        shipped_metrics={k: float(v) for k, v in (data.get("shipped_metrics") or {}).items() if _number(v) is not None},
+        shipped=[ShippedVariant.model_validate(v) for v in data.get("shipped") or []],
         verdicts=[GateVerdict.model_validate(v) for v in data.get("verdicts") or []],
         model_card_uri=data.get("model_card_uri"), quantization_choice=plan.get("chosen"),
         quantization_reason=plan.get("reason"),

@@ -45,8 +45,9 @@ def test_the_shipped_figures_read_the_same_everywhere(tmp_path, state, capsys):
     summary = json.loads(store.read_bytes("releases/figures-model/latest.json"))
     plan = summary["quantization"]
     chosen = next(c for c in plan["candidates"] if c["variant"] == plan["chosen"])
-    variant, shipped = summary["shipped_variant"], summary["shipped_metrics"]
-    assert variant == plan["chosen"] == "dynamic"
+    [entry] = summary["shipped"]
+    variant, shipped = entry["variant"], entry["metrics"]
+    assert variant == plan["chosen"] == "dynamic" and entry["groups"] == ["phones"]
     assert shipped[plan["metric"]] == pytest.approx(chosen["accuracy"], abs=1e-12)
     quality = next(v for v in summary["verdicts"] if v["gate"] == "quality")
     assert quality["observed"][f"{plan['metric']}.candidate"] == pytest.approx(shipped[plan["metric"]], abs=1e-6)
@@ -61,18 +62,18 @@ def test_the_shipped_figures_read_the_same_everywhere(tmp_path, state, capsys):
     # (b) the model card: the same figures, the native model's beside them.
     page = _read(store, summary["model_card_uri"]).decode()
     card = json.loads(_read(store, summary["model_card_uri"].removesuffix(".html") + ".json"))
-    assert card["shipped"] == {"variant": variant, "metrics": shipped}
+    assert card["shipped"] == [{"variant": variant, "groups": ["phones"], "metrics": shipped}]
     assert card["metrics"] == summary["metrics"]
     assert usd(card["cost"]["total_usd_per_month"]) == total and usd(card["cost"]["training_usd_per_month"]) == training
     assert _quality(card["verdicts"]) == champion
-    assert f"<th>{variant} (shipped)</th>" in page and f"<td>{accuracy}</td>" in page
+    assert f"<th>{variant} (shipped to phones)</th>" in page and f"<td>{accuracy}</td>" in page
     assert f"Total <b>{total}</b>/month (training {training})" in page
     assert html.escape(champion) in page
 
     # (c) the command line's summary.
     assert main(["summary", "figures-model"]) == 0
     text = capsys.readouterr().out
-    assert f"metrics         {variant} (shipped): accuracy {accuracy}," in text
+    assert f"metrics         {variant} (shipped to phones): accuracy {accuracy}," in text
     assert f"cost            {total}/month (training {training})" in text
     assert f"quality               pass     {champion}\n" in text
 
@@ -81,6 +82,7 @@ def test_the_shipped_figures_read_the_same_everywhere(tmp_path, state, capsys):
     assert view.quantization_choice == variant
     assert f"{next(c for c in view.quantization_candidates if c.variant == variant).accuracy:.4f}" == accuracy
     assert view.metrics == summary["metrics"]  # fp32's, shown as fp32's
+    assert [(v.variant, v.groups, v.metrics) for v in view.shipped] == [(variant, ["phones"], shipped)]
     assert usd(view.cost.total_usd_per_month) == total and usd(view.cost.training_usd_per_month) == training
     assert _quality(view.verdicts) == champion
 
