@@ -53,7 +53,8 @@ class ReleaseApproval(ApprovalOperator):
     def __init__(self, *, model: str, decided_by: str, **kwargs: Any) -> None:
         kwargs.setdefault("body", "{{ ti.xcom_pull(task_ids='%s', key='%s') }}" % (decided_by, BODY))
         # The form's only field (the operator keeps task params alone, never the DAG's).
-        kwargs["params"] = {COMMENT: Param("", type="string", title="Comment", source="task",
+        # Optional for the UI's form only with "null" among its types: a plain string is required.
+        kwargs["params"] = {COMMENT: Param(None, type=["null", "string"], title="Comment", source="task",
                                            description="Optional: why (recorded with the release).")}
         super().__init__(**kwargs)
         self.model = model

@@ -190,6 +190,7 @@ def test_a_person_reviews_releases_and_approves_one_in_the_browser(tmp_path, mon
                 shots.take(page, "required-actions-approve.png", mask_color="#e2e8f0",
                            mask=[page.get_by_role("link", name=re.compile(r"^file:"))])
                 page.set_viewport_size(VIEWPORT)
+                page.locator("#element_comment").fill("numbers checked against last quarter")  # the form's field
                 approve.click()
                 expect(page.get_by_text(re.compile(r"Response received at .* from admin"))).to_be_visible()
                 approved = time.monotonic()
@@ -207,6 +208,7 @@ def test_a_person_reviews_releases_and_approves_one_in_the_browser(tmp_path, mon
                 # The approval's link: the version page names the person and the commit.
                 page.goto(base + version_href)
                 expect(page.locator("body")).to_contain_text("by admin at")
+                expect(page.locator("body")).to_contain_text("numbers checked against last quarter")
                 expect(page.locator("body")).to_contain_text(released.gitops_commit)
 
                 # The model page, reloaded: released, deployed, its commit in the GitOps history.
