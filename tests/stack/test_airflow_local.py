@@ -88,3 +88,14 @@ def test_sqlite_connect_arguments_stay_off_another_database(tmp_path, monkeypatc
     postgres = EmbeddedAirflow(tmp_path / "b", database="postgresql+psycopg2://u@127.0.0.1/db").env
     assert all(sqlite[name] == value for name, value in SQLITE_ENV.items())
     assert not set(SQLITE_ENV) & set(postgres)
+
+
+def test_make_ui_links_edge_releases_to_the_mlflow_people_open(tmp_path):
+    from pipelines.settings import Settings
+
+    started = "http://127.0.0.1:5000/"
+    assert airflow_local.ui_links(Settings(state_dir=tmp_path), started) == {"EDGE_MLFLOW_UI_URL": started}
+    configured = Settings(state_dir=tmp_path, mlflow_ui_url="https://mlflow.example.com")
+    assert airflow_local.ui_links(configured, started) == {"EDGE_MLFLOW_UI_URL": "https://mlflow.example.com"}
+    # A tracking URI that is no web page (a database) gives no link.
+    assert airflow_local.ui_links(Settings(state_dir=tmp_path), "postgresql://db/mlflow") == {}
