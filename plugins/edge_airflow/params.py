@@ -9,7 +9,8 @@ from airflow.sdk import Param
 def release_params() -> dict[str, Param]:
     """A release's trigger form: `reason`, `force_retrain`, `approval`, `dry_run`."""
     return {
-        "reason": Param("", type="string", title="Reason",
+        # Optional in Airflow's form only with "null" among the types: a plain string field is required.
+        "reason": Param(None, type=["null", "string"], title="Reason",
                         description="Optional: why this release is started (recorded in MLflow and the summary)."),
         "force_retrain": Param(False, type="boolean", title="Force retrain",
                                description="Retrain and re-run every stage even when the same data, spec and code "
@@ -35,7 +36,8 @@ def rollback_params(models: list[str]) -> dict[str, Param]:
     models = models or ["none"]  # a form needs a choice even before the first spec
     return {
         "model": Param(models[0], type="string", enum=models, description="The model to roll back."),
-        "target": Param("", type="string", description="Version (3 or v3) or commit sha; empty: the previous version."),
+        "target": Param(None, type=["null", "string"],
+                        description="Optional: a version (3 or v3) or a commit sha; empty: the previous version."),
         "reason": Param("", type="string", minLength=5,
                         description="Required, at least 5 characters: why (recorded in the commit and MLflow)."),
     }

@@ -221,6 +221,15 @@ def test_a_person_reviews_releases_and_approves_one_in_the_browser(tmp_path, mon
                 expect(page.locator("table").first).to_contain_text("phones")
                 shots.take(page, "edge-releases-after-approval.png", full_page=True)
 
+                # The release's trigger form: the reason may stay empty, the form says what each field does.
+                page.goto(f"{base}/dags/{MANUAL_DAG}")
+                page.locator("button", has_text="Trigger").first.click()
+                dialog = page.get_by_role("dialog")
+                expect(dialog.get_by_text("Optional: why this release is started")).to_be_attached()
+                expect(dialog.locator("button", has_text="Trigger").last).to_be_enabled()
+                shots.take(page, "release-trigger-form.png")
+                page.keyboard.press("Escape")
+
                 # The overview in Airflow's navigation now shows all three outcomes.
                 page.goto(f"{base}/")
                 page.get_by_role("link", name="Edge Releases").click()
