@@ -221,6 +221,14 @@ def test_a_data_scientist_reads_charts_verdicts_history_and_comparisons(airflow_
             assert page.get_by_role("link", name="download the signed ONNX file").count() == 0  # not shipped
             fairness.scroll_into_view_if_needed()
             pages.shot("edge-releases-verdicts.png", full_page=True)
+            # Its CSV evidence reads as a table, in a tab of its own.
+            with page.context.expect_page() as opened:
+                fairness.get_by_role("link", name="fairness_by_group.csv").click()
+            table = opened.value
+            expect(table.locator("thead th").first).to_have_text("feature")
+            expect(table.locator("tbody tr").first).to_contain_text("group")
+            expect(table.get_by_role("link", name="Download the CSV file")).to_be_visible()
+            table.close()
 
             # Two versions side by side, from the model page's form.
             pages.open("model (again)", f"/edge/models/{MODEL}")
