@@ -85,6 +85,24 @@ def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
     return path
 
 
+def phones_fleet(devices: int = 100) -> str:
+    """A fleet file of one group of Android phones (`apexlogic.dev/device-class: android-phone`)."""
+    return f"""
+prices:
+  egressUsdPerGb: {{value: 0.09, source: test}}
+  electricityUsdPerKwh: {{value: 0.17, source: test}}
+  trainingUsdPerHour: {{value: 0.17, source: test}}
+groups:
+  - name: phones
+    labels: {{apexlogic.dev/device-class: android-phone}}
+    deviceClass: android-phone
+    devices: {devices}
+    inferencesPerDevicePerDay: 100
+    otaUpdatesPerMonth: 4
+    telemetryBytesPerDevicePerDay: 1000
+"""
+
+
 def release_twice(folder: Path, name: str) -> Path:
     """Two versions of a small model in the GitOps repository (the second trained with another
     regularisation, so its bytes differ); returns the spec's path."""
@@ -190,9 +208,12 @@ def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
         process.wait(timeout=10)
 
 
-def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: dict, timeout: float = 300) -> None:
-    """Wait for a release's approval request, read its body, answer it as the admin user through
-    the REST API (what a person does in Required Actions); results land in `outcome`."""
+def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: dict, timeout: float = 300,
+                    params_input: dict | None = None) -> None:
+    """Wait for a release's approval request, read its body and form, answer it as the admin
+    user through the REST API once its task waits for input (what a person does in Required
+    Actions; an answer given earlier would not resume it), with `params_input` as the form's
+    values; results land in `outcome`."""
     import time
 
     import requests
@@ -205,11 +226,13 @@ def answer_approval(base: str, token: str, dag_id: str, choice: str, outcome: di
         for detail in pending.get("hitl_details", []):
             ti = detail["task_instance"]
             if ti.get("state") != "awaiting_input":
-                continue  # an answer before the task defers is never delivered to it
-            outcome["body"] = detail.get("body") or ""
+                continue
+            outcome["body"], outcome["params"] = detail.get("body") or "", detail.get("params")
             url = (f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/"
                    f"{ti['task_id']}/{ti['map_index']}/hitlDetails")
-            reply = requests.patch(url, headers=headers, json={"chosen_options": [choice]}, timeout=10)
+            reply = requests.patch(url, headers=headers, timeout=10,
+                                   json={"chosen_options": [choice], **({"params_input": params_input}
+                                                                        if params_input else {})})
             outcome["status"] = reply.status_code
             outcome["reply"] = reply.text
             return

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-from conftest import ROOT, running_api_server, tabular_frame, write_spec
+from conftest import ROOT, phones_fleet, running_api_server, tabular_frame, write_spec
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,22 +26,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
                  "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 MODEL = "loan-approval"
-FLEET = """
-prices:
-  egressUsdPerGb: {value: 0.09, source: test}
-  electricityUsdPerKwh: {value: 0.17, source: test}
-  trainingUsdPerHour: {value: 0.17, source: test}
-groups:
-  - name: phones
-    labels: {apexlogic.dev/device-class: android-phone}
-    deviceClass: android-phone
-    devices: 400000
-    inferencesPerDevicePerDay: 100
-    otaUpdatesPerMonth: 4
-    telemetryBytesPerDevicePerDay: 1000
-"""
-
-
 def _edit(spec: Path, **changes) -> None:
     doc = yaml.safe_load(spec.read_text())
     for key, value in changes.items():
@@ -66,7 +50,7 @@ def build_state(specs: Path, settings) -> dict:
 
     tabular_frame(rows=800).to_csv(specs / "data.csv", index=False)
     fleet_file = specs.parent / "fleet.yaml"
-    fleet_file.write_text(FLEET)
+    fleet_file.write_text(phones_fleet(400_000))
     canary = {"type": "Canary", "canary": {"steps": [{"share": 30}, {"share": 100}],
                                            "analysis": {"minRequests": 200}}}
     spec = write_spec(specs, MODEL, "data.csv", description="Approves small loans on the phone, offline.",
@@ -268,7 +252,7 @@ def test_a_data_scientist_reads_charts_verdicts_history_and_comparisons(airflow_
             expect(seen.get_by_role("heading", name="Not allowed")).to_be_visible()
             expect(seen.locator("body")).to_contain_text(f"may run edge_release__{MODEL}")
         except BaseException:
-            pages.shot("failure.png", full_page=True)
+            page.screenshot(path=str(pages.folder / "failure.png"), full_page=True)  # never into the docs
             raise
         finally:
             browser.close()

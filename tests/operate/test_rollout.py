@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
-from conftest import tabular_frame, write_spec
+from conftest import phones_fleet, tabular_frame, write_spec
 
 from pipelines.edge import telemetry
 from pipelines.operate.rollout import analyze
@@ -120,7 +120,6 @@ def test_initial_rollout():
     assert initial_rollout(_spec({"type": "RollingUpdate"}), "2", _base("1")) is None
 
 
-PHONES_FLEET = """
 prices:
   egressUsdPerGb: {value: 0.09, source: test}
   electricityUsdPerKwh: {value: 0.17, source: test}
@@ -164,7 +163,7 @@ def test_canary_rolled_back_on_errors_then_a_healthy_one_advances_to_everyone(st
                                            "analysis": {"minRequests": 200}}}
     spec = write_spec(specs, "canary-model", "data.csv", deploymentStrategy=canary,
                       telemetry={"sampleRate": 0.0, "maxSamples": 0})
-    (tmp_path / "fleet.yaml").write_text(PHONES_FLEET)
+    (tmp_path / "fleet.yaml").write_text(phones_fleet())
     settings = Settings(specs_dir=specs)
     _release(spec, "first")
     fleet = Fleet(30, settings, seed=3, fleet_path=tmp_path / "fleet.yaml")

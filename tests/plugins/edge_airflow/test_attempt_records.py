@@ -4,11 +4,9 @@ person's answer in Required Actions (given through the REST API of an api-server
 metadata database, with a comment) is recorded on the attempt the summary then finishes."""
 
 import threading
-import time
 
 import pytest
-import requests
-from conftest import ROOT, tabular_frame, write_spec
+from conftest import ROOT, answer_approval, tabular_frame, write_spec
 
 from pipelines.release import attempts, latest_summary
 from pipelines.settings import Settings
@@ -48,28 +46,6 @@ def test_a_failing_task_records_the_run_as_failed_in_that_task(airflow_db, state
     assert latest_summary("failing-dag") is None, "no summary: only the attempt says what happened"
 
 
-def _answer(base: str, token: str, dag_id: str, comment: str, outcome: dict, timeout: float = 300) -> None:
-    """Approve the run's request with a comment once its task waits for input (an answer given
-    earlier would not resume it)."""
-    headers = {"Authorization": f"Bearer {token}"}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pending = requests.get(f"{base}/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails", headers=headers,
-                               params={"response_received": False}, timeout=10).json()
-        for detail in pending.get("hitl_details", []):
-            ti = detail["task_instance"]
-            url = f"{base}/api/v2/dags/{dag_id}/dagRuns/{ti['dag_run_id']}/taskInstances/{ti['task_id']}"
-            if requests.get(url, headers=headers, timeout=10).json().get("state") != "awaiting_input":
-                continue
-            outcome["params"] = detail.get("params")
-            reply = requests.patch(f"{url}/{ti['map_index']}/hitlDetails", headers=headers, timeout=10,
-                                   json={"chosen_options": ["Approve"], "params_input": {"comment": comment}})
-            outcome["status"], outcome["reply"] = reply.status_code, reply.text
-            return
-        time.sleep(1)
-    outcome["status"] = "timeout"
-
-
 def test_a_persons_approval_is_recorded_on_the_attempt_with_the_comment(api_server, state, monkeypatch,
                                                                         tmp_path):
     base, token = api_server
@@ -77,8 +53,8 @@ def test_a_persons_approval_is_recorded_on_the_attempt_with_the_comment(api_serv
     write_spec(tmp_path, "approved-dag", "data.csv", approval={"mode": "manual"})
     dag = _dag(monkeypatch, tmp_path, "edge_release__approved-dag")
     outcome: dict = {}
-    answering = threading.Thread(target=_answer, args=(base, token, dag.dag_id, "fairness reviewed", outcome),
-                                 daemon=True)
+    answering = threading.Thread(target=answer_approval, args=(base, token, dag.dag_id, "Approve", outcome),
+                                 kwargs={"params_input": {"comment": "fairness reviewed"}}, daemon=True)
     answering.start()
     run = dag.test()
     answering.join(timeout=5)
