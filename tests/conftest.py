@@ -85,6 +85,16 @@ def write_spec(folder: Path, name: str, data_source: str, **overrides) -> Path:
     return path
 
 
+# A spec of one feature without people in its data, for the cost and gate checks of a model file.
+TINY_SPEC = {
+    "name": "tiny", "owner": "t@example.com",
+    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
+    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
+    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
+    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+}
+
+
 def phones_fleet(devices: int = 100) -> str:
     """A fleet file of one group of Android phones (`apexlogic.dev/device-class: android-phone`)."""
     return f"""

@@ -2,17 +2,14 @@
 
 import pytest
 import yaml
+from conftest import TINY_SPEC
 
 from pipelines.finops import cost
 from pipelines.finops.catalog import load_catalog, load_fleet
 from pipelines.specs import SpecError, parse_spec
 
 SPEC = {
-    "name": "tiny", "owner": "t@example.com",
-    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
-    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
-    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
-    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+    **TINY_SPEC,
     "targets": [{"name": "pis", "selector": {"matchLabels": {"kind": "pi"}}, "latencySloMs": 10}],
     "resources": {"limits": {"memory": "16Mi"}},
 }

@@ -3,6 +3,7 @@ records, and the Edge Releases view explains every breach, naming the field that
 
 import pytest
 import yaml
+from conftest import TINY_SPEC
 from edge_ui import views
 
 from pipelines.finops import cost
@@ -119,11 +120,7 @@ def test_no_production_data_is_nothing_to_judge():
 
 # -- edge memory, latency and budget ---------------------------------------------------------------
 SPEC = {
-    "name": "tiny", "owner": "t@example.com",
-    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
-    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
-    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
-    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+    **TINY_SPEC,
     "targets": [{"name": "pis", "selector": {"matchLabels": {"kind": "pi"}}, "latencySloMs": 10}],
 }
 FLEET = {

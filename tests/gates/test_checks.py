@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY_SPEC
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from pipelines import training
@@ -196,11 +197,7 @@ def test_drift_checks_the_share_of_drifted_columns(tmp_path):
 
 # -- edge memory, latency and budget ---------------------------------------------------------------
 SPEC = {
-    "name": "tiny", "owner": "t@example.com",
-    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
-    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
-    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
-    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+    **TINY_SPEC,
     "targets": [{"name": "pis", "selector": {"matchLabels": {"kind": "pi"}}, "latencySloMs": 10},
                 {"name": "phones", "selector": {"matchLabels": {"kind": "phone"}}}],
 }

@@ -120,21 +120,6 @@ def test_initial_rollout():
     assert initial_rollout(_spec({"type": "RollingUpdate"}), "2", _base("1")) is None
 
 
-prices:
-  egressUsdPerGb: {value: 0.09, source: test}
-  electricityUsdPerKwh: {value: 0.17, source: test}
-  trainingUsdPerHour: {value: 0.17, source: test}
-groups:
-  - name: phones
-    labels: {apexlogic.dev/device-class: android-phone}
-    deviceClass: android-phone
-    devices: 100
-    inferencesPerDevicePerDay: 100
-    otaUpdatesPerMonth: 4
-    telemetryBytesPerDevicePerDay: 1000
-"""
-
-
 REGULARISATION = {"first": 1.0, "second": 5.0, "third": 20.0}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_SPEC
 from edge_ui import verdicts
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
@@ -141,11 +142,7 @@ def test_drift_rows_and_facts():
 
 
 SPEC = {
-    "name": "tiny", "owner": "t@example.com",
-    "data": {"source": "d.csv", "target": "y", "features": ["x"]},
-    "training": {"framework": "sklearn", "estimator": "logistic_regression"},
-    "gates": {"waive": {"fairness": "no attribute of a person is present in this data"}},
-    "finops": {"costCenter": "cc-1", "project": "p", "monthlyBudgetUsd": 100},
+    **TINY_SPEC,
     "resources": {"limits": {"memory": "16Mi"}},
     "targets": [{"name": "budget-phones", "selector": {"matchLabels": {"kind": "phone"}}, "latencySloMs": 10},
                 {"name": "pis", "selector": {"matchLabels": {"kind": "pi"}}}],
