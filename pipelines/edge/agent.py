@@ -162,6 +162,12 @@ def smoke_inference(model_path: Path) -> float:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         raise InstallError(f"smoke test: onnxruntime cannot load the model: {one_line(error, 160)}") from None
+    from pipelines.onnx.export import answer_contract
+
+    try:  # what the device counts its answers by (a regression's bin edges) must be in contract
+        answer_contract(session)
+    except ValueError as error:
+        raise InstallError(f"smoke test: {one_line(error, 160)}") from None
     feeds = {}
     for item in session.get_inputs():
         shape = [1 if i == 0 or not isinstance(d, int) or d <= 0 else d for i, d in enumerate(item.shape)]

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import onnx
 import pytest
 import yaml
 from conftest import ROOT, tabular_frame, write_spec
@@ -719,19 +720,54 @@ def test_the_edge_package_imports_neither_mlflow_nor_airflow():
     assert out.stdout.strip() == "[]"
 
 
-def test_a_regression_is_served_and_its_answers_counted_in_the_files_bins(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def regression_release(tmp_path_factory) -> dict:
+    data = {"source": "data.csv", "target": "x2", "features": ["x1", "colour"], "sensitiveFeatures": ["group"],
+            "validation": {"minRows": 50}}
+    return release_model(tmp_path_factory.mktemp("edge-regression"), data=data, task="regression",
+                         training={"framework": "sklearn", "estimator": "linear_regression", "seed": 1},
+                         gates={"quality": {"r2": {"minValue": -1.0}}},
+                         responsibleAI={"fairness": {"maxErrorGap": 5.0}})
+
+
+@pytest.mark.parametrize("bins", ["[" + ",".join(str(i) for i in range(5000)) + "]", "[3, 1]", '[1, "NaN"]'])
+def test_signed_bins_out_of_contract_are_never_activated(regression_release, tmp_path, bins):
+    """A release-signed regression file whose bin edges a device would size its telemetry by
+    are too many, unordered or not finite: the smoke test refuses it, version 1 keeps serving."""
+    world = World(regression_release, tmp_path)
+    agent = world.agent("dev-b", backoff_base_s=0)
+    assert agent.poll_once()[0].state == "active"
+    model = onnx.load(world.models[MODEL].path)
+    [entry] = [p for p in model.metadata_props if p.key == "edge.prediction_bins"]
+    entry.value = bins
+    crafted = tmp_path / "crafted.onnx"
+    onnx.save(model, str(crafted))
+    sign_artifact(crafted, Path(f"{crafted}.sig"), world.private_key)
+    sha = sha256_file(crafted)
+    key = world.key(sha=sha)
+    world.store.put_file(crafted, key)
+    world.store.put_file(f"{crafted}.sig", f"{key}.sig")
+
+    def change(doc: dict) -> None:
+        doc["spec"]["modelRef"]["version"] = "2"
+        world.point_at(doc, key, sha=sha, size=crafted.stat().st_size)
+
+    assert world.edit_base(change).refused == {}
+    [result] = agent.poll_once()
+    assert (result.state, result.version) == ("failed", "2")
+    assert result.error.startswith("smoke test: edge.prediction_bins is not a list"), result.error
+    assert agent.installed_version(MODEL) == "1"
+    assert agent.serve(MODEL, tabular_frame(rows=5, seed=2)[["x1", "colour"]])  # v1 answers
+    _no_leftovers(agent)
+
+
+def test_a_regression_is_served_and_its_answers_counted_in_the_files_bins(regression_release, tmp_path):
     """A regression's answers are numbers: the device counts each in the bin the file's
     metadata gives (ten equal shares of the training predictions), as a classifier's classes."""
     from pipelines.data import prepare_features
     from pipelines.onnx.export import answer_contract, answer_labels, predict, session
 
-    data = {"source": "data.csv", "target": "x2", "features": ["x1", "colour"], "sensitiveFeatures": ["group"],
-            "validation": {"minRows": 50}}
-    released = release_model(tmp_path_factory.mktemp("edge-regression"), data=data, task="regression",
-                             training={"framework": "sklearn", "estimator": "linear_regression", "seed": 1},
-                             gates={"quality": {"r2": {"minValue": -1.0}}},
-                             responsibleAI={"fairness": {"maxErrorGap": 5.0}})
-    world = World(released, tmp_path)
+    world = World(regression_release, tmp_path)
     agent = world.agent("dev-r")
     assert agent.poll_once()[0].state == "active"
     rows = tabular_frame(rows=60, seed=8)[["x1", "colour"]]
