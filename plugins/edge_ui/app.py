@@ -13,6 +13,7 @@ import html
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_authenticated
@@ -22,12 +23,15 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_ui import charts, history, trends, verdicts, views
+from edge_ui import history, verdicts, views
 from pipelines.finops.cost import signed_usd
 from pipelines.gates.card import shipped_label
 from pipelines.gitops.git import GitError
 from pipelines.records import usd
 from pipelines.storage import StoreError
+
+if TYPE_CHECKING:
+    from edge_ui.charts import Chart
 
 HERE = Path(__file__).resolve().parent
 # Same origin only (the Airflow UI's iframe included); the pages need no script.
@@ -166,7 +170,7 @@ def _unknown(error: KeyError) -> HTTPException:
 
 
 # -- charts ----------------------------------------------------------------------------------------
-def _drawn(problems: list[str], what: str, draw) -> charts.Chart | None:
+def _drawn(problems: list[str], what: str, draw) -> Chart | None:
     """One chart, or None with the reason among the page's problems when its data is unreadable."""
     try:
         return draw()
@@ -175,8 +179,11 @@ def _drawn(problems: list[str], what: str, draw) -> charts.Chart | None:
         return None
 
 
-def _model_charts(page: views.ModelPage) -> dict[str, charts.Chart | None]:
-    """The model's charts; the cost is the deployed version's (the latest release's before one is)."""
+def _model_charts(page: views.ModelPage) -> dict[str, Chart | None]:
+    """The model's charts; the cost is the deployed version's (the latest release's before one is).
+    matplotlib is imported by the first page with a chart, not when the api-server starts."""
+    from edge_ui import charts, trends
+
     model, problems = page.model, page.problems
     deployed = next((v for v in page.versions if v.version == page.row.deployed_version), None)
     summary = _drawn(problems, "stored summary", lambda: views.stored_summary(model, deployed.release_key)) \
@@ -189,7 +196,9 @@ def _model_charts(page: views.ModelPage) -> dict[str, charts.Chart | None]:
     }
 
 
-def _version_charts(model: str, release_key: str | None, problems: list[str]) -> dict[str, charts.Chart | None]:
+def _version_charts(model: str, release_key: str | None, problems: list[str]) -> dict[str, Chart | None]:
+    from edge_ui import charts, trends
+
     summary = _drawn(problems, "stored summary", lambda: views.stored_summary(model, release_key))
     if not summary:
         return {}

@@ -960,11 +960,11 @@ _SHA = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 class Links(Record):
-    """Where a version's identifiers lead: the MLflow UI (when configured) and the GitOps commit."""
+    """Where a version's MLflow identifiers lead (the MLflow UI, when configured); commits link
+    through `commit_web_url` or the plugin's commit view."""
 
     mlflow_version: str | None = None
     mlflow_run: str | None = None
-    commit: str | None = Field(None, description="The Git host's page of the commit, when configured.")
 
 
 def _mlflow_ui(settings: Settings) -> str | None:
@@ -987,8 +987,7 @@ def version_links(model: str, version: VersionRow, settings: Settings | None = N
     return Links(
         mlflow_version=f"{ui}/#/models/{quote(model, safe='')}/versions/{version.version}" if ui else None,
         mlflow_run=f"{ui}/#/experiments/{experiment_id}/runs/{version.run_id}"
-        if ui and experiment_id and version.run_id else None,
-        commit=commit_web_url(version.gitops_commit, settings))
+        if ui and experiment_id and version.run_id else None)
 
 
 def experiment_of(run_id: str | None, settings: Settings | None = None) -> str | None:
