@@ -12,7 +12,8 @@ When the share of drifted columns reaches the spec's `monitoring.driftShare`, th
 `check__<model>` raises the Asset event `edge-drift://<model>` with the figures (drifted
 share, drifted columns, the prediction's drift score, row counts, window, deployed version,
 versions seen, report URI) as its extra; the model's release DAG is scheduled on that Asset,
-so a drift starts a retraining release that records the figures as its trigger. No drift,
+so a drift starts a retraining release that records the figures as its trigger; people are
+alerted with the same figures. No drift,
 too few sampled rows, or no release yet: the task is skipped with the reason in its log, and
 no event is raised.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
-from edge_airflow import connections, operations
+from edge_airflow import alerts, connections, operations
 from edge_airflow.assets import drift_asset
 
 from pipelines.specs import SpecError, load_specs, specs_folder
@@ -43,7 +44,8 @@ _DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`:
                    "pre_execute": connections.pre_execute})
 def edge_drift_monitor():
     for model, path in SPECS.items():
-        @task(task_id=operations.task_id("check", model), outlets=[drift_asset(model)])
+        @task(task_id=operations.task_id("check", model), outlets=[drift_asset(model)],
+              on_failure_callback=alerts.on_failure(model))
         def check(path: str = path, model: str = model):
             """Raise the drift Asset event with the figures, or skip (a skipped task raises none)."""
             return operations.check_drift(path, model)

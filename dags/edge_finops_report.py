@@ -5,7 +5,7 @@ Daily, for every released model: a 30-day spend forecast (trend and weekly seaso
 with an interval) from the fleet's telemetry history, anomalous days, and the forecast
 against the model's monthly budget. The report (table, plot, JSON) goes to the artifact
 store under `finops/<model>/<date>/`. A forecast breach logs a warning and raises the Asset
-event `edge-finops://<model>` with the figures, for alerting or a follow-up DAG.
+event `edge-finops://<model>` with the figures, for a follow-up DAG, and alerts people.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import dag, task
-from edge_airflow import connections, operations
+from edge_airflow import alerts, connections, operations
 from edge_airflow.assets import finops_breach_asset
 
 from pipelines.specs import discover_specs, specs_folder
@@ -24,11 +24,12 @@ from pipelines.specs import discover_specs, specs_folder
      default_args={"pre_execute": connections.pre_execute})
 def edge_finops_report():
     for model in sorted(discover_specs(specs_folder())):
-        @task(task_id=operations.task_id("forecast", model))
+        @task(task_id=operations.task_id("forecast", model), on_failure_callback=alerts.on_failure(model))
         def forecast(model: str = model):
             return operations.forecast(model)
 
-        @task(task_id=operations.task_id("alert", model), outlets=[finops_breach_asset(model)])
+        @task(task_id=operations.task_id("alert", model), outlets=[finops_breach_asset(model)],
+               on_failure_callback=alerts.on_failure(model))
         def alert(report: dict, model: str = model):
             """Raise the breach Asset event, or skip (a skipped task raises no event)."""
             operations.alert_on_breach(report, model)

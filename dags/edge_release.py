@@ -22,6 +22,10 @@ happened).
 in Edge Releases): running, then its outcome, a person's answer (with the comment), or the task
 that failed and its error.
 
+**Alerts**: a release the gates reject, one that waits for a person's approval (or that a person
+rejects) and a failed run are alerted to people through the connections `edge_alerts_webhook`,
+`edge_alerts_slack` and `edge_alerts_pagerduty`, with a link to the version in Edge Releases.
+
 **Unpausing**: a paused DAG runs only when triggered by hand. Airflow's "unpause on trigger"
 unpauses it for good: from then on the spec's `schedule` and drift events (`edge-drift://`)
 start releases too, until the DAG is paused again.

@@ -12,6 +12,7 @@ and its increase over the control, p95 latency ratio, prediction shift), and the
 - **rollback**: a GitOps commit restoring the previous release (as `edge_rollback` does).
 
 Every commit message carries the analysis. The `dry_run` param analyses without committing.
+A rollback (critical) and a failed run are alerted to people.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import dag, task
-from edge_airflow import connections, operations
+from edge_airflow import alerts, connections, operations
 from edge_airflow.assets import DESIRED_STATE
 from edge_airflow.params import rollout_params
 from edge_airflow.schedules import rollout_schedule
@@ -32,7 +33,8 @@ def build_rollout_dag(spec_path: Path, spec: ModelSpec):
     @dag(dag_id=f"edge_rollout__{spec.name}", schedule=rollout_schedule(spec),
          start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
          tags=["edge-release", "rollout", spec.name], doc_md=__doc__,
-         default_args={"pre_execute": connections.pre_execute}, params=rollout_params())
+         default_args={"pre_execute": connections.pre_execute, "on_failure_callback": alerts.on_failure(spec.name)},
+         params=rollout_params())
     def rollout():
         @task(retries=2, retry_delay=timedelta(seconds=10), outlets=[DESIRED_STATE])
         def analyze_and_act():

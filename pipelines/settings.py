@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     artifact_store: str | None = Field(None, description="file:// or s3://bucket/prefix for models and evidence.")
     telemetry_store: str | None = Field(None, description="file:// or s3:// for device telemetry. Default: the artifact store.")
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO).")
+    object_lock_mode: Literal["governance"] | None = Field(
+        None, description="S3 Object Lock for audit evidence (a bucket created with Object Lock enabled): "
+                          "governance locks each verdict, evidence file, approval and model card for the spec's "
+                          "responsibleAI.auditRetentionDays. Default: no lock.")
     gitops_remote: str | None = Field(None, description="Any Git URL. Default: a bare repo in the state folder.")
     fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
     signing_key: Path | None = Field(None, description="Private key (PEM) that signs artifacts. Default: demo keys.")
@@ -50,12 +55,21 @@ class Settings(BaseSettings):
     git_commit_url: str | None = Field(
         None, description="A web page of a GitOps commit, `{sha}` standing for the commit "
                           "(https://github.com/org/fleet/commit/{sha}). Default: the commit view of Edge Releases.")
+    edge_ui_url: str | None = Field(
+        None, description="Edge Releases as people and systems reach it (https://airflow.example.com/edge): links in "
+                          "alerts and the manifest's explainability endpoint. Default: paths relative to the "
+                          "Airflow api-server (/edge/...).")
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
 
     @cached_property
     def state(self) -> Path:
         return self.state_dir.expanduser().resolve()
+
+    def edge_link(self, path: str) -> str:
+        """An Edge Releases page or route (`/models/adult-income`) as a link."""
+        base = (self.edge_ui_url or "/edge").rstrip("/")
+        return f"{base}/{path.lstrip('/')}"
 
     @property
     def tracking_uri(self) -> str:

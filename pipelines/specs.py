@@ -397,10 +397,49 @@ class FairnessSpec(_Strict):
                                   "(in the target's units).")
 
 
+ExplanationMethod = Literal["permutation_importance", "lime", "shap", "none"]
+BreachAction = Literal["notify", "hold", "rollback", "retrain"]
+
+
+class ExplainabilitySpec(_Strict):
+    """How the model's answers are explained: globally in the model card, for a sample of
+    field inferences in each quality monitor report, and one input at a time by the explain
+    route of Edge Releases (`POST /edge/api/models/<model>/explain`)."""
+
+    method: ExplanationMethod = Field(
+        "permutation_importance",
+        description="lime (the lime package) or shap (the shap package) over the shipped ONNX variant; "
+                    "permutation_importance explains globally only (field samples and the route then use lime).")
+    samples: int = Field(5, ge=0, le=100, description="Field inferences explained in each quality monitor report.")
+    background_rows: int = Field(
+        200, ge=10, le=5000, description="Training rows the local explainer perturbs from (seeded).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_method(cls, data: object) -> object:
+        """`explainability: lime` is short for `explainability: {method: lime}`."""
+        return {"method": data} if isinstance(data, str) else data
+
+
 class ResponsibleAISpec(_Strict):
-    explainability: Literal["permutation_importance", "none"] = "permutation_importance"
+    explainability: ExplainabilitySpec = ExplainabilitySpec()
     fairness: FairnessSpec = FairnessSpec()
-    audit_retention_days: int = Field(365, ge=1, le=3650)
+    audit_retention_days: int = Field(
+        365, ge=1, le=3650, description="Evidence, verdicts, approvals and model cards are kept at least this long, "
+                                        "and always while their version is deployed.")
+    on_breach: list[BreachAction] = Field(
+        default_factory=lambda: ["notify"],
+        description="What the field quality monitor does, in order, when a version's quality or fairness in the "
+                    "field breaks the spec's thresholds: notify (alerts), hold (a commit that stops the canary "
+                    "where it is), rollback (a commit restoring the previous version), retrain (the Asset event "
+                    "edge-quality://<model>, which starts the model's release).")
+
+    @field_validator("on_breach")
+    @classmethod
+    def _once_each(cls, actions: list[str]) -> list[str]:
+        if len(set(actions)) != len(actions):
+            raise ValueError(f"each action at most once (got {actions})")
+        return actions
 
 
 _DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")
@@ -507,6 +546,30 @@ class TelemetrySpec(_Strict):
     privacy: PrivacySpec | None = Field(None, description="Differential privacy for counts and histograms.")
 
 
+class FieldMonitoringSpec(_Strict):
+    """The field quality and fairness monitor: sampled inferences whose labels have arrived
+    (`python -m pipelines feedback`), per version, device group and sensitive group."""
+
+    window: str = Field("7d", description="How far back (by inference time) labelled inferences are judged.")
+    min_labels: int = Field(
+        200, ge=10, description="Fewer labelled inferences of a version in the window: no verdict. Sensitive groups "
+                                "use responsibleAI.fairness.minGroupSize.")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Bootstrap confidence level: a breach needs the whole interval past the "
+                                          "threshold.")
+    resamples: int = Field(1000, ge=100, le=20_000, description="Bootstrap resamples.")
+    label_window: str = Field(
+        "30d", description="Labels of inferences older than this (at the monitor's time) are late: counted, not judged.")
+    attributes: str | None = Field(
+        None, description="The operator's table of sensitive attributes keyed by inference_id (a CSV or Parquet "
+                          "path relative to the spec, or s3://); devices never send them. None: no field fairness.")
+
+    @field_validator("window", "label_window")
+    @classmethod
+    def _durations(cls, value: str) -> str:
+        return _duration(value)
+
+
 class MonitoringSpec(_Strict):
     """The drift monitor: training reference vs the latest telemetry window."""
 
@@ -514,6 +577,7 @@ class MonitoringSpec(_Strict):
         0.3, description="Share of drifted columns (inputs and prediction) that raises a drift event.")
     window: str = Field("6h", description="How far back the telemetry window reaches.")
     min_rows: int = Field(200, ge=10, description="Fewer sampled rows than this: no verdict.")
+    field: FieldMonitoringSpec = FieldMonitoringSpec()
 
     @field_validator("window")
     @classmethod

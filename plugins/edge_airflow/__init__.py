@@ -5,6 +5,7 @@
 - `run`: the run's options, what started it, its summary line;
 - `attempts`: the run's attempt record: started, failed (the tasks' failure callback), approved;
 - `operations`: the tasks after a release (rollout, rollback, drift, FinOps, desired state);
+- `alerts`: alerts to people (webhook, Slack, PagerDuty) through their Airflow connections;
 - `schedules`, `assets`, `params`: when DAGs run, the Assets that link them, trigger forms;
 - `specs`: the folder of model specs the DAG files are built from;
 - `connections`: settings and signing keys from Airflow connections.

@@ -2,8 +2,9 @@
 
 The `decide` task is a branch (`decide_release`): it follows `pipelines.release.next_step`
 to publish, to ask a person (with a Markdown body of the verdicts, the variant and the
-evidence), or to stop. `ReleaseApproval` asks (with a comment field) and records the answer on
-the run's attempt; `answer` reads what the person chose as a `pipelines.records.Approval`,
+evidence), or to stop, and alerts people when it asks or rejects (`edge_airflow.alerts`).
+`ReleaseApproval` asks (with a comment field), records the answer on the run's attempt and
+alerts a rejection; `answer` reads what the person chose as a `pipelines.records.Approval`,
 which the commit and the summary record.
 """
 
@@ -39,8 +40,27 @@ def decide_release(spec_path: str, data: dict, verdicts: list[dict], card: dict,
     if step == "ask":
         ti.xcom_push(key=BODY, value=call(release.approval_body, registered["name"], registered["version"], verdicts,
                                           card, plan, why="; ".join(decision["reasons"])))
+        alert_decision("approval_waiting", registered, decision)
         return ask
+    if step == "stop" and decision["outcome"] == "reject" and not run_options.dry_run:
+        alert_decision("release_rejected", registered, decision)
     return publish if step == "publish" else None
+
+
+def alert_decision(event: str, registered: dict, decision: dict) -> list[str]:
+    """Alert that the gates rejected `registered` (`release_rejected`, a warning) or that it
+    waits for a person in Required Actions (`approval_waiting`, info), with the reasons."""
+    from edge_airflow.alerts import send_alert
+
+    model, version = registered["name"], str(registered["version"])
+    if event == "approval_waiting":
+        title = f"{model} version {version} waits for approval"
+        text = "Approve or reject it in Airflow's Required Actions. " + "; ".join(decision["reasons"])
+    else:
+        title = f"{model} version {version} rejected: " + (", ".join(decision["failed_gates"]) or "by the gates")
+        text = "; ".join(decision["reasons"])
+    return send_alert(event, model, title, text, "info" if event == "approval_waiting" else "warning",
+                      {"outcome": decision["outcome"], "failed_gates": decision["failed_gates"]}, version)
 
 
 class ReleaseApproval(ApprovalOperator):
@@ -66,8 +86,22 @@ class ReleaseApproval(ApprovalOperator):
                 "responded_by_user": event.get("responded_by_user"), "responded_at": str(event.get("responded_at"))}
         context["ti"].xcom_push(key=ANSWER, value=kept)
         result = super().execute_complete(context, event)  # validates the answer; a Reject skips downstream
-        approved(self.model, context, approval_of(kept))
+        approval = approval_of(kept)
+        approved(self.model, context, approval)
+        if not approval.approved:
+            alert_refusal(self.model, context, approval)
         return result
+
+
+def alert_refusal(model: str, context: dict, approval: Approval) -> list[str]:
+    """Alert that a person rejected this run's release in Required Actions (info: the person
+    knows; the team learns it), with their comment."""
+    from edge_airflow.alerts import send_alert
+
+    version = (context["ti"].xcom_pull(task_ids="register") or {}).get("version")
+    title = f"{model}" + (f" version {version}" if version else "") + f" rejected by {approval.by}"
+    return send_alert("release_rejected", model, title, approval.comment, "info", {"by": approval.by},
+                      version and str(version), context=context)
 
 
 def approval_of(kept: dict | None) -> Approval | None:

@@ -1,6 +1,6 @@
 """A release DAG run as an attempt (`pipelines.release.attempts`), under the Airflow run id:
 the first task records it `running` (`started`), any task that fails records the task and
-its error (`on_failure`, the tasks' `on_failure_callback`), a person's answer in Required
+its error and alerts it (`on_failure`, the tasks' `on_failure_callback`), a person's answer in Required
 Actions is recorded when given (`edge_airflow.approval`), and the summary task finishes it
 (`summarize(..., attempt_id=<run id>)`)."""
 
@@ -44,7 +44,8 @@ def started(model: str) -> None:
 def failed(model: str, context: dict[str, Any]) -> None:
     """Record this run of `model`'s release as failed in the context's task, with its error
     (an `AirflowFailException` carries the release's own one-line message) and the version
-    it registered, if any."""
+    it registered, if any, and alert it (`run_failed`)."""
+    from edge_airflow.alerts import failed_run
     from pipelines.release.attempts import fail_attempt
     from pipelines.settings import get_settings
 
@@ -54,8 +55,12 @@ def failed(model: str, context: dict[str, Any]) -> None:
         error = str(error)
     registered = ti.xcom_pull(task_ids="register") if ti.task_id != "register" else None
     settings = get_settings()
-    fail_attempt(model, context["run_id"], ti.task_id, error, _store(), trigger(context),
-                 (registered or {}).get("version"), (settings.specs_dir, settings.state))
+    version = (registered or {}).get("version")
+    try:
+        fail_attempt(model, context["run_id"], ti.task_id, error, _store(), trigger(context), version,
+                     (settings.specs_dir, settings.state))
+    finally:  # people learn of the failure even when the store cannot record it
+        failed_run(model, context, version and str(version))
 
 
 def approved(model: str, context: dict[str, Any], approval: Approval) -> None:

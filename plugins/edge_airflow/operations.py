@@ -2,7 +2,9 @@
 check, the FinOps forecast and its budget alert, and publishing the desired state to devices.
 Each reads what the run gives (its parameters, its own time, who started it), calls
 `pipelines.operate` or `pipelines.edge`, and says in the task log what happened; a check with
-nothing to report skips its task, which then raises no Asset event."""
+nothing to report skips its task, which then raises no Asset event. A rollback (by a person,
+or by the canary analysis), drift and a forecast budget breach are alerted to people
+(`edge_airflow.alerts`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import re
 from airflow.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import get_current_context
 
+from edge_airflow.alerts import send_alert
 from edge_airflow.assets import drift_asset, finops_breach_asset, raise_event
 from edge_airflow.connections import signing_settings
 from edge_airflow.run import triggered_by
@@ -35,6 +38,12 @@ def rollout_step(spec_path: str) -> dict:
     print("\n".join(result.lines()))
     if result.commit:
         print(f"{result.decision.upper()} committed: {result.commit}")
+    if result.decision == "rollback" and result.commit:
+        send_alert("rollback", result.model, f"{result.model}: canary of version {result.version} rolled back to "
+                   f"version {result.previous_version}", "\n".join(result.lines()), "critical",
+                   {"version": result.version, "previous_version": result.previous_version, "share": result.share,
+                    "step": result.step, "failed_checks": [c.name for c in result.checks if not c.passed],
+                    "commit": result.commit}, result.version)
     return result.to_xcom()
 
 
@@ -54,6 +63,10 @@ def roll_back() -> dict:
         raise AirflowFailException(f"{params['model']}: {error}") from None
     print(f"ROLLED BACK {result.model}: version {result.from_version} -> {result.to_version}, "
           f"commit {result.commit} by {by}")
+    send_alert("rollback", result.model, f"{result.model} rolled back: version {result.from_version} -> "
+               f"{result.to_version}", f"By {by}: {params['reason']}", "warning",
+               {"from_version": result.from_version, "to_version": result.to_version, "commit": result.commit,
+                "by": by}, result.from_version)
     return result.to_xcom()
 
 
@@ -68,6 +81,9 @@ def check_drift(spec_path: str, model: str) -> dict:
     log.warning("DRIFT %s: %s", result.model, result.reason)
     figures = result.figures()
     raise_event(drift_asset(model), figures)
+    send_alert("drift", result.model, f"{result.model}: drift in the field, {result.drifted_columns} of "
+               f"{result.columns} columns drifted", f"{result.reason} (window {result.window_start} to "
+               f"{result.window_end})", "warning", figures, result.deployed_version)
     return figures
 
 
@@ -87,10 +103,13 @@ def alert_on_breach(report: dict, model: str) -> None:
     if not report["breach"]:
         raise AirflowSkipException(f"{model}: {report['reason']}")
     log.warning("FORECAST BUDGET BREACH %s: %s", model, report["reason"])
-    raise_event(finops_breach_asset(model), {
-        "total_predicted_usd": report["total_predicted_usd"], "total_upper_usd": report["total_upper_usd"],
-        "monthly_budget_usd": report["monthly_budget_usd"], "as_of": report["as_of"],
-        "report": report["evidence"].get("report.txt")})
+    figures = {"total_predicted_usd": report["total_predicted_usd"], "total_upper_usd": report["total_upper_usd"],
+               "monthly_budget_usd": report["monthly_budget_usd"], "as_of": report["as_of"],
+               "report": report["evidence"].get("report.txt")}
+    raise_event(finops_breach_asset(model), figures)
+    send_alert("budget_breach", model, f"{model}: 30-day spend forecast ${report['total_predicted_usd']:,.2f} "
+               f"breaches the ${report['monthly_budget_usd']:,.2f} monthly budget", report["reason"], "warning",
+               figures)
 
 
 def publish_desired_state() -> dict:
