@@ -231,6 +231,28 @@ def _tuf_command(args) -> int:
     return 0
 
 
+def _retention(args) -> int:
+    """Plan the audit retention at --now (or now) and apply it, or only print it (--dry-run)."""
+    from datetime import datetime, timezone
+
+    from pipelines.operate.retention import apply_retention
+    from pipelines.settings import get_settings
+    from pipelines.storage import StoreError
+
+    try:
+        now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
+    except ValueError:
+        print(f"error: --now: {args.now!r} is not an ISO time (2027-01-31T00:00:00Z)", file=sys.stderr)
+        return 2
+    try:
+        result = apply_retention(get_settings(), now, dry_run=args.dry_run)
+    except StoreError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    print("\n".join(result.lines()))
+    return 1 if result.refused else 0
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line on stderr and exit code 2, like every other bad input."""
 
@@ -329,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                                  f"EDGE_TUF_{role.upper()}_KEY afterwards)")
     tuf_root = commands.add_parser("tuf-root", help="write the trusted root.json devices are provisioned with")
     tuf_root.add_argument("--output", type=Path, required=True)
+    retention = commands.add_parser("retention", help="remove audit records past their retention (retired versions)")
+    retention.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    retention.add_argument("--now", default=None, help="ISO time to judge at (default: now, UTC)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -442,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"commit: {result.commit}")
         elif args.command in ("publish-desired-state", "tuf-init", "tuf-root", "tuf-rotate"):
             return _tuf_command(args)
+        elif args.command == "retention":
+            return _retention(args)
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

@@ -97,3 +97,35 @@ def test_error_text_is_one_line():
     assert one_line(TimeoutError()) == "TimeoutError" and one_line("") == "no detail"
     assert one_line("x" * 500, limit=10) == "x" * 9 + "…" and one_line("short", limit=10) == "short"
     assert len(one_line("y" * 5000)) == 5000  # no limit: the reason at the end stays
+
+
+def test_local_store_lists_dates_and_deletes(tmp_path):
+    store = ObjectStore((tmp_path / "store").as_uri(), object_lock="governance")
+    store.put_bytes(b"a", "runs/m/k/evidence/x.json", retain_until=None)
+    store.put_bytes(b"bb", "runs/m/k/other.json")
+    (listed,) = [o for o in store.objects("runs/") if o.key == "runs/m/k/other.json"]
+    assert listed.size == 2 and listed.modified.tzinfo is not None
+    assert store.retained_until("runs/m/k/other.json") is None  # a local folder has no lock
+    store.delete("runs/m/k/evidence/x.json")
+    store.delete("runs/m/k/evidence/x.json")  # absent: nothing to do
+    assert not (tmp_path / "store" / "runs" / "m" / "k" / "evidence").exists(), "an emptied folder goes"
+    assert store.list_keys("runs/") == ["runs/m/k/other.json"]
+    with pytest.raises(StoreError, match="unsupported object lock mode 'compliance'"):
+        ObjectStore((tmp_path / "store").as_uri(), object_lock="compliance")
+
+
+def test_s3_object_lock_refuses_an_early_delete(aws, s3_endpoint):
+    from datetime import datetime, timedelta, timezone
+
+    aws.create_bucket(Bucket="lockable", ObjectLockEnabledForBucket=True)
+    store = ObjectStore("s3://lockable/p", endpoint_url=s3_endpoint, object_lock="governance")
+    until = datetime.now(timezone.utc) + timedelta(days=7)
+    store.put_bytes(b"v1", "ev/report.json", retain_until=until)
+    store.put_bytes(b"free", "ev/free.json")
+    assert abs(store.retained_until("ev/report.json") - until) < timedelta(seconds=1)
+    with pytest.raises(StoreError, match="cannot delete s3://lockable/p/ev/report.json: .*AccessDenied"):
+        store.delete("ev/report.json")
+    assert store.read_bytes("ev/report.json") == b"v1"
+    store.delete("ev/free.json")
+    assert [o.key for o in store.objects("ev/")] == ["ev/report.json"]
+    assert not aws.list_object_versions(Bucket="lockable", Prefix="p/ev/free.json").get("Versions")
