@@ -260,6 +260,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _feedback(args) -> int:
+    """Store a file of labels for the model's sampled inferences; exit 2 naming the bad row."""
+    import getpass
+    from datetime import datetime, timezone
+
+    from pipelines.operate.feedback import FeedbackError, check_rows, model_task, read_file, store_labels
+    from pipelines.settings import get_settings
+    from pipelines.storage import ObjectStore
+
+    spec_path = _model_spec(args.model)
+    if spec_path is None:
+        return 2
+    settings = get_settings()
+    try:
+        rows = check_rows(read_file(args.file), model_task(spec_path, settings), str(args.file))
+    except FeedbackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    receipt = store_labels(ObjectStore(settings.telemetry_url, settings.s3_endpoint_url), args.model, rows,
+                           datetime.now(timezone.utc), by=getpass.getuser())
+    print(f"{args.model}: {receipt.labels:,} labels stored ({receipt.key}, received {receipt.received_at})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m pipelines", description="Edge AI release pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     roll = commands.add_parser("rollout", help="analyse a model's canary and advance, hold or roll it back")
     roll.add_argument("model")
     roll.add_argument("--dry-run", action="store_true", help="analyse and print, commit nothing")
+    roll.add_argument("--resume", action="store_true", help="lift a hold on the canary (a commit)")
+    roll.add_argument("--by", default=None, help="who resumes (default: the current user)")
+    feedback = commands.add_parser("feedback", help="send labels of sampled inferences (ground truth from the field)")
+    feedback.add_argument("model")
+    feedback.add_argument("file", type=Path, help="CSV with the header inference_id,label, or JSON lines")
+    quality = commands.add_parser("quality", help="judge a model's quality and fairness on labelled field inferences")
+    quality.add_argument("model")
+    quality.add_argument("--no-act", action="store_true", help="judge and record only; run no onBreach action")
+    quality.add_argument("--json", action="store_true")
     finops = commands.add_parser("finops-report", help="forecast a released model's spend for 30 days")
     finops.add_argument("model")
     finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
@@ -456,11 +489,21 @@ def main(argv: list[str] | None = None) -> int:
             check = check_drift(spec_path)
             print(check.model_dump_json() if args.json else format_check(check))
         elif args.command == "rollout":
-            from pipelines.operate.rollout import step_rollout
+            from pipelines.operate.rollout import RolloutError, resume_rollout, step_rollout
 
             spec_path = _model_spec(args.model)
             if spec_path is None:
                 return 2
+            if args.resume:
+                import getpass
+
+                try:
+                    commit = resume_rollout(args.model, args.by or getpass.getuser())
+                except RolloutError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
+                print(f"{args.model}: canary resumed, commit {commit}")
+                return 0
             result = step_rollout(spec_path, dry_run=args.dry_run)
             print("\n".join(result.lines()))
             if result.commit:
@@ -469,6 +512,16 @@ def main(argv: list[str] | None = None) -> int:
             return _tuf_command(args)
         elif args.command == "retention":
             return _retention(args)
+        elif args.command == "feedback":
+            return _feedback(args)
+        elif args.command == "quality":
+            from pipelines.operate.quality import check_field_quality
+
+            spec_path = _model_spec(args.model)
+            if spec_path is None:
+                return 2
+            check = check_field_quality(spec_path, act=not args.no_act)
+            print(check.model_dump_json() if args.json else "\n".join(check.lines()))
         elif args.command == "schema":
             from pipelines.specs import json_schema
 

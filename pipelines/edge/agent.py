@@ -615,10 +615,15 @@ class EdgeAgent:
             self._sessions[key] = session(path)
         return self._sessions[key]
 
-    def serve(self, model: str, requests, added_latency_ms: float = 0.0, fail=None) -> list[int | None]:
+    def serve(self, model: str, requests, added_latency_ms: float = 0.0, fail=None,
+              ids: list[str] | None = None) -> list[int | None]:
         """Run the active model once per row of `requests` (a data frame of the model's raw
         features); the predicted class per row (for a regression, the bin of its value), None for a
         failed request.
+
+        `ids`: the app's inference id per row (an application or transaction id its business
+        system will label later); a sampled inference is reported under it. Without ids, sampled
+        inferences get random ones.
 
         `added_latency_ms` and `fail` (one bool per row) are the fleet simulator's fault
         injection: a slower device, requests that fail as a crashing model's would.
@@ -650,17 +655,27 @@ class EdgeAgent:
             if self._seed is not None:
                 window._rng.seed(f"{self._seed}:{self.device_id}:{model}")
             self._windows[model] = window
+        if ids is not None:
+            if len(ids) != len(requests):
+                raise ValueError(f"{len(ids)} inference ids for {len(requests)} requests")
+            bad = next((i for i in ids if not isinstance(i, str) or not telemetry.INFERENCE_ID.match(i)), None)
+            if bad is not None:
+                raise ValueError(f"inference id {str(bad)[:40]!r}: 1-128 letters, digits, '.', '_', ':' or '-'")
         raw = requests.to_dict("records")
         predictions: list[int | None] = []
         for index in range(len(requests)):
             row = {name: value[index:index + 1] for name, value in arrays.items()}
             began = time.perf_counter()
+            value = None
             if fail is not None and fail[index]:
                 prediction = None
             else:
-                prediction = int(answer_labels(sess.run(None, row)[probabilities], bins)[0])
+                answer_values = sess.run(None, row)[probabilities]
+                prediction = int(answer_labels(answer_values, bins)[0])
+                if bins is not None:
+                    value = float(answer_values.reshape(-1)[0])
             elapsed = (time.perf_counter() - began) * 1000 + added_latency_ms
-            window.add(elapsed, prediction, _json_row(raw[index]))
+            window.add(elapsed, prediction, _json_row(raw[index]), None if ids is None else ids[index], value)
             predictions.append(prediction)
         return predictions
 

@@ -95,7 +95,9 @@ def parse_fault(text: str) -> Fault:
 
 
 def traffic(model: str, settings: Settings):
-    """Requests for `model`: the raw features of its spec's production-like data."""
+    """Requests for `model`: the rows of its spec's production-like data, and the names of the
+    model's raw features among their columns (the rest, the target and the sensitive features,
+    is what the world knows and the device never sees)."""
     from pipelines.data import read_source, resolve_features
     from pipelines.specs import load_spec, spec_dir
 
@@ -104,7 +106,23 @@ def traffic(model: str, settings: Settings):
     data = spec.data.model_copy(update={"source": spec.data.current_source or spec.data.source})
     frame = read_source(data, spec_dir(path), settings.s3_endpoint_url)
     features = resolve_features(spec.data.features, list(frame.columns))
-    return frame[features]
+    known = [c for c in (spec.data.target, *spec.data.sensitive_features) if c in frame.columns and c not in features]
+    return frame[features + known].reset_index(drop=True), features
+
+
+@dataclass(frozen=True)
+class OutcomeShift:
+    """The world changing for some people: among the served rows whose `column` equals `value`,
+    a `rate` share of those whose true outcome is not `label` turn out to be `label` (a model
+    trained before the change now misjudges that group)."""
+
+    column: str
+    value: str
+    label: int
+    rate: float
+
+    def describe(self) -> str:
+        return f"{self.rate:.0%} of the outcomes of {self.column}={self.value} become {self.label}"
 
 
 def _shifted(rows, shift: dict[str, float]):
@@ -182,6 +200,10 @@ class Fleet:
         self.rounds: list[dict] = []
         self._selected_devices: set[str] = set()
         self._traffic: dict = {}
+        # The business system's side: which row of the world each served request was, by the
+        # inference id the app passed with it (labels and sensitive attributes come from there).
+        self._served: dict[str, list] = {}
+        self._next_id = 0
 
     def serve_round(self, requests: int, faults: list[Fault] = ()) -> dict:
         """Every device runs `requests` requests on each active model, then reports; per
@@ -196,8 +218,12 @@ class Fleet:
                     continue
                 if model not in self._traffic:
                     self._traffic[model] = traffic(model, self.settings)
-                pool = self._traffic[model]
-                rows = pool.iloc[rng.integers(0, len(pool), size=requests)].reset_index(drop=True)
+                pool, features = self._traffic[model]
+                picked = rng.integers(0, len(pool), size=requests)
+                rows = pool.iloc[picked][features].reset_index(drop=True)
+                ids = [f"{agent.device_id}.{self._next_id + i}" for i in range(requests)]
+                self._next_id += requests
+                self._served.setdefault(model, []).append((ids, picked))
                 group = self.groups[agent.device_id]
                 active = [f for f in faults if f.applies(model, info["version"], group)]
                 latency = sum(f.latency_ms for f in active)
@@ -208,7 +234,7 @@ class Fleet:
                     if fault.error_rate:
                         hits = rng.random(requests) < fault.error_rate
                         fail = hits if fail is None else fail | hits
-                predictions = agent.serve(model, rows, added_latency_ms=latency, fail=fail)
+                predictions = agent.serve(model, rows, added_latency_ms=latency, fail=fail, ids=ids)
                 counts = served.setdefault(model, {}).setdefault(info["version"], Counter())
                 counts["devices"] += 1
                 counts["requests"] += len(predictions)
@@ -216,6 +242,30 @@ class Fleet:
             agent.flush_telemetry()
         return {model: {version: dict(c) for version, c in sorted(by_version.items())}
                 for model, by_version in sorted(served.items())}
+
+    def outcomes(self, model: str, shift: OutcomeShift | None = None, seed: int = 0):
+        """What the business system learns later about every request served so far: one row per
+        inference id with the true `label` (the spec's target) and the sensitive attributes the
+        world knows. The served log is emptied: each request's outcome is told once."""
+        import numpy as np
+        import pandas as pd
+
+        served = self._served.pop(model, [])
+        if not served:
+            return pd.DataFrame(columns=["inference_id", "label"])
+        pool, features = self._traffic[model]
+        ids = [i for batch, _ in served for i in batch]
+        rows = pool.iloc[np.concatenate([picked for _, picked in served])].drop(columns=features)
+        from pipelines.specs import load_spec
+
+        target = load_spec(Path(self.settings.specs_dir) / f"{model}.yaml").data.target
+        frame = rows.rename(columns={target: "label"}).reset_index(drop=True)
+        frame.insert(0, "inference_id", ids)
+        if shift is not None:
+            rng = np.random.default_rng([seed, len(frame)])
+            hit = (frame[shift.column].astype(str) == shift.value) & (frame["label"] != shift.label)
+            frame.loc[hit & (rng.random(len(frame)) < shift.rate), "label"] = shift.label
+        return frame
 
     def _source_bytes(self, before: list[int]) -> list[int]:
         """Bytes each device's source brought in during this round."""

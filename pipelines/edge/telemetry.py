@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -93,16 +95,26 @@ class InferenceWindow:
         if not self.predictions:
             self.predictions = [0] * self.classes
 
-    def add(self, latency_ms: float, prediction: int | None, inputs: dict | None = None) -> None:
-        """One inference: `prediction` None means it failed."""
+    def add(self, latency_ms: float, prediction: int | None, inputs: dict | None = None,
+            inference_id: str | None = None, value: float | None = None) -> str | None:
+        """One inference: `prediction` None means it failed. A sampled inference keeps its
+        inputs, its output (and a regression's `value`) under its inference id (the caller's,
+        or a random one): labels that arrive later for that id are joined to it on the server.
+        Returns the id when the inference was sampled, else None."""
         self.requests += 1
         self.latency[latency_bin(latency_ms)] += 1
         if prediction is None:
             self.errors += 1
-            return
+            return None
         self.predictions[prediction] += 1
         if inputs is not None and len(self.samples) < self.max_samples and self._rng.random() < self.sample_rate:
-            self.samples.append({"inputs": inputs, "output": int(prediction)})
+            sample = {"id": inference_id or uuid.UUID(int=self._rng.getrandbits(128), version=4).hex,
+                      "inputs": inputs, "output": int(prediction)}
+            if value is not None:
+                sample["value"] = float(value)
+            self.samples.append(sample)
+            return sample["id"]
+        return None
 
     def record(self, device_id: str, labels: dict[str, str], epsilon: float | None = None,
                rng: np.random.Generator | None = None, now: datetime | None = None) -> dict:
@@ -124,6 +136,11 @@ class InferenceWindow:
         if "apexlogic.dev/device-class" in labels:
             record["device_class"] = labels["apexlogic.dev/device-class"]
         return record
+
+
+# An inference id: what the app passes with a request (an application or transaction id) and
+# what the business system keys its labels by. Bounded and path-free.
+INFERENCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 def record_key(model: str, group: str | None, device_id: str, moment: datetime) -> str:
@@ -272,3 +289,33 @@ def samples_frame(records: list[dict]):
             rows.append({**sample["inputs"], "prediction": sample["output"], "version": record.get("version"),
                          "group": record.get("group"), "device_id": record["device_id"]})
     return pd.DataFrame(rows)
+
+
+def sampled_outputs(records: list[dict]):
+    """The sampled inferences of inference records without their inputs, one row each:
+    `inference_id`, `prediction` (class index or a regression's bin), `value` (a regression's
+    output, else NaN), `version`, `device_group`, `device_id` and `ts` (the record's, as UTC time).
+    Samples without an id (sent by agents before inference ids) are left out."""
+    import pandas as pd
+
+    ids, outputs, values, versions, groups, devices, stamps = [], [], [], [], [], [], []
+    for record in records:
+        samples = record.get("samples") or ()
+        if not samples:
+            continue
+        version, group, device, ts = str(record.get("version")), record.get("group"), record["device_id"], record["ts"]
+        for sample in samples:
+            if "id" not in sample:
+                continue
+            ids.append(sample["id"])
+            outputs.append(sample["output"])
+            values.append(sample.get("value", float("nan")))
+            versions.append(version)
+            groups.append(group)
+            devices.append(device)
+            stamps.append(ts)
+    return pd.DataFrame({"inference_id": pd.Series(ids, dtype=object), "prediction": pd.Series(outputs, dtype="int64"),
+                         "value": pd.Series(values, dtype="float64"), "version": pd.Series(versions, dtype=object),
+                         "device_group": pd.Series(groups, dtype=object),
+                         "device_id": pd.Series(devices, dtype=object),
+                         "ts": pd.to_datetime(pd.Series(stamps, dtype=object), utc=True, format="ISO8601")})

@@ -173,6 +173,24 @@ def _deployed(ctx) -> dict | None:
     return deployed_manifest(ctx)
 
 
+def fetch_deployed(ctx, deployed: dict) -> tuple[Path, dict[str, str]]:
+    """The deployed manifest's model file, checked against its checksum, and its contract (the
+    ONNX metadata: task, classes, features)."""
+    from pipelines.onnx import export as onnx_export
+    from pipelines.storage import sha256_file
+
+    ref = deployed["spec"]["modelRef"]
+    version, checksum = str(ref["version"]), str(ref["checksum"]).removeprefix("sha256:")
+    try:
+        model_path = ctx.fetch(ref["sourceUri"])
+    except Exception as error:
+        raise MonitorError(f"{ctx.spec.name} v{version}: deployed artifact not readable here: {error}") from error
+    if sha256_file(model_path) != checksum:
+        raise MonitorError(f"{ctx.spec.name} v{version}: {ref['sourceUri']} does not match its checksum "
+                           f"sha256:{checksum}")
+    return model_path, dict(onnx_export.session(model_path).get_modelmeta().custom_metadata_map)
+
+
 def check_drift(spec_path: str | Path, settings: Settings | None = None, now: datetime | None = None) -> DriftCheck:
     """Compare the deployed model's training reference with the telemetry window ending at
     `now` (default: the current time); write the report and the check to the artifact store.
@@ -182,7 +200,7 @@ def check_drift(spec_path: str | Path, settings: Settings | None = None, now: da
     from pipelines.edge.telemetry import read_records, samples_frame
     from pipelines.release.context import context
     from pipelines.specs import parse_duration
-    from pipelines.storage import ObjectStore, sha256_file
+    from pipelines.storage import ObjectStore
 
     settings = settings or get_settings()
     ctx = context(spec_path, settings)
@@ -211,12 +229,7 @@ def check_drift(spec_path: str | Path, settings: Settings | None = None, now: da
             f"{len(current)} sampled rows in {monitoring.window} ({len(records)} telemetry records) "
             f"< monitoring.minRows {monitoring.min_rows}: no verdict"), **base)
 
-    try:
-        model_path = ctx.fetch(ref["sourceUri"])
-    except Exception as error:
-        raise MonitorError(f"{model} v{version}: deployed artifact not readable here: {error}") from error
-    if sha256_file(model_path) != checksum:
-        raise MonitorError(f"{model} v{version}: {ref['sourceUri']} does not match its checksum sha256:{checksum}")
+    model_path, _ = fetch_deployed(ctx, deployed)
 
     from pipelines.data import is_categorical
     from pipelines.gates.drift import drift_report

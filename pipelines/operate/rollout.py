@@ -26,6 +26,7 @@ after its commit, for the Edge Releases view's canary chart.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 StepDecision = Literal["advance", "hold", "rollback", "complete", "not_canary", "no_release"]
 ROLLOUT_BY = "edge_rollout"
 ROLLOUTS_PREFIX = "rollouts"
+
+
+class RolloutError(RuntimeError):
+    """A rollout change that cannot be made (no release, no canary in progress, not held)."""
 
 
 class CanaryCheck(Record):
@@ -119,8 +124,11 @@ def _ms(value: float | None) -> str:
 
 
 
-def analyze(spec: ModelSpec, base: dict, records: list[dict], since: datetime, now: datetime) -> RolloutStep:
-    """The decision for the deployed base manifest from the telemetry `records` since `since`."""
+def analyze(spec: ModelSpec, base: dict, records: list[dict], since: datetime, now: datetime,
+            field_checks: Callable[[str, str], list[CanaryCheck]] | None = None) -> RolloutStep:
+    """The decision for the deployed base manifest from the telemetry `records` since `since`;
+    `field_checks(canary, control)` adds the checks on labelled inferences (field accuracy, the
+    fairness gap) once labels have arrived."""
     rollout = base["spec"].get("rollout")
     version = str(base["spec"]["modelRef"]["version"])
     if spec.deployment_strategy.type != "Canary" or spec.deployment_strategy.canary is None:
@@ -138,6 +146,11 @@ def analyze(spec: ModelSpec, base: dict, records: list[dict], since: datetime, n
               "steps": len(steps), "share": share, "since": telemetry.timestamp(since)}
     if share >= 100:
         return RolloutStep(**common, decision="complete", reason=f"v{version} is at 100% of the devices")
+    hold = rollout.get("hold")
+    if hold:
+        return RolloutStep(**common, decision="hold", reason=(
+            f"held by {hold.get('by', 'someone')} since {hold.get('since', '?')}: {hold.get('reason', '')} "
+            f"(python -m pipelines rollout {spec.name} --resume lifts the hold)"))
     canary = telemetry.cohort_stats([r for r in records if str(r.get("version")) == version])
     control = telemetry.cohort_stats([r for r in records if str(r.get("version")) == previous])
     analysis = canary_spec.analysis
@@ -146,7 +159,7 @@ def analyze(spec: ModelSpec, base: dict, records: list[dict], since: datetime, n
         return RolloutStep(**common, decision="hold",
                            reason=f"{canary.requests:.0f} canary requests of the {analysis.min_requests} "
                                   "the analysis needs")
-    checks = _checks(canary, control, analysis)
+    checks = _checks(canary, control, analysis) + (field_checks(version, previous) if field_checks else [])
     failed = [c for c in checks if not c.passed]
     common["checks"] = checks
     if failed:
@@ -201,12 +214,8 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
                  dry_run: bool = False, publish: bool = True) -> RolloutStep:
     """Analyse the model's canary and act on it by a commit (unless `dry_run`); `publish` the
     desired state at once (the CLI; Airflow leaves it to the publisher DAG)."""
-    import yaml
-
-    from pipelines.edge.desired_state import attest_commit
-    from pipelines.edge.publish import publish_after_commit
     from pipelines.gitops import repo
-    from pipelines.gitops.manifest import base_manifest_path, dump, read_manifest
+    from pipelines.gitops.manifest import base_manifest_path, read_manifest
 
     settings = settings or get_settings()
     spec = load_spec(spec_path)
@@ -222,7 +231,13 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
     since = datetime.fromisoformat(changes[0]["date"]) if changes else now
     records = telemetry.read_records(ObjectStore(settings.telemetry_url, settings.s3_endpoint_url), spec.name,
                                      since, now, kind="inference")
-    result = analyze(spec, base, records, since, now)
+
+    def field_checks(canary: str, control: str) -> list[CanaryCheck]:
+        from pipelines.operate.quality import canary_field_checks
+
+        return canary_field_checks(spec_path, settings, records, since, now, canary, control)
+
+    result = analyze(spec, base, records, since, now, field_checks)
     if dry_run:
         return result
     if result.decision not in ("advance", "rollback"):
@@ -237,17 +252,74 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
         result = result.model_copy(update={"commit": done.commit})
         save_analysis(result, now, settings)
         return result
-    doc = yaml.safe_load(files[path])
     step = result.step + 1 if result.next_share < 100 else result.steps
-    doc["spec"]["rollout"] = {**doc["spec"]["rollout"], "share": result.next_share, "step": step}
-    files[path] = dump(doc)
-    files = attest_commit(settings, spec.name, files)
     message = (f"rollout({spec.name}): version {result.version} {result.share}% -> {result.next_share}%\n\n"
                f"{details}\n")
-    committed = repo.commit_release(settings.remote, settings.gitops_branch, spec.name, files, message,
-                                    (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
-    result = result.model_copy(update={"commit": committed.commit})
+    commit = _commit_rollout(settings, spec.name, lambda rollout: {**rollout, "share": result.next_share, "step": step},
+                             message, publish, files=files, tree=tree)
+    result = result.model_copy(update={"commit": commit})
     save_analysis(result, now, settings)
+    return result
+
+
+def _commit_rollout(settings: Settings, model: str, change: Callable[[dict], dict | None], message: str,
+                    publish: bool, files: dict | None = None, tree: str | None = None) -> str | None:
+    """Commit `change` (the base manifest's `spec.rollout` -> its new value, None: nothing to do)
+    as an attested GitOps commit; the commit, or None when nothing changed."""
+    import yaml
+
+    from pipelines.edge.desired_state import attest_commit
+    from pipelines.edge.publish import publish_after_commit
+    from pipelines.gitops import repo
+    from pipelines.gitops.manifest import base_manifest_path, dump
+
+    work = settings.work_dir / "gitops"
+    path = base_manifest_path(model)
+    if files is None:
+        files, tree = repo.app_files(settings.remote, settings.gitops_branch, model, work) \
+            if repo.has_branch(settings.remote, settings.gitops_branch) else ({}, "")
+    if path not in files:
+        raise RolloutError(f"{model} has no release yet")
+    doc = yaml.safe_load(files[path])
+    rollout = doc["spec"].get("rollout")
+    if not rollout or int(rollout.get("share", 100)) >= 100:
+        raise RolloutError(f"{model}: no canary in progress (v{doc['spec']['modelRef']['version']} runs on every "
+                           "selected device)")
+    changed = change(dict(rollout))
+    if changed is None:
+        return None
+    doc["spec"]["rollout"] = changed
+    files = attest_commit(settings, model, {**files, path: dump(doc)})
+    committed = repo.commit_release(settings.remote, settings.gitops_branch, model, files, message,
+                                    (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
     if publish:
         publish_after_commit(settings)
-    return result
+    return committed.commit
+
+
+def hold_rollout(model: str, reason: str, by: str, settings: Settings | None = None, details: str = "",
+                 publish: bool = True, now: datetime | None = None) -> str | None:
+    """Stop the model's canary where it is, by a commit saying who and why (the rollout DAG then
+    holds until `resume_rollout`); the commit, or None when it is held already."""
+    settings = settings or get_settings()
+    since = telemetry.timestamp(now or telemetry.utc_now())
+
+    def held(rollout: dict) -> dict | None:
+        if rollout.get("hold"):
+            return None
+        return {**rollout, "hold": {"by": by, "since": since, "reason": reason[:500]}}
+
+    message = f"rollout({model}): hold the canary where it is\n\nBy {by}: {reason}\n\n{details}\n".rstrip() + "\n"
+    return _commit_rollout(settings, model, held, message, publish)
+
+
+def resume_rollout(model: str, by: str, settings: Settings | None = None, publish: bool = True) -> str:
+    """Lift a hold on the model's canary, by a commit; the rollout DAG judges it again."""
+    settings = settings or get_settings()
+
+    def resumed(rollout: dict) -> dict | None:
+        if not rollout.get("hold"):
+            raise RolloutError(f"{model}: the canary is not held")
+        return {k: v for k, v in rollout.items() if k != "hold"}
+
+    return _commit_rollout(settings, model, resumed, f"rollout({model}): resume the canary\n\nBy {by}.\n", publish)

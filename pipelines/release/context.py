@@ -11,6 +11,7 @@ code while a run goes on never changes or fails it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,18 +50,28 @@ class Context:
             return None
         return kind.model_validate_json(self.store.read_bytes(key))
 
+    def audit_until(self) -> datetime:
+        """Until when what is written now is audit evidence (`responsibleAI.auditRetentionDays`):
+        the Object Lock date of a store that locks (EDGE_OBJECT_LOCK_MODE)."""
+        return datetime.now(timezone.utc) + timedelta(days=self.spec.responsible_ai.audit_retention_days)
+
     def save_record(self, release_key: str, name: str, record: R) -> R:
-        self.store.put_bytes(record.model_dump_json(indent=2, by_alias=True).encode(), self.run_key(release_key, name))
+        self.store.put_bytes(record.model_dump_json(indent=2, by_alias=True).encode(), self.run_key(release_key, name),
+                             retain_until=self.audit_until())
         return record
 
     def fetch(self, uri: str) -> Path:
         return self.store.fetch(self.store.key_of(uri), self.settings.work_dir / "cache")
 
 
+def evidence_store(settings: Settings) -> ObjectStore:
+    """The artifact store as releases write to it: with Object Lock when the settings ask."""
+    return ObjectStore(settings.store_url, settings.s3_endpoint_url, object_lock=settings.object_lock_mode)
+
+
 def context(spec_path: str | Path, settings: Settings | None = None) -> Context:
     settings = settings or get_settings()
-    return Context(load_spec(spec_path), Path(spec_path), settings,
-                   ObjectStore(settings.store_url, settings.s3_endpoint_url))
+    return Context(load_spec(spec_path), Path(spec_path), settings, evidence_store(settings))
 
 
 def stage_context(spec_path: str | Path, data: DataCheck, settings: Settings | None) -> Context:
@@ -69,7 +80,7 @@ def stage_context(spec_path: str | Path, data: DataCheck, settings: Settings | N
     if not data.spec_uri:
         return context(spec_path, settings)
     settings = settings or get_settings()
-    store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
+    store = evidence_store(settings)
     spec = ModelSpec.model_validate_json(store.read_bytes(store.key_of(data.spec_uri)))
     return Context(spec, Path(spec_path), settings, store)
 

@@ -1,7 +1,8 @@
 """The Assets that connect the product's DAGs: a commit to the GitOps branch raises the desired
 state (`edge-desired-state://gitops`, the desired-state publisher runs on it), a model's drift
-raises `edge-drift://<model>` (its release runs on it), a forecast budget breach raises
-`edge-finops://<model>` (for alerting)."""
+raises `edge-drift://<model>` and a breach of its field quality or fairness whose spec asks to
+retrain raises `edge-quality://<model>` (its release runs on either), a forecast budget breach
+raises `edge-finops://<model>` (for alerting)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ DESIRED_STATE = Asset(DESIRED_STATE_ASSET_URI)
 def drift_asset(model: str) -> Asset:
     """Raised by drift monitoring (or any alerting system, through the REST API) to retrain."""
     return Asset(f"edge-drift://{model}")
+
+
+def quality_asset(model: str) -> Asset:
+    """Raised by the field quality monitor when the spec's onBreach says retrain."""
+    return Asset(f"edge-quality://{model}")
 
 
 def finops_breach_asset(model: str) -> Asset:

@@ -35,6 +35,12 @@ def test_operations_dags_are_there():
     assert set(rollback.params) == {"model", "target", "reason"}
     finops = bag.dags["edge_finops_report"]
     assert {t.task_id for t in finops.tasks} >= {"forecast__adult-income", "alert__adult-income"}
+    quality = bag.dags["edge_quality_monitor"]
+    assert quality.timetable.expression == "0 * * * *"
+    check, retrain = quality.get_task("check__adult-income"), quality.get_task("retrain__adult-income")
+    assert check.downstream_task_ids == {"retrain__adult-income"} and not check.outlets
+    assert [a.uri for a in retrain.outlets] == ["edge-quality://adult-income/"]
+    assert [t.task_id for t in bag.dags["edge_audit_retention"].tasks] == ["apply_retention"]
 
 
 def test_release_dag_shape():
@@ -56,10 +62,12 @@ def test_release_dag_shape():
     assert dag.get_task("commit").retries == 3 and dag.get_task("train").retries == 0
     assert dag.get_task("commit").upstream_task_ids >= {"publish", "register"}
     assert set(dag.params) == {"reason", "force_retrain", "approval", "dry_run"}
-    # The spec's cron OR a drift event of the model starts a release.
+    # The spec's cron OR a drift event OR a field quality breach that asks to retrain starts a release.
     assert type(dag.timetable).__name__ == "AssetOrTimeSchedule"
     assert dag.timetable.timetable.expression == "0 3 * * 1"
-    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://adult-income/"]
+    assert type(dag.timetable.asset_condition).__name__ == "AssetAny"
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://adult-income/",
+                                                                      "edge-quality://adult-income/"]
 
 
 def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatch):
@@ -71,8 +79,9 @@ def test_a_manual_spec_waits_for_a_person_before_publishing(tmp_path, monkeypatc
     assert isinstance(approval, ApprovalOperator)
     assert dag.get_task("decide").downstream_task_ids == {"approve_release", "publish"}
     assert approval.downstream_task_ids == {"publish"}
-    # No schedule in the spec: only a drift event (or a person) starts a release.
-    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://manual-model/"]
+    # No schedule in the spec: only a drift or quality event (or a person) starts a release.
+    assert [a.uri for a in dag.timetable.asset_condition.objects] == ["edge-drift://manual-model/",
+                                                                      "edge-quality://manual-model/"]
 
 
 def test_parsing_the_dag_file_imports_no_heavy_library():
