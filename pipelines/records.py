@@ -128,7 +128,10 @@ class GateVerdict(Record):
 
 class Explanation(Record):
     method: str
-    importances: dict[str, float] = Field(default_factory=dict, description="Feature -> mean drop in accuracy.")
+    importances: dict[str, float] = Field(
+        default_factory=dict, description="Feature -> importance, largest first: the mean drop in accuracy "
+                                          "(permutation_importance), or the mean |LIME weight| or |SHAP value| over "
+                                          "held-out rows (lime, shap).")
     evidence: dict[str, str] = Field(default_factory=dict)
     note: str = ""
 

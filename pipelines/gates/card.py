@@ -92,6 +92,22 @@ def _image(path: Path | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+METHOD_NAMES = {"permutation_importance": "permutation importance", "lime": "LIME", "shap": "SHAP",
+                "none": "none"}
+SUMMARY_COLUMNS = {"permutation_importance": "importance", "lime": "mean |LIME weight|",
+                   "shap": "mean |SHAP value|"}
+
+
+def _explainability(explain: dict, image: Path | None) -> list[str]:
+    """The method, what its figures mean, and each feature's global importance (largest first)."""
+    method = explain.get("method", "none")
+    name = METHOD_NAMES.get(method, method)
+    column = SUMMARY_COLUMNS.get(method, "importance")
+    rows = [{"feature": k, column: v} for k, v in list((explain.get("importances") or {}).items())[:20]]
+    return ["<h2>Explainability</h2>", f"<p>Method: <b>{html.escape(name)}</b>. {html.escape(explain.get('note', ''))}</p>",
+            _table(rows, ["feature", column]) if rows else "", _image(image, f"{name} by feature")]
+
+
 def render_html(card: dict, images: dict[str, Path]) -> str:
     """Self-contained HTML (images inlined), readable offline and in an audit archive."""
     model = card["model"]
@@ -125,12 +141,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
     parts += ["<h2>Quantization</h2>", _table(quant_rows, list(quant_rows[0]) if quant_rows else []),
               f"<p>Shipped: <b>{html.escape(card['quantization']['chosen'])}</b>. Why: "
               f"{html.escape(card['quantization']['reason'])}</p>"]
-    explain = card.get("explainability") or {}
-    parts += ["<h2>Explainability</h2>", f"<p>Method: {html.escape(explain.get('method', 'none'))}. "
-              f"{html.escape(explain.get('note', ''))}</p>",
-              _table([{"feature": k, "importance": v} for k, v in list(explain.get("importances", {}).items())[:20]],
-                     ["feature", "importance"]) if explain.get("importances") else "",
-              _image(images.get("importance"), "permutation importance")]
+    parts += _explainability(card.get("explainability") or {}, images.get("importance"))
     if card.get("cost"):
         cost = card["cost"]
         parts += ["<h2>Edge cost (estimate)</h2>", *_cost_headline(cost), f"<pre>{html.escape(chr(10).join(cost['table']))}</pre>",

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, get_args
 
 from pipelines.gitops.manifest import API_VERSION, KIND, dump
-from pipelines.specs import DNS_LABEL
+from pipelines.specs import DNS_LABEL, ExplanationMethod
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "mobileaimodeldeployments"
@@ -103,7 +103,15 @@ def _responsible_ai() -> dict:
     share = _number(minimum=0, maximum=1)
     return _object(
         {
-            "explainability": _string(enum=["permutation_importance", "none"]),
+            "explainability": _object(
+                {
+                    "method": _string("How answers are explained (responsibleAI.explainability.method).",
+                                      enum=list(get_args(ExplanationMethod))),
+                    "endpoint": _string("Edge Releases' route that explains one input with the deployed variant "
+                                        "(POST, authenticated).", minLength=1),
+                },
+                required=["method", "endpoint"],
+            ),
             "fairness": _object(
                 {
                     "biasScore": share,
@@ -215,6 +223,12 @@ def _spec_schema() -> dict:
                     "step": _integer(minimum=1),
                     "steps": _integer(minimum=1),
                     "previousVersion": _string("The version the control cohort runs.", minLength=1),
+                    "hold": _object(
+                        {"by": _string(minLength=1), "since": _string(minLength=1), "reason": _string()},
+                        required=["by", "reason"],
+                        description="The canary is held where it is (by the field quality monitor or a person) "
+                                    "until a commit lifts the hold.",
+                    ),
                 },
                 required=["share"],
                 description="Canary progress: devices outside the share keep the version they run.",

@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from pipelines.records import Record
+from pipelines.settings import Settings, get_settings
 from pipelines.specs import ModelSpec
 
 API_VERSION = "apexlogic.dev/v1alpha1"
@@ -58,6 +59,9 @@ class ManifestInputs(Record):
     )
     rollout: dict | None = Field(
         None, description="Canary progress {share, step, steps, previousVersion}; None: every selected device.")
+    explain_endpoint: str | None = Field(
+        None, description="The explain route of Edge Releases for this model; None: `explain_endpoint` under the "
+                          "environment's settings.")
 
     @field_validator("sha256")
     @classmethod
@@ -141,10 +145,16 @@ def _resources(spec: ModelSpec) -> dict:
     return out
 
 
-def _responsible_ai(spec: ModelSpec) -> dict:
+def explain_endpoint(model: str, settings: Settings | None = None) -> str:
+    """Where a model's inputs are explained one at a time: the explain route of Edge Releases."""
+    return (settings or get_settings()).edge_link(f"/api/models/{model}/explain")
+
+
+def _responsible_ai(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     rai = spec.responsible_ai.model_dump(mode="json", by_alias=True)
     return {
-        "explainability": rai["explainability"],
+        "explainability": {"method": rai["explainability"]["method"],
+                           "endpoint": inputs.explain_endpoint or explain_endpoint(spec.name)},
         "fairness": {k: _number(v) for k, v in _compact(rai["fairness"]).items()},
         "auditRetentionDays": rai["auditRetentionDays"],
     }
@@ -187,7 +197,7 @@ def _base_manifest(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     body: dict[str, Any] = {
         "modelRef": model_ref,
         "resources": _resources(spec),
-        "responsibleAI": _responsible_ai(spec),
+        "responsibleAI": _responsible_ai(spec, inputs),
         "deploymentStrategy": _deployment_strategy(spec),
         "telemetry": _telemetry(spec),
         "evaluation": evaluation,

@@ -42,7 +42,8 @@ def _publish_evidence(ctx: Context, data: DataCheck, registered: RegisteredVersi
 
     evidence = dict(verdict.evidence)
     for path in files:
-        evidence[path.name] = ctx.store.put_file(path, _evidence_key(ctx, data, registered, verdict.gate, path.name))
+        evidence[path.name] = ctx.store.put_file(path, _evidence_key(ctx, data, registered, verdict.gate, path.name),
+                                                  retain_until=ctx.audit_until())
     verdict = verdict.model_copy(update={"evidence": evidence})
     registry.log_verdict(ctx.settings.tracking_uri, registered.run_id, verdict, files)
     return verdict
@@ -338,32 +339,68 @@ def _with_predictions(ctx: Context, data: DataCheck, plan: QuantizationPlan, fra
 # -- explanation, model card, decision -------------------------------------------------------------
 def explain(spec_path: str | Path, data: DataCheck, plan: QuantizationPlan, registered: RegisteredVersion,
             settings: Settings | None = None) -> Explanation:
-    """Permutation importance of the shipped variant (what the spec's explainability names)."""
+    """How the shipped variant answers, in the method the spec's explainability names:
+    permutation importance, or the mean absolute LIME or SHAP weight of each feature over a
+    sample of held-out rows (their local explanations kept as evidence)."""
     from pipelines import registry
-    from pipelines.gates.explain import permutation_importances, plot_importances
+    from pipelines.gates.explain import plot_importances
 
     ctx, cached = resume(spec_path, data, "explanation.json", Explanation, settings, registered)
     if cached is not None:
         return cached
-    method = ctx.spec.responsible_ai.explainability
+    method = ctx.spec.responsible_ai.explainability.method
     if method == "none":
         return ctx.save_record(evaluation_folder(data, registered), "explanation.json",
                                Explanation(method="none", note="the spec asks for no explanation"))
+    figures = _permutation_figures(ctx, data, plan) if method == "permutation_importance" else \
+        _local_figures(ctx, data, plan, method)
+    importances, note = figures.pop("importances"), figures.pop("note")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / f"{method}_importance.json").write_text(json.dumps(importances, indent=2))
+        for name, value in figures.items():
+            (folder / name).write_text(json.dumps(value, indent=2))
+        plot_importances(importances, folder / f"{method}_importance.png",
+                         f"{ctx.spec.name} v{registered.version} ({plan.chosen})", data.task, method=method)
+        files = sorted(folder.iterdir())
+        evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, registered, "explainability", p.name),
+                                               retain_until=ctx.audit_until()) for p in files}
+        registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/explainability", files)
+    record = Explanation(method=method, importances=importances, evidence=evidence, note=note)
+    return ctx.save_record(evaluation_folder(data, registered), "explanation.json", record)
+
+
+def _permutation_figures(ctx: Context, data: DataCheck, plan: QuantizationPlan) -> dict:
+    """Permutation importance of the shipped variant on the held-out rows."""
+    from pipelines.gates.explain import permutation_importances
+
     ev = _evaluation(ctx, data, plan)
     importances = permutation_importances(ev["paths"][plan.chosen], ev["x_test"], ev["y_test"],
                                           ctx.spec.training.seed, data.task)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "permutation_importance.json").write_text(json.dumps(importances, indent=2))
-        plot_importances(importances, folder / "permutation_importance.png",
-                         f"{ctx.spec.name} v{registered.version} ({plan.chosen})", data.task)
-        files = sorted(folder.iterdir())
-        evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, registered, "explainability", p.name)) for p in files}
-        registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/explainability", files)
     what = "mean absolute error increase" if data.task == "regression" else "mean accuracy drop"
-    record = Explanation(method=method, importances=importances, evidence=evidence,
-                         note=f"{what} over 5 shuffles of each feature, on up to 2,000 held-out rows")
-    return ctx.save_record(evaluation_folder(data, registered), "explanation.json", record)
+    return {"importances": importances,
+            "note": f"{what} over 5 shuffles of each feature, on up to 2,000 held-out rows"}
+
+
+def _local_figures(ctx: Context, data: DataCheck, plan: QuantizationPlan, method: str) -> dict:
+    """LIME or SHAP explanations of a seeded sample of held-out rows (against a background of
+    training rows) and each feature's mean absolute weight over them."""
+    from pipelines.gates.explain import SUMMARY_ROWS, local_explanations, mean_abs_weights
+
+    spec = ctx.spec
+    seed = spec.training.seed
+    parts = splits(ctx, data)
+    rows = parts["test"].sample(n=min(SUMMARY_ROWS, len(parts["test"])), random_state=seed)
+    background = parts["train"].sample(n=min(spec.responsible_ai.explainability.background_rows,
+                                             len(parts["train"])), random_state=seed)
+    found = local_explanations(ctx.fetch(plan.chosen_candidate.uri), rows[data.features], background[data.features],
+                               method, data.task, seed, top=None)
+    what = "value" if data.task == "regression" else "class's probability"
+    return {"importances": mean_abs_weights(found),
+            "local_explanations.json": [e.model_dump(mode="json") for e in found],
+            "note": f"mean |{'SHAP value' if method == 'shap' else 'LIME weight'}| toward the predicted {what}, "
+                    f"over {len(found)} held-out rows "
+                    f"explained against {len(background)} training rows"}
 
 
 def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, plan: QuantizationPlan,
@@ -412,14 +449,16 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for key, name, gate in (("fairness", "fairness_by_group.png", "fairness"),
-                                ("importance", "permutation_importance.png", "explainability")):
+                                ("importance", f"{explanation.method}_importance.png", "explainability")):
             store_key = _evidence_key(ctx, data, registered, gate, name)
             if ctx.store.exists(store_key):
                 images[key] = ctx.store.get_file(store_key, folder / "images" / name)
         json_path, html_path = write_card(card, images, folder / "card")
         folder = evaluation_folder(data, registered)
-        record = ModelCard(json_uri=ctx.store.put_file(json_path, ctx.run_key(folder, "model_card.json")),
-                           html_uri=ctx.store.put_file(html_path, ctx.run_key(folder, "model_card.html")),
+        record = ModelCard(json_uri=ctx.store.put_file(json_path, ctx.run_key(folder, "model_card.json"),
+                                                        retain_until=ctx.audit_until()),
+                           html_uri=ctx.store.put_file(html_path, ctx.run_key(folder, "model_card.html"),
+                                                        retain_until=ctx.audit_until()),
                            sha256=sha256_file(json_path))
         registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "model_card", [json_path, html_path],
                               tags={"model_card_sha256": record.sha256})
@@ -549,7 +588,8 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
             writer.writerows(cost.focus_rows(estimate, registered.version))
         (folder / "cost_table.txt").write_text("\n".join(cost.cost_table(estimate) + [""] + cost.diff_lines(diff)) + "\n")
         files = sorted(folder.iterdir())
-        evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, registered, "cost", p.name)) for p in files}
+        evidence = {p.name: ctx.store.put_file(p, _evidence_key(ctx, data, registered, "cost", p.name),
+                                               retain_until=ctx.audit_until()) for p in files}
         for verdict in verdicts:
             registry.log_verdict(ctx.settings.tracking_uri, registered.run_id, verdict, [])
         registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "evidence/cost", files,

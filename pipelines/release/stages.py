@@ -660,7 +660,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         variant=plan.chosen, metrics=trained.metrics, verdicts=[v.brief() for v in verdicts],
         signature_uri=published.signature_uri,
         model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
-        cost=_cost_brief(cost),
+        cost=_cost_brief(cost), explain_endpoint=manifest.explain_endpoint(spec.name, settings),
         group_variants={group: {"variant": variant, "sourceUri": published.variants[variant]["uri"],
                                 "sha256": published.variants[variant]["sha256"],
                                 "sizeBytes": published.variants[variant]["size_bytes"],

@@ -321,6 +321,47 @@ def api_model(model: str):
         raise _unknown(error) from None
 
 
+@app.post("/api/models/{model}/explain")
+async def api_explain(request: Request, user: GetUserDep, model: str):
+    """One input explained with the variant the GitOps repository deploys (edge_ui.explain): for
+    people who may read the model's data, since the answer shows what the model makes of it."""
+    from starlette.concurrency import run_in_threadpool
+
+    from edge_ui import explain
+
+    if not may_read_data(user, model):
+        raise HTTPException(403, f"Explanations are for people who may run {views.release_dag_id(model)}")
+    try:
+        body = await explain.read_body(request.stream(), request.headers.get("content-length"))
+        answer = await run_in_threadpool(explain.explain_input, model, body)
+    except explain.ExplainRefused as error:
+        raise HTTPException(400, str(error)) from None
+    except views.UnknownModel as error:
+        raise _unknown(error) from None
+    return JSONResponse(answer.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
+
+
+@app.post("/api/models/{model}/feedback")
+async def api_feedback(request: Request, user: GetUserDep, model: str):
+    """Labels of sampled inferences from a business system (edge_ui.feedback): for users who may
+    run the model's release, since labels decide rollbacks and retraining."""
+    from starlette.concurrency import run_in_threadpool
+
+    from edge_ui import feedback
+
+    if not may_read_data(user, model):
+        raise HTTPException(403, f"Labels are taken from users who may run {views.release_dag_id(model)}")
+    try:
+        body = await feedback.read_body(request.stream(), request.headers.get("content-length"))
+        receipt = await run_in_threadpool(feedback.store, model, body, user.get_name())
+    except feedback.FeedbackRefused as error:
+        raise HTTPException(400, str(error)) from None
+    except KeyError:
+        raise HTTPException(404, f"No model named {model!r}") from None
+    return JSONResponse(receipt.model_dump(mode="json", exclude={"uri"}), status_code=201,
+                        headers={"Cache-Control": "no-store"})
+
+
 @app.get("/api/models/{model}/compare", response_model=views.Comparison)
 def api_compare(model: str, a: str = Query(..., max_length=9), b: str = Query(..., max_length=9)):
     try:

@@ -36,3 +36,14 @@ def test_the_card_shows_facts_and_parameters_as_tables_and_the_tasks_score():
     assert "no: r2 drop 4.46 pt exceeds the 2.00 pt budget" in page
     assert "Shipped: <b>fp32</b>. Why: kept fp32" in page
     assert "th{white-space:nowrap" in page, "headers never break inside a word"
+
+
+def test_the_card_names_the_explanation_method_and_its_global_summary():
+    card = _card()
+    assert "Method: <b>none</b>. </p>" in render_html(card, {})
+    card["explainability"] = {"method": "shap", "importances": {"bmi": 22.64, "s5": 22.5, "bp": 8.49},
+                              "note": "mean |SHAP value| toward the predicted value, over 50 held-out rows"}
+    page = render_html(card, {}).split("<h2>Explainability</h2>")[1].split("<h2>")[0]
+    assert page.startswith("<p>Method: <b>SHAP</b>. mean |SHAP value| toward the predicted value")
+    assert "<th>feature</th><th>mean |SHAP value|</th>" in page
+    assert page.index("<td>bmi</td><td>22.64</td>") < page.index("<td>s5</td>") < page.index("<td>bp</td>")

@@ -174,6 +174,21 @@ def test_the_device_group_is_a_dns_label(overlay: dict, group: str, valid: bool)
     assert all(p.startswith("spec.targetDevices.group:") for p in problems)
 
 
+def test_explainability_names_a_method_and_its_endpoint(overlay: dict) -> None:
+    assert overlay["spec"]["responsibleAI"]["explainability"] == {
+        "method": "lime", "endpoint": "/edge/api/models/adult-income/explain"}
+    doc = copy.deepcopy(overlay)
+    doc["spec"]["responsibleAI"]["explainability"]["method"] = "shap"
+    assert validate_object(doc) == []
+    doc["spec"]["responsibleAI"]["explainability"]["method"] = "saliency"
+    (line,) = validate_object(doc)
+    assert line.startswith("spec.responsibleAI.explainability.method: 'saliency' is not one of")
+    del doc["spec"]["responsibleAI"]["explainability"]["endpoint"]
+    assert "spec.responsibleAI.explainability.endpoint: required field is missing" in validate_object(doc)
+    doc["spec"]["responsibleAI"]["explainability"] = "lime"
+    assert validate_object(doc) == ["spec.responsibleAI.explainability: 'lime' is not of type 'object'"]
+
+
 def test_other_problems_are_reported_with_their_paths(overlay: dict) -> None:
     doc = copy.deepcopy(overlay)
     doc["kind"] = "Deployment"

@@ -11,11 +11,13 @@ import yaml
 from pipelines.gitops.manifest import (
     ManifestInputs,
     base_manifest_path,
+    explain_endpoint,
     label_value,
     manifest_checksum,
     read_manifest,
     render_release_files,
 )
+from pipelines.settings import Settings
 from pipelines.specs import ModelSpec, load_spec
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "model_specs"
@@ -137,7 +139,7 @@ def test_base_manifest_content() -> None:
         "limits": {"cpu": "500m", "memory": "64Mi"},
     }
     assert body["responsibleAI"] == {
-        "explainability": "permutation_importance",
+        "explainability": {"method": "lime", "endpoint": "/edge/api/models/adult-income/explain"},
         "fairness": {"biasScore": 0.2, "equalizedOdds": 0.2, "minGroupAccuracy": 0.8, "minGroupSize": 200},
         "auditRetentionDays": 730,
     }
@@ -157,6 +159,24 @@ def test_base_manifest_content() -> None:
     assert body["evaluation"]["metrics"] == {"accuracy": 0.85, "roc_auc": 0.912346}
     assert body["evaluation"]["verdicts"][0]["passed"] is True
     assert "cost" not in body
+
+
+def test_the_explain_endpoint_follows_the_edge_releases_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec's method and Edge Releases' explain route: the inputs' endpoint, else the environment's."""
+    spec = spec_named("diabetes-progression")
+    monkeypatch.setenv("EDGE_UI_URL", "https://airflow.example.com/edge/")
+    assert explain_endpoint(spec.name) == "https://airflow.example.com/edge/api/models/diabetes-progression/explain"
+    assert explain_endpoint(spec.name, Settings(ui_url=None)) == "/edge/api/models/diabetes-progression/explain"
+
+    def explainability(inputs: ManifestInputs) -> dict:
+        files = render_release_files(spec, inputs)
+        return read_manifest(files[base_manifest_path(spec.name)])["spec"]["responsibleAI"]["explainability"]
+
+    assert explainability(make_inputs()) == {
+        "method": spec.responsible_ai.explainability.method,
+        "endpoint": "https://airflow.example.com/edge/api/models/diabetes-progression/explain"}
+    given = make_inputs(explain_endpoint="https://ui.example.org/edge/api/models/diabetes-progression/explain")
+    assert explainability(given)["endpoint"] == given.explain_endpoint
 
 
 def test_optional_signature_and_cost_appear_only_when_given() -> None:

@@ -24,6 +24,11 @@ ROUTES = {
     "/api/models/{model}/compare": "/api/models/some-model/compare?a=1&b=2",
     "/api/models/{model}/versions/{version}": "/api/models/some-model/versions/1",
 }
+# The routes that take a body (POST).
+POST_ROUTES = {
+    "/api/models/{model}/explain": "/api/models/some-model/explain",
+    "/api/models/{model}/feedback": "/api/models/some-model/feedback",
+}
 HTML = {"accept": "text/html,application/xhtml+xml"}
 
 
@@ -31,7 +36,7 @@ def test_every_route_needs_an_airflow_user():
     from edge_ui.app import app
     from fastapi.testclient import TestClient
 
-    assert {route.path for route in app.routes} == set(ROUTES) | {"/static"}
+    assert {route.path for route in app.routes} == set(ROUTES) | set(POST_ROUTES) | {"/static"}
     client = TestClient(app)
     # The stylesheets are public, so the page asking for a login is styled; nothing else is.
     assert client.get("/static/edge.css").status_code == 200
@@ -43,6 +48,9 @@ def test_every_route_needs_an_airflow_user():
         assert page.status_code == 401, example
         if not example.startswith("/api/"):  # a browser gets a short page pointing to the Airflow login
             assert "Log in to see Edge Releases" in page.text, example
+    for example in POST_ROUTES.values():
+        answer = client.post(example, json={"labels": []})
+        assert answer.status_code == 401 and answer.json() == {"detail": "Not authenticated"}, example
 
 
 def _uri(value: str) -> str:
