@@ -94,6 +94,8 @@ bench: venv nginx
 	$(PY) bench/estimator_accuracy.py
 	$(PY) bench/fleet_convergence.py
 	$(PY) bench/drift_throughput.py
+	$(PY) bench/field_quality.py
+	$(PY) bench/explanations.py
 
 # Four releases at once on the native production stack (PostgreSQL, Celery, Redis, MLflow
 # server, S3, git daemon) against the same four one after another on the embedded set-up.

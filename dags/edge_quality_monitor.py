@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, task
 from edge_airflow import connections, operations, quality
 from edge_airflow.alerts import on_failure
-from edge_airflow.assets import quality_asset
+from edge_airflow.assets import DESIRED_STATE, quality_asset
 
 from pipelines.specs import SpecError, load_specs, specs_folder
 
@@ -43,7 +43,10 @@ _DOC = __doc__ + ("\n\n**Specs left out (invalid)**:\n\n" + "\n".join(f"- `{m}`:
                    "pre_execute": connections.pre_execute})
 def edge_quality_monitor():
     for model, path in SPECS.items():
-        @task(task_id=operations.task_id("check", model), on_failure_callback=on_failure(model))
+        # A hold or a rollback is a commit: the desired-state publisher runs after every check
+        # that acted (a no-op when nothing changed).
+        @task(task_id=operations.task_id("check", model), on_failure_callback=on_failure(model),
+              outlets=[DESIRED_STATE])
         def check(path: str = path, model: str = model):
             """Judge the field quality and fairness; act on a breach as the spec says."""
             return quality.check_quality(path, model)

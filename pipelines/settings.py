@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     git_commit_url: str | None = Field(
         None, description="A web page of a GitOps commit, `{sha}` standing for the commit "
                           "(https://github.com/org/fleet/commit/{sha}). Default: the commit view of Edge Releases.")
-    edge_ui_url: str | None = Field(
+    ui_url: str | None = Field(
         None, description="Edge Releases as people and systems reach it (https://airflow.example.com/edge): links in "
                           "alerts and the manifest's explainability endpoint. Default: paths relative to the "
                           "Airflow api-server (/edge/...).")
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
 
     def edge_link(self, path: str) -> str:
         """An Edge Releases page or route (`/models/adult-income`) as a link."""
-        base = (self.edge_ui_url or "/edge").rstrip("/")
+        base = (self.ui_url or "/edge").rstrip("/")
         return f"{base}/{path.lstrip('/')}"
 
     @property

@@ -243,10 +243,11 @@ class Fleet:
         return {model: {version: dict(c) for version, c in sorted(by_version.items())}
                 for model, by_version in sorted(served.items())}
 
-    def outcomes(self, model: str, shift: OutcomeShift | None = None, seed: int = 0):
+    def outcomes(self, model: str, shift: OutcomeShift | None = None, seed: int = 0, inputs: bool = False):
         """What the business system learns later about every request served so far: one row per
         inference id with the true `label` (the spec's target) and the sensitive attributes the
-        world knows. The served log is emptied: each request's outcome is told once."""
+        world knows (with `inputs`, the request's features too, as the business system keeps
+        them). The served log is emptied: each request's outcome is told once."""
         import numpy as np
         import pandas as pd
 
@@ -255,7 +256,8 @@ class Fleet:
             return pd.DataFrame(columns=["inference_id", "label"])
         pool, features = self._traffic[model]
         ids = [i for batch, _ in served for i in batch]
-        rows = pool.iloc[np.concatenate([picked for _, picked in served])].drop(columns=features)
+        rows = pool.iloc[np.concatenate([picked for _, picked in served])]
+        rows = rows if inputs else rows.drop(columns=features)
         from pipelines.specs import load_spec
 
         target = load_spec(Path(self.settings.specs_dir) / f"{model}.yaml").data.target

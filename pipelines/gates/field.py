@@ -159,15 +159,20 @@ class FieldCheck:
     def breached(self) -> bool:
         return self.judged and not self.passed
 
+    @property
+    def name(self) -> str:
+        """What is checked where: `accuracy`, `accuracy on branch-kiosks`, `min_group_accuracy by sex`."""
+        where = {"version": "", "device group": f" on {self.group}", "sensitive group": f" by {self.group}"}[self.scope]
+        return f"{self.metric}{where}"
+
     def line(self) -> str:
         """The check in one line, for logs, alerts and commit messages."""
-        where = {"version": "", "device group": f" on {self.group}", "sensitive group": f" by {self.group}"}[self.scope]
         if self.observed is None:
-            return f"{self.metric}{where}: not measured ({self.rows} rows)"
+            return f"{self.name}: not measured ({self.rows} rows)"
         sign = ">=" if self.kind == "min" else "<="
         state = "BREACH" if self.breached else ("ok" if self.judged else "not judged")
         ci = f" [{self.low:.3f}, {self.high:.3f}]" if self.low is not None and self.high is not None else ""
-        return (f"{self.metric}{where}: {self.observed:.3f}{ci} {sign} {self.limit:g} "
+        return (f"{self.name}: {self.observed:.3f}{ci} {sign} {self.limit:g} "
                 f"({self.field}; {self.rows:,} rows): {state}")
 
 

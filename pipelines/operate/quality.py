@@ -30,7 +30,8 @@ classification (or regression) report of the deployed version's labelled inferen
 On a breach of the deployed (or canary) version, the spec's `responsibleAI.onBreach` runs in
 order: `notify` (the caller's alert channels), `hold` (a commit that stops the canary where it
 is, `python -m pipelines rollout <model> --resume` lifts it), `rollback` (a commit restoring the
-previous release, as `edge_rollback` does), `retrain` (the caller raises the Asset event
+previous release, as `edge_rollback` does, unless that version breaks the field checks of the
+same window too: going back would not help), `retrain` (the caller raises the Asset event
 `edge-quality://<model>`, which starts the model's release). Each action is recorded in the
 check with its commit; `notify` and `retrain` happen once per breach of a version, not every
 hour it lasts.
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 QUALITY_BY = "edge_quality_monitor"
 SEED = 20261205
 FIELD_METRICS = {"accuracy", "f1_macro", "mae"}
+REPORT_ROWS = 200_000  # Evidently's report of a larger window is made on a seeded sample of this many
 
 
 class FieldError(RuntimeError):
@@ -71,7 +73,9 @@ class VersionQuality(Record):
     """One version's figures in the field and the checks on them."""
 
     version: str
-    role: Literal["deployed", "canary", "control", "other"]
+    role: Literal["deployed", "canary", "control", "previous", "other"] = Field(
+        description="deployed; canary (in progress); control (the canary's previous version, still serving); "
+                    "previous (the version the last rollout replaced); other.")
     sampled: int = Field(description="Sampled inferences of this version in the window.")
     labelled: int = Field(description="Of those, with a label in time.")
     status: Literal["insufficient_labels", "ok", "breach"]
@@ -341,7 +345,7 @@ def _fairness_checks(spec, task: str, feature: str, entry: dict, rows: int, enou
 def _check_dict(check) -> dict:
     import dataclasses
 
-    return {**dataclasses.asdict(check), "breached": check.breached, "line": check.line()}
+    return {**dataclasses.asdict(check), "name": check.name, "breached": check.breached, "line": check.line()}
 
 
 # -- the monitor ------------------------------------------------------------------------------------------
@@ -442,7 +446,8 @@ def check_field_quality(spec_path: str | Path, settings: Settings | None = None,
     base |= counts | {"labelled": len(joined)}
 
     rng = np.random.default_rng(SEED)
-    role_of = {version: "canary" if canary else "deployed", **({previous: "control"} if previous else {})}
+    role_of = {version: "canary" if canary else "deployed",
+               **({previous: "control" if canary else "previous"} if previous else {})}
     sampled = {}
     for record in records:
         sampled[str(record.get("version"))] = sampled.get(str(record.get("version")), 0) + sum(
@@ -454,7 +459,8 @@ def check_field_quality(spec_path: str | Path, settings: Settings | None = None,
                                       len(classes), list(spec.data.sensitive_features), rng))
     ours = versions[0]
     if ours.status == "breach":
-        status, reason = "breach", f"v{version} breaks {len(ours.breaches)} field check(s): " + "; ".join(ours.breaches[:3])
+        broken = [c["name"] for c in ours.checks if c["breached"]]
+        status, reason = "breach", f"v{version} breaks {len(broken)} field check(s): " + ", ".join(broken)
     elif ours.status == "ok":
         status, reason = "ok", f"v{version}: every field check passed on {ours.labelled:,} labelled inferences"
     else:
@@ -481,7 +487,8 @@ def check_field_quality(spec_path: str | Path, settings: Settings | None = None,
 
 
 def _evidently_report(store, folder: str, rows: pd.DataFrame, task: str, classes: list[str]) -> str:
-    """Evidently's classification (or regression) report of labelled inferences, in the store."""
+    """Evidently's classification (or regression) report of labelled inferences (a seeded sample of
+    REPORT_ROWS of them in a larger window: the monitor's own figures use every row), in the store."""
     import pandas as pd
     from evidently import BinaryClassification, DataDefinition, Dataset, MulticlassClassification, Regression, Report
     from evidently.presets import ClassificationPreset, RegressionPreset
@@ -492,13 +499,17 @@ def _evidently_report(store, folder: str, rows: pd.DataFrame, task: str, classes
                                     numerical_columns=["target", "prediction"])
         preset = RegressionPreset()
     else:
-        names = [str(c) for c in classes]
-        frame = pd.DataFrame({"target": rows["truth"].map(lambda i: names[i]),
-                              "prediction": rows["prediction"].map(lambda i: names[i] if i < len(names) else str(i))})
-        kind = BinaryClassification(target="target", prediction_labels="prediction", pos_label=names[-1]) \
-            if len(names) == 2 else MulticlassClassification(target="target", prediction_labels="prediction")
+        # Class indices (a multi-class report names them): Evidently sorts the columns' values,
+        # which for a million strings takes tens of seconds and for integers a fraction of one.
+        names = {i: str(c) for i, c in enumerate(classes)}
+        frame = pd.DataFrame({"target": rows["truth"].astype("int64"), "prediction": rows["prediction"].astype("int64")})
+        kind = BinaryClassification(target="target", prediction_labels="prediction", pos_label=1) \
+            if len(names) == 2 else MulticlassClassification(target="target", prediction_labels="prediction",
+                                                             labels=names)
         definition = DataDefinition(classification=[kind], categorical_columns=["target", "prediction"])
         preset = ClassificationPreset()
+    if len(frame) > REPORT_ROWS:
+        frame = frame.sample(n=REPORT_ROWS, random_state=SEED)
     snapshot = Report([preset]).run(current_data=Dataset.from_pandas(frame, data_definition=definition),
                                     reference_data=None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -628,6 +639,14 @@ def canary_field_checks(spec_path: str | Path, settings: Settings, records: list
 
 
 # -- remediation ----------------------------------------------------------------------------------------
+def _rollback_target(model: str, settings: Settings) -> str:
+    """The version a rollback would restore (RollbackError when there is none)."""
+    from pipelines.gitops.rollback import choose_target, release_history
+
+    history = release_history(settings.remote, settings.gitops_branch, model, settings.work_dir / "gitops")
+    return str(choose_target(history, None)["version"])
+
+
 def remediate(check: QualityCheck, spec, settings: Settings, notify, retrain, publish: bool) -> list[ActionRecord]:
     """Run the spec's onBreach actions, in order, for the breached version; each is recorded."""
     from pipelines.gitops.rollback import RollbackError
@@ -635,7 +654,7 @@ def remediate(check: QualityCheck, spec, settings: Settings, notify, retrain, pu
     from pipelines.operate.rollout import RolloutError, hold_rollout
 
     version = check.breached_version
-    reason = f"field quality breach of v{version}: " + "; ".join(check.version(version).breaches[:3])
+    reason = f"field quality breach of v{version}: " + check.reason.split(": ", 1)[-1]
     details = "Field quality check:\n" + "\n".join(check.lines())
     done: list[ActionRecord] = []
     rolled_back = False
@@ -664,7 +683,15 @@ def remediate(check: QualityCheck, spec, settings: Settings, notify, retrain, pu
                 done.append(ActionRecord(action=action, status="done" if commit else "skipped", commit=commit,
                                          detail=f"canary of v{version} held where it is" if commit else "already held"))
             elif action == "rollback":
-                result = rollback_release(spec.name, None, reason, QUALITY_BY, settings, details=details, publish=publish)
+                target = _rollback_target(spec.name, settings)
+                earlier = check.version(target)
+                if earlier is not None and earlier.status == "breach":
+                    done.append(ActionRecord(action=action, status="skipped", detail=(
+                        f"v{target} breaks {len(earlier.breaches)} field check(s) of the same window too: rolling "
+                        "back would not help")))
+                    continue
+                result = rollback_release(spec.name, target, reason, QUALITY_BY, settings, details=details,
+                                          publish=publish)
                 rolled_back = True
                 done.append(ActionRecord(action=action, status="done", commit=result.commit,
                                          detail=f"v{result.from_version} -> v{result.to_version}"))

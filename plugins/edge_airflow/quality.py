@@ -24,12 +24,13 @@ def check_quality(spec_path: str, model: str) -> dict:
 
     def notify(check) -> list[str]:
         version = check.breached_version
-        return send_alert("field_breach", model, f"{model} v{version}: quality or fairness breach in the field",
+        broken = check.reason.split(": ", 1)[-1]
+        return send_alert("field_breach", model, f"{model} v{version} in the field: {broken}"[:200],
                           "\n".join(check.version(version).breaches[:5]), severity="critical",
                           figures=check.figures(), version=version)
 
     def retrain(check) -> str:
-        return quality_asset(model).uri
+        return f"edge-quality://{model}"
 
     with signing_settings() as settings:
         check = check_field_quality(spec_path, settings, now=get_current_context()["dag_run"].run_after,

@@ -38,7 +38,8 @@ def test_operations_dags_are_there():
     quality = bag.dags["edge_quality_monitor"]
     assert quality.timetable.expression == "0 * * * *"
     check, retrain = quality.get_task("check__adult-income"), quality.get_task("retrain__adult-income")
-    assert check.downstream_task_ids == {"retrain__adult-income"} and not check.outlets
+    assert check.downstream_task_ids == {"retrain__adult-income"}
+    assert [a.uri for a in check.outlets] == ["edge-desired-state://gitops/"]
     assert [a.uri for a in retrain.outlets] == ["edge-quality://adult-income/"]
     assert [t.task_id for t in bag.dags["edge_audit_retention"].tasks] == ["apply_retention"]
 

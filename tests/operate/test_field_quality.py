@@ -133,9 +133,14 @@ def _world(tmp_path, on_breach, canary=False):
 
 
 def _serve_and_label(fleet, settings, specs, shift=None, requests=60):
+    fleet.serve_round(requests)
+    return _label(fleet, settings, specs, shift)
+
+
+def _label(fleet, settings, specs, shift=None):
+    """The business system's labels of everything served, and the operator's attributes table."""
     from pipelines.operate.feedback import check_rows as clean
 
-    fleet.serve_round(requests)
     outcomes = fleet.outcomes("loans", shift, seed=len(fleet.rounds))
     telemetry = ObjectStore(settings.telemetry_url)
     rows = clean(outcomes[["inference_id", "label"]].to_dict("records"), "binary")
@@ -184,14 +189,15 @@ def test_field_quality_ok_then_one_groups_outcomes_change_and_the_breach_rolls_b
     assert actions["retrain"].status == "skipped" and "Airflow" in actions["retrain"].detail
     assert repo.log(settings.remote, "main", settings.work_dir / "gitops")[0]["subject"].startswith("release(loans)")
     # The next hour: the same breach is not announced again.
-    again = check_field_quality(spec, settings, notify=lambda c: sent.append(c) or ["webhook"])
+    again = check_field_quality(spec, settings, now=datetime.now(timezone.utc) + timedelta(minutes=1),
+                                notify=lambda c: sent.append(c) or ["webhook"])
     assert again.status == "breach" and not again.new_breach and len(sent) == 1
     assert {a.action: a.status for a in again.actions}["notify"] == "skipped"
 
 
 def test_a_canary_breaching_in_the_field_is_held_then_rolled_back_by_commits(state, tmp_path):
     from pipelines.__main__ import main
-    from pipelines.edge.simulator import Fleet, OutcomeShift
+    from pipelines.edge.simulator import Fault, Fleet
     from pipelines.gitops import repo
     from pipelines.operate.quality import check_field_quality
     from pipelines.operate.rollout import step_rollout
@@ -205,10 +211,13 @@ def test_a_canary_breaching_in_the_field_is_held_then_rolled_back_by_commits(sta
     assert main(["release", str(spec)]) == 0
     fleet.poll_round()
     assert set(fleet.rounds[-1]["models"]["loans"]["versions"]) == {"1", "2"}
-    _serve_and_label(fleet, settings, spec.parent, OutcomeShift("group", "b", 1, 0.9), requests=80)
+    # A broken feature pipeline in the app that ships with v2: its devices feed x1 upside down.
+    fleet.serve_round(80, [Fault(version="2", shift={"x1": -4.0})])
+    _label(fleet, settings, spec.parent)
     check = check_field_quality(spec, settings)
     assert check.canary and check.deployed_version == "2" and check.versions[0].role == "canary"
     assert check.status == "breach", check.lines()
+    assert check.version("1").role == "control" and check.version("1").status == "ok", check.lines()
     actions = {a.action: a for a in check.actions}
     assert actions["hold"].status == "done" and actions["hold"].commit
     assert actions["rollback"].status == "done" and actions["rollback"].detail == "v2 -> v1"
@@ -220,3 +229,29 @@ def test_a_canary_breaching_in_the_field_is_held_then_rolled_back_by_commits(sta
     fleet.poll_round()
     assert fleet.rounds[-1]["models"]["loans"]["versions"] == {"1": 40}
     assert step_rollout(spec, settings).decision == "complete"
+
+
+def test_the_command_line_stores_a_labels_file_or_names_the_bad_row(state, tmp_path, monkeypatch, capsys):
+    from pipelines.__main__ import main
+    from pipelines.settings import get_settings
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    write_spec(specs, "loans", "data.csv")
+    monkeypatch.setenv("EDGE_SPECS_DIR", str(specs))
+    (tmp_path / "good.csv").write_text("inference_id,label\nloan-1,1\nloan-2,0\n")
+    (tmp_path / "bad.jsonl").write_text('{"inference_id": "loan-1", "label": 1}\n{"inference_id": "loan 2", "label": 0}\n')
+    assert main(["feedback", "loans", str(tmp_path / "good.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("loans: 2 labels stored (feedback/loans/") and out.count("\n") == 1
+    assert main(["feedback", "loans", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'bad.jsonl'}: row 2: inference_id 'loan 2' must be 1-128 letters, digits, " \
+                  "'.', '_', ':' or '-'\n"
+    assert main(["feedback", "no-such-model", str(tmp_path / "good.csv")]) == 2
+    assert "no spec for 'no-such-model'" in capsys.readouterr().err
+    stored = read_labels(ObjectStore(get_settings().telemetry_url), "loans", T0 - timedelta(days=3650),
+                         datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert stored["inference_id"].tolist() == ["loan-1", "loan-2"], "the bad batch left nothing behind"
+    assert main(["quality", "loans"]) == 0
+    assert capsys.readouterr().out.startswith("Field quality of loans: no release\n")

@@ -68,7 +68,7 @@ def receiver():
 
 @pytest.fixture(autouse=True)
 def ui_url(monkeypatch):
-    monkeypatch.setenv("EDGE_EDGE_UI_URL", "https://airflow.example.com/edge")
+    monkeypatch.setenv("EDGE_UI_URL", "https://airflow.example.com/edge")
     for conn_id in alerts.CHANNELS:
         monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
 
@@ -183,7 +183,7 @@ def test_an_unknown_event_or_severity_is_refused():
 
 
 def test_a_relative_link_is_shown_as_text_in_slack(monkeypatch):
-    monkeypatch.delenv("EDGE_EDGE_UI_URL")
+    monkeypatch.delenv("EDGE_UI_URL")
     alert = alerts.build_alert("drift", "m", "m: <drift> & more", version="2")
     assert alert.link == "/edge/models/m/versions/2"
     assert alert.slack_text().splitlines() == [":warning: *m: &lt;drift&gt; &amp; more*",
