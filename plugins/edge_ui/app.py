@@ -91,7 +91,8 @@ def _short(value, length: int = 8) -> str:
 _STATUS = {"released": "ok", "ok": "ok", "pass": "ok", "release": "ok",
            "rejected": "bad", "drift": "bad", "fail": "bad",
            "awaiting_approval": "wait", "in_review": "info", "insufficient_data": "neutral", "rollout": "wait",
-           "rolled_back": "warn", "rollback": "warn", "dry_run": "neutral", "failed": "bad", "running": "info"}
+           "rolled_back": "warn", "rollback": "warn", "dry_run": "neutral", "failed": "bad", "running": "info",
+           "breach": "bad", "insufficient_labels": "neutral"}
 
 
 def _status_class(status) -> str:

@@ -38,6 +38,7 @@ _VERSION = re.compile(r"^[0-9]{1,9}$")
 _COMMIT_KINDS = ("release", "rollout", "rollback")
 _SUMMARY_FILE = "summary.json"
 _DRIFT_FILE = "drift.json"
+_QUALITY_FILE = "quality.json"
 
 
 class UnknownModel(KeyError):
@@ -98,6 +99,24 @@ class DriftStatus(Record):
     drifted_column_names: list[str] = Field(default_factory=list)
     report_uri: str | None = None
     summary_uri: str | None = None
+
+
+class FieldQuality(Record):
+    """The latest field quality and fairness check of a model (`pipelines.operate.quality`)."""
+
+    status: str
+    reason: str = ""
+    checked_at: str | None = None
+    window_start: str | None = None
+    labelled: int = 0
+    labels_received: int = 0
+    unmatched: int = 0
+    late: int = 0
+    versions: list[dict] = Field(default_factory=list, description="Per version: role, labelled, figures, breaches.")
+    actions: list[dict] = Field(default_factory=list, description="The onBreach actions and what came of them.")
+    report_uri: str | None = None
+    summary_uri: str | None = None
+    explanations: int = 0
 
 
 class ModelRow(Record):
@@ -235,6 +254,7 @@ class ModelPage(Record):
     versions: list[VersionRow] = Field(default_factory=list)
     history: list[GitCommit] = Field(default_factory=list)
     drift: DriftStatus | None = None
+    field_quality: FieldQuality | None = None
     problems: list[str] = Field(default_factory=list)
 
 
@@ -416,20 +436,44 @@ def _outcome(data: dict, when: str | None) -> ReleaseOutcome:
                           gitops_commit=data.get("gitops_commit"))
 
 
-def _latest_drift(model: str, store: ObjectStore) -> DriftStatus | None:
+def _latest_check(model: str, store: ObjectStore, name: str) -> tuple[str, dict] | None:
+    """The newest monitor record `name` (drift.json, quality.json) of a model: its key and data."""
     from pipelines.operate.monitor import MONITORING_PREFIX
 
     prefix = f"{MONITORING_PREFIX}/{model}/"
     local = store.local_path(prefix)
     if local is not None:
         stamps = sorted((p.name for p in local.iterdir() if p.is_dir()), reverse=True) if local.is_dir() else []
-        keys = [f"{prefix}{stamp}/{_DRIFT_FILE}" for stamp in stamps]
+        keys = [f"{prefix}{stamp}/{name}" for stamp in stamps]
     else:
-        keys = sorted((k for k in store.list_keys(prefix) if k.endswith(f"/{_DRIFT_FILE}")), reverse=True)
+        keys = sorted((k for k in store.list_keys(prefix) if k.endswith(f"/{name}")), reverse=True)
     for key in keys:
-        if not store.exists(key):
-            continue  # a check in progress writes its JSON last
-        data = json.loads(store.read_bytes(key))
+        if store.exists(key):  # a check in progress writes its JSON last
+            return key, json.loads(store.read_bytes(key))
+    return None
+
+
+def _latest_quality(model: str, store: ObjectStore) -> FieldQuality | None:
+    found = _latest_check(model, store, _QUALITY_FILE)
+    if found is None:
+        return None
+    key, data = found
+    versions = [{"version": v.get("version"), "role": v.get("role"), "labelled": v.get("labelled", 0),
+                 "status": v.get("status"), "figures": v.get("figures") or {}, "breaches": v.get("breaches") or []}
+                for v in data.get("versions") or []]
+    return FieldQuality(
+        status=str(data.get("status", "unknown")), reason=str(data.get("reason", "")),
+        checked_at=data.get("checked_at"), window_start=data.get("window_start"),
+        labelled=int(data.get("labelled") or 0), labels_received=int(data.get("labels_received") or 0),
+        unmatched=int(data.get("unmatched") or 0), late=int(data.get("late") or 0), versions=versions,
+        actions=list(data.get("actions") or []), report_uri=data.get("report_uri"),
+        summary_uri=data.get("summary_uri") or store.uri(key), explanations=len(data.get("explanations") or []))
+
+
+def _latest_drift(model: str, store: ObjectStore) -> DriftStatus | None:
+    found = _latest_check(model, store, _DRIFT_FILE)
+    if found is not None:
+        key, data = found
         return DriftStatus(
             status=str(data.get("status", "unknown")), reason=str(data.get("reason", "")),
             checked_at=data.get("checked_at"), deployed_version=data.get("deployed_version"),
@@ -841,8 +885,13 @@ def model_page(model: str, settings: Settings | None = None) -> ModelPage:
         problems.append(f"GitOps history not readable: {error}")
     if not (model in specs or row.deployments or row.last_release or versions or history):
         raise UnknownModel(model)
+    try:
+        field_quality = _latest_quality(model, store)
+    except (StoreError, ValueError, OSError) as error:
+        field_quality = None
+        problems.append(f"field quality checks not readable: {error}")
     return ModelPage(model=model, spec=spec_facts(spec) if spec else None, row=row, versions=versions,
-                     history=history, drift=row.drift, problems=problems)
+                     history=history, drift=row.drift, field_quality=field_quality, problems=problems)
 
 
 def version_page(model: str, version: str, settings: Settings | None = None) -> VersionPage:
