@@ -33,7 +33,19 @@ def test_samples_keep_the_inputs_and_output_up_to_the_cap():
     window = _window(requests=200, sample_rate=1.0, max_samples=7)
     record = window.record("dev-1", {})
     assert len(record["samples"]) == 7
-    assert record["samples"][0] == {"inputs": {"x": 0.0}, "output": 0}
+    first = record["samples"][0]
+    assert {k: v for k, v in first.items() if k != "id"} == {"inputs": {"x": 0.0}, "output": 0}
+    assert telemetry.INFERENCE_ID.match(first["id"]) and len({s["id"] for s in record["samples"]}) == 7
+
+
+def test_a_sampled_inference_keeps_the_apps_inference_id_and_a_regressions_value():
+    window = telemetry.InferenceWindow("m", "3", "phones", 4, sample_rate=1.0, max_samples=5, started=T0)
+    assert window.add(1.0, 2, {"x": 1.0}, inference_id="loan-7", value=151.5) == "loan-7"
+    assert window.add(1.0, None, {"x": 2.0}, inference_id="loan-8") is None, "a failed inference is not sampled"
+    assert window.record("dev-1", {})["samples"] == [{"id": "loan-7", "inputs": {"x": 1.0}, "output": 2,
+                                                      "value": 151.5}]
+    unsampled = telemetry.InferenceWindow("m", "3", "phones", 4, sample_rate=0.0, max_samples=5, started=T0)
+    assert unsampled.add(1.0, 1, {"x": 1.0}, inference_id="loan-9") is None
 
 
 def test_dp_noise_is_unbiased_and_has_the_laplace_scale_for_epsilon():

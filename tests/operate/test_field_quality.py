@@ -161,6 +161,10 @@ def test_field_quality_ok_then_one_groups_outcomes_change_and_the_breach_rolls_b
     specs = spec.parent
     fleet = Fleet(40, settings, seed=5, fleet_path=tmp_path / "fleet.yaml")
     fleet.poll_round()
+    rows = tabular_frame(2)[["x1", "x2", "colour"]]
+    for ids, message in ((["a"], "1 inference ids for 2 requests"), (["ok-1", "../x"], "inference id '../x'")):
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            fleet.agents[0].serve("loans", rows, ids=ids)
     _serve_and_label(fleet, settings, specs)
     sent = []
     check = check_field_quality(spec, settings, notify=lambda c: sent.append(c) or ["webhook"])
