@@ -4,8 +4,11 @@
 Daily, for every released model: a 30-day spend forecast (trend and weekly seasonality,
 with an interval) from the fleet's telemetry history, anomalous days, and the forecast
 against the model's monthly budget. The report (table, plot, JSON) goes to the artifact
-store under `finops/<model>/<date>/`. A forecast breach logs a warning and raises the Asset
-event `edge-finops://<model>` with the figures, for a follow-up DAG, and alerts people.
+store under `finops/<model>/<date>/`. A forecast breach logs a warning, raises the Asset
+event `edge-finops://<model>` with the figures, for a follow-up DAG, and runs the spec's
+`finops.onBreach` in order: `notify` (alerts), `lower_sampling` (a commit halving the devices'
+telemetry sample rate, down to `finops.minSampleRate`), `pause_rollout` (a commit holding a
+canary); the task log and `finops/<model>/<date>/actions.json` say what each did.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datetime import datetime
 
 from airflow.sdk import dag, task
 from edge_airflow import alerts, connections, operations
-from edge_airflow.assets import finops_breach_asset
+from edge_airflow.assets import DESIRED_STATE, finops_breach_asset
 
 from pipelines.specs import discover_specs, specs_folder
 
@@ -28,11 +31,12 @@ def edge_finops_report():
         def forecast(model: str = model):
             return operations.forecast(model)
 
-        @task(task_id=operations.task_id("alert", model), outlets=[finops_breach_asset(model)],
+        @task(task_id=operations.task_id("alert", model), outlets=[finops_breach_asset(model), DESIRED_STATE],
                on_failure_callback=alerts.on_failure(model))
         def alert(report: dict, model: str = model):
-            """Raise the breach Asset event, or skip (a skipped task raises no event)."""
-            operations.alert_on_breach(report, model)
+            """Raise the breach Asset event and act as the spec says, or skip (a skipped task
+            raises no event)."""
+            return operations.alert_on_breach(report, model)
 
         alert(forecast())
 

@@ -331,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     finops.add_argument("model")
     finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
     finops.add_argument("--json", action="store_true")
+    finops.add_argument("--act", action="store_true", help="on a breach, run the spec's finops.onBreach (commits)")
+    restore = commands.add_parser("finops-restore", help="commit the spec's telemetry sample rate back into the "
+                                                         "deployed manifest (undoes lower_sampling)")
+    restore.add_argument("model")
+    restore.add_argument("--by", default=None, help="who (default: the current user)")
     schema = commands.add_parser("schema", help="write the JSON schema of model specs")
     schema.add_argument("--output", type=Path, default=None)
     agent = commands.add_parser("edge-agent", help="reconcile one device with the signed desired state")
@@ -452,6 +457,15 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 2
+            if args.act:
+                from pipelines.operate.budget import act_on_breach
+
+                spec_path = _model_spec(args.model)
+                if spec_path is None:
+                    return 2
+                for action in act_on_breach(spec_path, report):
+                    print(f"finops.onBreach {action.action}: {action.status}: {action.detail}"
+                          + (f" (commit {action.commit})" if action.commit else ""), file=sys.stderr)
             if args.json:
                 print(report.model_dump_json())
             else:
@@ -512,6 +526,22 @@ def main(argv: list[str] | None = None) -> int:
             return _tuf_command(args)
         elif args.command == "retention":
             return _retention(args)
+        elif args.command == "finops-restore":
+            import getpass
+
+            from pipelines.operate.budget import restore_sampling
+            from pipelines.operate.commits import ManifestChangeError
+
+            spec_path = _model_spec(args.model)
+            if spec_path is None:
+                return 2
+            try:
+                commit = restore_sampling(spec_path, args.by or getpass.getuser())
+            except ManifestChangeError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            print(f"{args.model}: " + (f"telemetry sampling restored, commit {commit}" if commit
+                                       else "telemetry sampling is already the spec's"))
         elif args.command == "feedback":
             return _feedback(args)
         elif args.command == "quality":

@@ -317,10 +317,28 @@ class GatesSpec(_Strict):
         return {metric: MetricThreshold(minValue=0.5, maxRegression=0.01)}
 
 
+BudgetAction = Literal["notify", "lower_sampling", "pause_rollout"]
+
+
 class FinOpsSpec(_Strict):
     cost_center: str
     project: str
     monthly_budget_usd: float = Field(ge=0.0)
+    on_breach: list[BudgetAction] = Field(
+        default_factory=lambda: ["notify"],
+        description="What the daily FinOps job does, in order, when the 30-day forecast breaches the monthly budget: "
+                    "notify (alerts), lower_sampling (a commit halving the devices' telemetry.sampleRate, down to "
+                    "minSampleRate), pause_rollout (a commit holding a canary where it is). Each is a recorded, "
+                    "reversible GitOps commit.")
+    min_sample_rate: UnitInterval = Field(
+        0.01, description="lower_sampling never takes telemetry.sampleRate below this.")
+
+    @field_validator("on_breach")
+    @classmethod
+    def _once_each(cls, actions: list[str]) -> list[str]:
+        if len(set(actions)) != len(actions):
+            raise ValueError(f"each action at most once (got {actions})")
+        return actions
 
     @field_validator("cost_center", "project")
     @classmethod

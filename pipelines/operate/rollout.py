@@ -265,36 +265,24 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
 def _commit_rollout(settings: Settings, model: str, change: Callable[[dict], dict | None], message: str,
                     publish: bool, files: dict | None = None, tree: str | None = None) -> str | None:
     """Commit `change` (the base manifest's `spec.rollout` -> its new value, None: nothing to do)
-    as an attested GitOps commit; the commit, or None when nothing changed."""
-    import yaml
+    while a canary is in progress; the commit, or None when nothing changed."""
+    from pipelines.operate.commits import ManifestChangeError, change_base_manifest
 
-    from pipelines.edge.desired_state import attest_commit
-    from pipelines.edge.publish import publish_after_commit
-    from pipelines.gitops import repo
-    from pipelines.gitops.manifest import base_manifest_path, dump
+    def changed(doc: dict) -> dict | None:
+        rollout = doc["spec"].get("rollout")
+        if not rollout or int(rollout.get("share", 100)) >= 100:
+            raise RolloutError(f"{model}: no canary in progress (v{doc['spec']['modelRef']['version']} runs on "
+                               "every selected device)")
+        new = change(dict(rollout))
+        if new is None:
+            return None
+        doc["spec"]["rollout"] = new
+        return doc
 
-    work = settings.work_dir / "gitops"
-    path = base_manifest_path(model)
-    if files is None:
-        files, tree = repo.app_files(settings.remote, settings.gitops_branch, model, work) \
-            if repo.has_branch(settings.remote, settings.gitops_branch) else ({}, "")
-    if path not in files:
-        raise RolloutError(f"{model} has no release yet")
-    doc = yaml.safe_load(files[path])
-    rollout = doc["spec"].get("rollout")
-    if not rollout or int(rollout.get("share", 100)) >= 100:
-        raise RolloutError(f"{model}: no canary in progress (v{doc['spec']['modelRef']['version']} runs on every "
-                           "selected device)")
-    changed = change(dict(rollout))
-    if changed is None:
-        return None
-    doc["spec"]["rollout"] = changed
-    files = attest_commit(settings, model, {**files, path: dump(doc)})
-    committed = repo.commit_release(settings.remote, settings.gitops_branch, model, files, message,
-                                    (settings.git_author_name, settings.git_author_email), work, expect_tree=tree)
-    if publish:
-        publish_after_commit(settings)
-    return committed.commit
+    try:
+        return change_base_manifest(settings, model, changed, message, publish, files=files, tree=tree)
+    except ManifestChangeError as error:
+        raise RolloutError(str(error)) from None
 
 
 def hold_rollout(model: str, reason: str, by: str, settings: Settings | None = None, details: str = "",

@@ -98,8 +98,10 @@ def forecast(model: str) -> dict:
     return finops_report(model, get_current_context()["dag_run"].run_after.date()).to_xcom()
 
 
-def alert_on_breach(report: dict, model: str) -> None:
-    """Raise the model's budget-breach Asset event with the forecast's figures, or skip."""
+def alert_on_breach(report: dict, model: str) -> list[dict]:
+    """On a forecast breach: raise the model's budget-breach Asset event with the forecast's
+    figures and run the spec's `finops.onBreach` (alerts, commits left to the desired-state
+    publisher); otherwise skip."""
     if not report["breach"]:
         raise AirflowSkipException(f"{model}: {report['reason']}")
     log.warning("FORECAST BUDGET BREACH %s: %s", model, report["reason"])
@@ -107,9 +109,23 @@ def alert_on_breach(report: dict, model: str) -> None:
                "monthly_budget_usd": report["monthly_budget_usd"], "as_of": report["as_of"],
                "report": report["evidence"].get("report.txt")}
     raise_event(finops_breach_asset(model), figures)
-    send_alert("budget_breach", model, f"{model}: 30-day spend forecast ${report['total_predicted_usd']:,.2f} "
-               f"breaches the ${report['monthly_budget_usd']:,.2f} monthly budget", report["reason"], "warning",
-               figures)
+
+    def notify(_) -> list[str]:
+        return send_alert("budget_breach", model, f"{model}: 30-day spend forecast ${report['total_predicted_usd']:,.2f} "
+                          f"breaches the ${report['monthly_budget_usd']:,.2f} monthly budget", report["reason"],
+                          "warning", figures)
+
+    from pipelines.operate.budget import act_on_breach
+    from pipelines.operate.finops_report import FinOpsReport
+    from pipelines.operate.monitor import spec_path_of
+
+    with signing_settings() as settings:
+        actions = act_on_breach(spec_path_of(model, settings), FinOpsReport.model_validate(report), settings,
+                                notify=notify, publish=False)
+    for action in actions:
+        print(f"finops.onBreach {action.action}: {action.status}: {action.detail}"
+              + (f" (commit {action.commit})" if action.commit else ""))
+    return [a.to_xcom() for a in actions]
 
 
 def publish_desired_state() -> dict:

@@ -6,6 +6,7 @@ from conftest import tabular_frame, write_spec
 
 from pipelines import release
 from pipelines.__main__ import main
+from pipelines.storage import ObjectStore
 
 
 def test_cli_finops_report_after_a_release(tmp_path, state, capsys):
@@ -29,3 +30,71 @@ def test_report_needs_a_release(state):
 
     with pytest.raises(ValueError, match="never-released: no released cost estimate yet"):
         finops_report("never-released", date(2026, 11, 27))
+
+
+def test_a_forecast_breach_becomes_a_commit_that_lowers_telemetry_sampling(tmp_path, state, monkeypatch, capsys):
+    """finops.onBreach on a real release: the fleet's spend history runs far beyond the budget, so
+    the forecast breaches; the policy halves the devices' sample rate by a signed commit (a
+    device reads the new rate from the signed desired state), again the next day, then stops at
+    the floor; finops-restore commits the spec's rate back. A canary to pause there is not: the
+    step says so."""
+    from conftest import phones_fleet
+
+    from pipelines.edge.simulator import Fleet
+    from pipelines.finops.forecast import simulate_history
+    from pipelines.gitops import repo
+    from pipelines.operate.budget import act_on_breach
+    from pipelines.operate.finops_report import finops_report, history_path
+    from pipelines.settings import Settings
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    tabular_frame().to_csv(specs / "data.csv", index=False)
+    spec = write_spec(specs, "thrifty", "data.csv", telemetry={"sampleRate": 0.2, "maxSamples": 50},
+                      finops={"costCenter": "cc-1", "project": "tests", "monthlyBudgetUsd": 10,
+                              "onBreach": ["pause_rollout", "lower_sampling", "notify"], "minSampleRate": 0.05})
+    monkeypatch.setenv("EDGE_SPECS_DIR", str(specs))
+    (tmp_path / "fleet.yaml").write_text(phones_fleet(10))
+    settings = Settings(specs_dir=specs)
+    assert release.run_release(spec, settings=settings).status == "released"
+    fleet = Fleet(3, settings, seed=1, fleet_path=tmp_path / "fleet.yaml")
+    fleet.poll_round()
+    device = fleet.agents[0]
+    assert device._reporting["thrifty"]["sampleRate"] == 0.2
+
+    groups = {"phones": {"devices": 5000, "inferences_per_device_per_day": 1000, "bytes_per_device_per_day": 5e7,
+                         "cost_per_inference_usd": 1e-5, "cost_per_gb_usd": 0.09}}
+    path = history_path(settings, "thrifty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    simulate_history(groups, 60, date(2026, 1, 1), seed=3, trend_per_day=0.01).to_csv(path, index=False)
+    report = finops_report("thrifty", date(2026, 3, 2), settings)
+    assert report.breach and not report.simulated, report.reason
+    sent = []
+    actions = act_on_breach(spec, report, settings, notify=lambda r: sent.append(r) or ["edge_alerts_webhook"])
+    assert [(a.action, a.status) for a in actions] == [
+        ("pause_rollout", "skipped"), ("lower_sampling", "done"), ("notify", "done")], actions
+    assert "no canary in progress" in actions[0].detail and sent == [report]
+    assert actions[1].detail == "telemetry.sampleRate 0.2 -> 0.1 (floor 0.05)"
+    log = repo.log(settings.remote, "main", settings.work_dir / "gitops")
+    assert log[0]["sha"] == actions[1].commit and log[0]["subject"] == "finops(thrifty): lower telemetry sampling"
+    assert "breaches the $10.00 monthly budget" in log[0]["body"] and "By edge_finops_report" in log[0]["body"]
+    fleet.poll_round()
+    assert device._reporting["thrifty"]["sampleRate"] == 0.1, "the device reads the lowered rate, signed"
+    store = ObjectStore(settings.store_url)
+    recorded = json.loads(store.read_bytes("finops/thrifty/2026-03-02/actions.json"))
+    assert [a["status"] for a in recorded] == ["skipped", "done", "done"]
+
+    # The breach lasts: halved down to the floor, then no more commits.
+    second = act_on_breach(spec, finops_report("thrifty", date(2026, 3, 3), settings), settings)
+    assert second[1].detail == "telemetry.sampleRate 0.1 -> 0.05 (floor 0.05)" and second[2].status == "skipped"
+    third = act_on_breach(spec, finops_report("thrifty", date(2026, 3, 4), settings), settings)
+    assert third[1].status == "skipped" and "at the floor" in third[1].detail and third[1].commit is None
+
+    assert main(["finops-restore", "thrifty", "--by", "finops-lead"]) == 0
+    assert "telemetry sampling restored, commit" in capsys.readouterr().out
+    assert repo.log(settings.remote, "main", settings.work_dir / "gitops")[0]["subject"] == \
+        "finops(thrifty): restore telemetry sampling to the spec's 0.2"
+    fleet.poll_round()
+    assert device._reporting["thrifty"]["sampleRate"] == 0.2
+    assert main(["finops-restore", "thrifty"]) == 0
+    assert "already the spec's" in capsys.readouterr().out
