@@ -833,6 +833,13 @@ def load_specs(folder: str | Path) -> dict[Path, ModelSpec | SpecError]:
 def json_schema() -> dict:
     """JSON schema of a spec file, for editors (yaml-language-server)."""
     schema = ModelSpec.model_json_schema(by_alias=True)
+    # `explainability: lime` is short for `explainability: {method: lime}`: editors accept both.
+    field = schema["$defs"]["ResponsibleAISpec"]["properties"]["explainability"]
+    method = schema["$defs"]["ExplainabilitySpec"]["properties"]["method"]
+    shorthand = {"type": "string", "enum": method["enum"], "description": "Short for {method: <this>}."}
+    schema["$defs"]["ResponsibleAISpec"]["properties"]["explainability"] = {
+        "anyOf": [{key: value for key, value in field.items() if key != "default"}, shorthand],
+        **({"default": field["default"]} if "default" in field else {})}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Edge model release spec"
     return schema

@@ -103,6 +103,33 @@ def test_committed_json_schema_is_current():
     assert "responsibleAI" in committed["properties"]
 
 
+def test_the_schema_and_the_parser_take_the_explainability_shorthand_and_the_new_policies():
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    doc = _adult()
+    for value, method in (("shap", "shap"), ({"method": "lime", "samples": 3}, "lime")):
+        doc["responsibleAI"]["explainability"] = value
+        assert not list(validator.iter_errors(doc))
+        assert parse_spec(doc, "adult-income.yaml").responsible_ai.explainability.method == method
+    doc["responsibleAI"]["explainability"] = "magic"
+    assert list(validator.iter_errors(doc))
+    with pytest.raises(SpecError, match="responsibleAI.explainability.method"):
+        parse_spec(doc, "adult-income.yaml")
+    doc = _adult()
+    doc["responsibleAI"]["onBreach"] = ["notify", "notify"]
+    with pytest.raises(SpecError, match="responsibleAI.onBreach: each action at most once"):
+        parse_spec(doc, "adult-income.yaml")
+    doc = _adult()
+    doc["finops"]["onBreach"] = ["switch_everything_off"]
+    with pytest.raises(SpecError, match="finops.onBreach"):
+        parse_spec(doc, "adult-income.yaml")
+    doc = _adult()
+    doc["monitoring"]["field"] = {"window": "a week"}
+    with pytest.raises(SpecError, match="monitoring.field.window"):
+        parse_spec(doc, "adult-income.yaml")
+
+
 def test_cli_validate_spec_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "pipelines", "validate-spec", str(ADULT)],
                         capture_output=True, text=True)
