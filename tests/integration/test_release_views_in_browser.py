@@ -40,13 +40,17 @@ def build_state(specs: Path, settings) -> dict:
     """Releases of one model with everything after them, as the product makes them:
     v1 released and served by 40 devices; a drift check; v2 released as a canary, held, advanced
     and completed by the rollout; inputs shifted and checked again; v3 rejected by its quality
-    gate; a run that failed (its data file gone); a FinOps report."""
+    gate; labels of what was served, for one group of people changed, and a field quality check;
+    a run that failed (its data file gone); a FinOps report."""
     from pipelines.__main__ import main
-    from pipelines.edge.simulator import Fleet, parse_fault
+    from pipelines.edge.simulator import Fleet, OutcomeShift, parse_fault
+    from pipelines.operate.feedback import check_rows, store_labels
     from pipelines.operate.finops_report import finops_report
     from pipelines.operate.monitor import check_drift
+    from pipelines.operate.quality import check_field_quality
     from pipelines.operate.rollout import step_rollout
     from pipelines.release import latest_summary
+    from pipelines.storage import ObjectStore
 
     tabular_frame(rows=800).to_csv(specs / "data.csv", index=False)
     fleet_file = specs.parent / "fleet.yaml"
@@ -56,10 +60,12 @@ def build_state(specs: Path, settings) -> dict:
     spec = write_spec(specs, MODEL, "data.csv", description="Approves small loans on the phone, offline.",
                       finops={"costCenter": "cc-lending", "project": "loans", "monthlyBudgetUsd": 2},
                       deploymentStrategy=canary, telemetry={"sampleRate": 0.5, "maxSamples": 50},
-                      monitoring={"driftShare": 0.3, "window": "1d", "minRows": 50})
+                      responsibleAI={"fairness": {"biasScore": 0.2, "equalizedOdds": 0.25, "minGroupAccuracy": 0.6}},
+                      monitoring={"driftShare": 0.3, "window": "1d", "minRows": 50,
+                                  "field": {"window": "1d", "minLabels": 50, "attributes": "attributes.csv"}})
     done = {}
     # The analyses of one afternoon: each an hour after the previous.
-    hour = iter(datetime.now(timezone.utc) + timedelta(hours=h) for h in range(1, 10))
+    hour = iter(datetime.now(timezone.utc) + timedelta(hours=h) for h in range(1, 12))
     assert main(["release", str(spec)]) == 0
     fleet = Fleet(40, settings, seed=3, fleet_path=fleet_file)
     fleet.poll_round()
@@ -76,6 +82,13 @@ def build_state(specs: Path, settings) -> dict:
     fleet.serve_round(40, [parse_fault("shift=x1:+3;x2:+2")])
     done["steps"].append(step_rollout(spec, settings, now=next(hour)).decision)
     done["drift_2"] = check_drift(spec, settings, now=next(hour)).status
+    # The outcomes of everything served arrive; for group b the world has changed.
+    outcomes = fleet.outcomes(MODEL, OutcomeShift("group", "b", 0, 0.9))
+    store_labels(ObjectStore(settings.telemetry_url), MODEL,
+                 check_rows(outcomes[["inference_id", "label"]].to_dict("records"), "binary"), next(hour))
+    outcomes[["inference_id", "group"]].to_csv(specs / "attributes.csv", index=False)
+    field = check_field_quality(spec, settings, now=next(hour))
+    done["field"] = field.status
     fair = {"fairness": {"biasScore": 0.2, "equalizedOdds": 0.25}}
     _edit(spec, responsibleAI={"fairness": {"biasScore": 0.01, "equalizedOdds": 0.25}},
           training={"framework": "sklearn", "estimator": "logistic_regression", "seed": 1, "params": {"C": 0.5}})
@@ -144,7 +157,7 @@ def test_a_data_scientist_reads_charts_verdicts_history_and_comparisons(airflow_
         monkeypatch.setenv(key, value)
     done = build_state(specs, Settings())
     assert done["steps"] == ["hold", "advance", "complete"] and done["rejected"] == "rejected", done
-    assert (done["drift_1"], done["drift_2"]) == ("ok", "drift"), done
+    assert (done["drift_1"], done["drift_2"], done["field"]) == ("ok", "drift", "breach"), done
     built = time.monotonic() - started
 
     from conftest import SESSION_DIR, user_token
@@ -183,6 +196,12 @@ def test_a_data_scientist_reads_charts_verdicts_history_and_comparisons(airflow_
                 assert any(alt.startswith(title) for alt in drawn), (title, drawn)
             expect(page.locator("body")).to_contain_text("3 of 4 columns drifted")
             pages.shot("edge-releases-model-charts.png", full_page=True)
+            # Quality and fairness in the field: v2 breaks its checks for group b.
+            field = page.locator("table.field-quality")
+            expect(field.locator("tr", has_text="v2")).to_contain_text("breach")
+            expect(field).to_contain_text("by group")
+            expect(page.locator("body")).to_contain_text("Evidently report")
+            pages.shot("edge-releases-field-quality.png", locator=field)
             # Its history: every run with its outcome, the rollout steps.
             events = page.locator("table.history-events tbody tr")
             expect(events.first).to_contain_text("failed")
