@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -148,8 +149,26 @@ def write_json_atomic(path: Path, data: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def smoke_inference(model_path: Path) -> float:
-    """Run the model once on zeros (empty strings for string inputs), batch 1; milliseconds."""
+MEASURE_RUNS = 20  # smoke-test inferences whose cost the device reports
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc), or None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def smoke_test(model_path: Path, runs: int = MEASURE_RUNS) -> dict:
+    """Load the model and run it `runs` times on zeros (empty strings for string inputs), batch
+    1, one thread: refused (InstallError) if it cannot load, run or answer in contract.
+
+    Returns what it cost on this device, measured on these synthetic inputs only (no user data,
+    so nothing to keep private): `latency_ms` (the first run), `load_ms` (creating the session),
+    `cpu_ms` and `wall_ms` (median per run: CPU time of the running thread, and elapsed time),
+    `rss_bytes` (resident memory the session and its runs added; None where not measurable)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -158,10 +177,13 @@ def smoke_inference(model_path: Path) -> float:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    rss_before = _rss_bytes()
+    began = time.perf_counter()
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         raise InstallError(f"smoke test: onnxruntime cannot load the model: {one_line(error, 160)}") from None
+    load_ms = (time.perf_counter() - began) * 1000
     from pipelines.onnx.export import answer_contract
 
     try:  # what the device counts its answers by (a regression's bin edges) must be in contract
@@ -177,12 +199,36 @@ def smoke_inference(model_path: Path) -> float:
             feeds[item.name] = np.zeros(shape, dtype=_ONNX_DTYPES[item.type])
         else:
             raise InstallError(f"smoke test: input {item.name!r} has type {item.type}, which the agent cannot feed")
-    start = time.perf_counter()
-    try:
-        session.run(None, feeds)
-    except Exception as error:
-        raise InstallError(f"smoke test: inference failed: {one_line(error, 160)}") from None
-    return (time.perf_counter() - start) * 1000
+    walls, cpus = [], []
+    for _ in range(max(1, runs)):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            session.run(None, feeds)
+        except Exception as error:
+            raise InstallError(f"smoke test: inference failed: {one_line(error, 160)}") from None
+        cpus.append((time.thread_time() - cpu) * 1000)
+        walls.append((time.perf_counter() - wall) * 1000)
+    rss_after = _rss_bytes()
+    grown = max(0, rss_after - rss_before) if rss_before is not None and rss_after is not None else None
+    return {"latency_ms": walls[0], "load_ms": round(load_ms, 3), "cpu_ms": round(float(np.median(cpus)), 4),
+            "wall_ms": round(float(np.median(walls)), 4), "rss_bytes": grown, "runs": len(walls)}
+
+
+def clean_measurements(value: object) -> dict | None:
+    """Measurements as the agent records them, or None: the state file is the device's own disk,
+    which may be hostile, so only known keys with finite, non-negative numbers leave the device."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for key in MEASUREMENT_KEYS:
+        number = value.get(key)
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number) \
+                and 0 <= number < 1e15:
+            out[key] = number
+    return out or None
+
+
+MEASUREMENT_KEYS = ("load_ms", "cpu_ms", "wall_ms", "rss_bytes", "runs", "model_bytes", "downloaded_bytes")
 
 
 class AgentBusy(RuntimeError):
@@ -472,7 +518,7 @@ class EdgeAgent:
             wait = backoff["next_attempt"] - self.clock()
             return AgentResult(model, version, "failed", f"{backoff['error']} (retry in {wait:.0f} s)", group=group)
         try:
-            latency = self._install(model, release)
+            measured = self._install(model, release)
         except Exception as error:  # every failure is reported the same way; nothing was switched
             message = one_line(error, 300) if isinstance(error, (InstallError, DownloadError)) else \
                 one_line(f"{type(error).__name__}: {error}", 300)
@@ -488,15 +534,19 @@ class EdgeAgent:
         self.state["models"][model] = {
             "version": version, "sha256": digest, "folder": f"{version}-{digest[:12]}", "previous": previous,
             "group": group, "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "measurements": {k: v for k, v in measured.items() if k in MEASUREMENT_KEYS and v is not None},
         }
         self.state["sequences"][model] = entry.sequence
         self.state["backoff"].pop(model, None)
         self._save_state()
         self._prune(model)
-        return AgentResult(model, version, "active", latency_ms=round(latency, 3), group=group, note=note)
+        return AgentResult(model, version, "active", latency_ms=round(measured["latency_ms"], 3), group=group,
+                           note=note)
 
     # -- installation --------------------------------------------------------------------
-    def _install(self, model: str, release: Release) -> float:
+    def _install(self, model: str, release: Release) -> dict:
+        """Install `release` of `model` and switch to it; what the smoke test measured, with the
+        file's size and the bytes this install downloaded."""
         version, digest = release.version, release.artifact.sha256
         model_dir = self._model_dir(model)
         folder = f"{version}-{digest[:12]}"
@@ -525,7 +575,8 @@ class EdgeAgent:
                 self.source.download(release.artifact, artifact, release.artifact.length)
                 self.downloads += 1
                 self.source.download(release.signature, bundle, release.signature.length or MAX_BUNDLE_BYTES)
-                self.downloaded_bytes += artifact.stat().st_size + bundle.stat().st_size
+                downloaded = artifact.stat().st_size + bundle.stat().st_size
+                self.downloaded_bytes += downloaded
                 self._verify(artifact, bundle, release)
                 created = not final.exists()
                 final.mkdir(parents=True, exist_ok=True)
@@ -534,11 +585,12 @@ class EdgeAgent:
                     os.replace(path, final / path.name)
                 _fsync_dir(final)
                 _fsync_dir(model_dir)
-            latency = smoke_inference(final / MODEL_FILE)
+            measured = smoke_test(final / MODEL_FILE)
             if self.before_switch is not None:
                 self.before_switch(model, version)
             self._switch(model_dir, folder)
-            return latency
+            return {**measured, "model_bytes": (final / MODEL_FILE).stat().st_size,
+                    "downloaded_bytes": 0 if reused else downloaded}
         except BaseException:
             if created and folder not in kept:
                 shutil.rmtree(final, ignore_errors=True)
@@ -602,6 +654,11 @@ class EdgeAgent:
             record = {"kind": "status", "device_id": self.device_id, "model": result.model,
                       "version": result.version, "state": result.state, "error": result.error,
                       "latency_ms": result.latency_ms, "group": result.group, "ts": ts}
+            installed = self.state["models"].get(result.model) or {}
+            measured = clean_measurements(installed.get("measurements")) \
+                if str(installed.get("version")) == str(result.version) else None
+            if measured:
+                record["measurements"] = measured
             if DEVICE_CLASS_LABEL in self.labels:
                 record["device_class"] = self.labels[DEVICE_CLASS_LABEL]
             self._send(record)

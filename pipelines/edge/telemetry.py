@@ -7,7 +7,9 @@ store (one line per record) and `.../<device>-<epoch ms>.json` on S3 (one object
 S3 has no append). Two kinds of record:
 
 - `status`: one per poll per model: the reconcile state, the installed version, an error,
-  the smoke-test latency.
+  the smoke-test latency, and what the installed version costs the device (`measurements`,
+  taken by the smoke test on synthetic inputs: load time, CPU and wall time per inference,
+  resident memory the session added, model bytes, bytes downloaded; see `measured_cost`).
 - `inference`: one per serving window per model: request and error counts, a latency
   histogram, a histogram of predicted classes, and a sample of inputs with their outputs.
 
@@ -270,6 +272,30 @@ def cohort_stats(records: list[dict]) -> CohortStats:
             predictions[label] = predictions.get(label, 0.0) + count
     return CohortStats(devices=len(devices), records=len(inference), requests=requests, errors=errors,
                        latency_hist=latency, predictions=predictions)
+
+
+def measured_cost(records: list[dict]) -> list[dict]:
+    """What devices measured of the models they run (the `measurements` of status records, each
+    device's latest per version): per model version and device class, the devices and the
+    median of each measure (load time, CPU and wall time per inference, resident memory the
+    session added, model bytes, bytes downloaded per install)."""
+    import statistics
+
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        if record.get("kind", "status") == "status" and isinstance(record.get("measurements"), dict):
+            latest[(record.get("model"), str(record.get("version")), record["device_id"])] = record
+    groups: dict[tuple, list[dict]] = {}
+    for (model, version, _), record in sorted(latest.items()):
+        groups.setdefault((model, version, record.get("device_class")), []).append(record["measurements"])
+    out = []
+    for (model, version, device_class), measured in groups.items():
+        row = {"model": model, "version": version, "device_class": device_class, "devices": len(measured)}
+        for key in ("load_ms", "cpu_ms", "wall_ms", "rss_bytes", "model_bytes", "downloaded_bytes"):
+            values = [m[key] for m in measured if isinstance(m.get(key), (int, float))]
+            row[key] = round(statistics.median(values), 4) if values else None
+        out.append(row)
+    return out
 
 
 def total_variation(p: dict[str, float], q: dict[str, float]) -> float:

@@ -291,6 +291,35 @@ def test_agent_installs_a_verified_model_and_reports_it(world, source):
         assert ios.poll_once() == [] and ios.downloads == 0
 
 
+def test_the_device_reports_what_the_installed_model_costs_it(world):
+    """The smoke test's measurements (synthetic inputs: nothing private) go with every status
+    record of the installed version; values planted in the device's state file do not leave it."""
+    from pipelines.edge.telemetry import measured_cost
+
+    agent = world.agent()
+    agent.poll_once()
+    [record] = world.status_records("dev-a")
+    measured = record["measurements"]
+    active = agent.active_model_path(MODEL)
+    assert measured["model_bytes"] == active.stat().st_size and measured["runs"] == 20
+    assert measured["downloaded_bytes"] == active.stat().st_size + (active.parent / "model.onnx.sig").stat().st_size
+    assert measured["load_ms"] > 0 and 0 < measured["cpu_ms"] <= measured["wall_ms"] * 1.5
+    assert measured["rss_bytes"] >= 0
+    [row] = measured_cost(world.status_records("dev-a"))
+    assert (row["model"], row["version"], row["device_class"], row["devices"]) == (MODEL, "1", "android-phone", 1)
+    assert row["model_bytes"] == measured["model_bytes"]
+
+    # The device's disk is hostile: a planted value is dropped, never sent.
+    state_file = agent.state_dir / "state.json"
+    state = json.loads(state_file.read_text())
+    state["models"][MODEL]["measurements"] = {"cpu_ms": "DROP TABLE", "load_ms": float("inf"), "wall_ms": -1,
+                                              "secret": "x" * 10_000, "model_bytes": 1234}
+    state_file.write_text(json.dumps(state))
+    world.agent().poll_once()
+    last = world.status_records("dev-a")[-1]
+    assert last["state"] == "unchanged" and last["measurements"] == {"model_bytes": 1234}
+
+
 # -- (b) tampering ----------------------------------------------------------------------------
 # A store file changed after the pipeline signed and attested it. Through Git the device reads
 # the store itself and refuses the file; through TUF the publisher refuses to publish it, so
