@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     finops.add_argument("--as-of", default=None, help="ISO date the forecast starts (default: today, UTC)")
     finops.add_argument("--json", action="store_true")
     finops.add_argument("--act", action="store_true", help="on a breach, run the spec's finops.onBreach (commits)")
+    actual = commands.add_parser("finops-actual", help="a released model's actual cost from device telemetry, "
+                                                       "next to its estimate")
+    actual.add_argument("model")
+    actual.add_argument("--hours", type=float, default=24.0, help="the window, ending now (default: 24)")
+    actual.add_argument("--json", action="store_true")
     restore = commands.add_parser("finops-restore", help="commit the spec's telemetry sample rate back into the "
                                                          "deployed manifest (undoes lower_sampling)")
     restore.add_argument("model")
@@ -526,6 +531,21 @@ def main(argv: list[str] | None = None) -> int:
             return _tuf_command(args)
         elif args.command == "retention":
             return _retention(args)
+        elif args.command == "finops-actual":
+            from datetime import datetime, timedelta, timezone
+
+            from pipelines.operate.actual_cost import actual_cost
+
+            if not 0 < args.hours <= 24 * 90:
+                print("error: --hours must lie in (0, 2160]", file=sys.stderr)
+                return 2
+            until = datetime.now(timezone.utc)
+            try:
+                result = actual_cost(args.model, until - timedelta(hours=args.hours), until)
+            except ValueError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            print(result.model_dump_json() if args.json else "\n".join(result.lines()))
         elif args.command == "finops-restore":
             import getpass
 

@@ -98,3 +98,57 @@ def test_a_forecast_breach_becomes_a_commit_that_lowers_telemetry_sampling(tmp_p
     assert device._reporting["thrifty"]["sampleRate"] == 0.2
     assert main(["finops-restore", "thrifty"]) == 0
     assert "already the spec's" in capsys.readouterr().out
+
+
+def test_actual_cost_from_what_devices_measured_next_to_the_estimate(tmp_path, state, monkeypatch, capsys):
+    """A released model served by 6 phones: the energy of an inference is the CPU time the
+    devices measured at the phone class's power from the catalog; telemetry bytes are the records
+    as sent; every figure sits beside the release's estimate with the estimate's error."""
+    from datetime import datetime, timedelta, timezone
+
+    from conftest import phones_fleet
+
+    from pipelines.edge.simulator import Fleet
+    from pipelines.finops.catalog import load_catalog
+    from pipelines.operate.actual_cost import actual_cost
+    from pipelines.settings import Settings
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    tabular_frame().to_csv(specs / "data.csv", index=False)
+    write_spec(specs, "metered", "data.csv", telemetry={"sampleRate": 0.1, "maxSamples": 5})
+    monkeypatch.setenv("EDGE_SPECS_DIR", str(specs))
+    (tmp_path / "fleet.yaml").write_text(phones_fleet(10))
+    monkeypatch.setenv("EDGE_FLEET_FILE", str(tmp_path / "fleet.yaml"))
+    settings = Settings(specs_dir=specs)
+    began = datetime.now(timezone.utc) - timedelta(minutes=1)
+    assert release.run_release(specs / "metered.yaml", settings=settings).status == "released"
+    fleet = Fleet(6, settings, seed=2, fleet_path=tmp_path / "fleet.yaml")
+    fleet.poll_round()
+    fleet.serve_round(50)
+    fleet.poll_round()
+    result = actual_cost("metered", began, datetime.now(timezone.utc) + timedelta(seconds=1), settings)
+
+    [phones] = result.classes
+    assert (phones.version, phones.group, phones.device_class, phones.devices) == ("1", "phones", "android-phone", 6)
+    assert phones.inferences == 300 and phones.cpu_ms_per_inference > 0
+    power = load_catalog().classes["android-phone"].power_active_w.value
+    assert phones.energy_j_per_inference == pytest.approx(phones.cpu_ms_per_inference / 1000 * power, rel=1e-6)
+    assert phones.estimated_energy_j_per_inference > 0 and phones.estimated_p95_ms > 0 and phones.p95_ms > 0
+    assert set(phones.errors) == {"energy_j_per_inference", "p95_ms", "usd_per_device_day"}
+    assert phones.errors["p95_ms"] == pytest.approx((phones.estimated_p95_ms - phones.p95_ms) / phones.p95_ms, abs=1e-3)
+    services = {r["ServiceName"]: r for r in result.rows}
+    assert set(services) == {"Edge inference energy", "Device telemetry", "OTA model delivery"}
+    assert all(r["ChargeCategory"] == "Usage" and r["x_Estimate"] is False and r["x_DeviceGroup"] == "phones"
+               for r in result.rows)
+    tags = json.loads(services["Device telemetry"]["Tags"])
+    assert tags["app.kubernetes.io/version"] == "1" and tags["finops.apexlogic.dev/cost-center"] == "cc-1"
+    assert services["Device telemetry"]["ConsumedQuantity"] > 0 and services["OTA model delivery"]["ConsumedQuantity"] > 0
+    assert result.total_usd == pytest.approx(sum(r["BilledCost"] for r in result.rows), abs=1e-8)
+
+    assert main(["finops-actual", "metered", "--hours", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Actual cost of metered from ") and "android-phone" in out
+    assert main(["finops-actual", "metered", "--hours", "0"]) == 2
+    assert main(["finops-actual", "never-released"]) == 2
+    assert "never-released: no released cost estimate yet" in capsys.readouterr().err
