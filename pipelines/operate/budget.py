@@ -1,5 +1,6 @@
 """Budget policies that act: what the daily FinOps job does when a model's 30-day spend
-forecast breaches its monthly budget, as the spec's `finops.onBreach` says, in order:
+forecast, or its spend measured on the devices the day before, breaches its monthly budget,
+as the spec's `finops.onBreach` says, in order:
 
 - `notify`: the caller's alert channels (Airflow sends `budget_breach`);
 - `lower_sampling`: a commit halving the devices' `telemetry.sampleRate` in the deployed base
@@ -108,8 +109,12 @@ def act_on_breach(spec_path, report, settings: Settings | None = None,
         return []
     settings = settings or get_settings()
     spec = load_spec(spec_path)
-    reason = (f"30-day spend forecast ${report.total_predicted_usd:,.2f} (upper ${report.total_upper_usd:,.2f}) "
-              f"breaches the ${report.monthly_budget_usd:,.2f} monthly budget (as of {report.as_of})")
+    if report.actual_breach:
+        reason = (f"spend measured on the devices, ${report.actual_usd_per_month:,.2f}/month, breaches the "
+                  f"${report.monthly_budget_usd:,.2f} monthly budget (as of {report.as_of})")
+    else:
+        reason = (f"30-day spend forecast ${report.total_predicted_usd:,.2f} (upper ${report.total_upper_usd:,.2f}) "
+                  f"breaches the ${report.monthly_budget_usd:,.2f} monthly budget (as of {report.as_of})")
     details = f"FinOps report: {report.evidence.get('report.txt', '')}".rstrip(": ")
     done: list[BudgetActionRecord] = []
     for action in spec.finops.on_breach:

@@ -146,6 +146,22 @@ def test_actual_cost_from_what_devices_measured_next_to_the_estimate(tmp_path, s
     assert services["Device telemetry"]["ConsumedQuantity"] > 0 and services["OTA model delivery"]["ConsumedQuantity"] > 0
     assert result.total_usd == pytest.approx(sum(r["BilledCost"] for r in result.rows), abs=1e-8)
 
+    # The daily report measures the day before its date, keeps it as evidence and on MLflow.
+    from pipelines import registry
+    from pipelines.operate.finops_report import finops_report
+
+    report = finops_report("metered", (datetime.now(timezone.utc) + timedelta(days=1)).date(), settings)
+    assert report.actual_usd_per_month > 0 and not report.actual_breach
+    assert "measured on the devices the day before" in report.reason
+    assert {"actual.json", "actual_focus.csv"} <= set(report.evidence)
+    focus = ObjectStore(settings.store_url).read_bytes(
+        ObjectStore(settings.store_url).key_of(report.evidence["actual_focus.csv"])).decode()
+    assert focus.startswith("BillingCurrency,ChargeCategory") and ",Usage," in focus
+    champion = registry.client(settings.tracking_uri).get_model_version_by_alias("metered", "champion")
+    logged = registry.client(settings.tracking_uri).get_run(champion.run_id).data.metrics
+    assert logged["cost.actual.usd_per_month"] == report.actual_usd_per_month
+    assert "cost.estimate_error.phones.android-phone.p95_ms" in logged
+
     assert main(["finops-actual", "metered", "--hours", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Actual cost of metered from ") and "android-phone" in out
