@@ -265,3 +265,26 @@ def s3_endpoint() -> str:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def model_page_html(model: str, specs) -> str:
+    """The model's page of Edge Releases as the app renders it (the route without the login)."""
+    import os
+    import sys
+
+    from starlette.requests import Request
+
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from edge_ui import app as ui
+
+    before = os.environ.get("EDGE_SPECS_DIR")
+    os.environ["EDGE_SPECS_DIR"] = str(specs)
+    try:
+        request = Request({"type": "http", "method": "GET", "path": f"/models/{model}", "root_path": "",
+                           "headers": [], "query_string": b""})
+        return ui.model(request, model).body.decode()
+    finally:
+        if before is None:
+            del os.environ["EDGE_SPECS_DIR"]
+        else:
+            os.environ["EDGE_SPECS_DIR"] = before

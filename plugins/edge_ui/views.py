@@ -119,6 +119,19 @@ class FieldQuality(Record):
     explanations: int = 0
 
 
+class MeasuredCost(Record):
+    """The newest day of cost measured on the devices (the daily FinOps report's `actual.json`)."""
+
+    as_of: str
+    since: str
+    until: str
+    total_usd: float
+    estimated_total_usd: float | None = None
+    classes: list[dict] = Field(default_factory=list)
+    summary_uri: str | None = None
+    focus_uri: str | None = None
+
+
 class ModelRow(Record):
     model: str
     owner: str | None = None
@@ -255,6 +268,7 @@ class ModelPage(Record):
     history: list[GitCommit] = Field(default_factory=list)
     drift: DriftStatus | None = None
     field_quality: FieldQuality | None = None
+    measured_cost: MeasuredCost | None = None
     problems: list[str] = Field(default_factory=list)
 
 
@@ -468,6 +482,19 @@ def _latest_quality(model: str, store: ObjectStore) -> FieldQuality | None:
         unmatched=int(data.get("unmatched") or 0), late=int(data.get("late") or 0), versions=versions,
         actions=list(data.get("actions") or []), report_uri=data.get("report_uri"),
         summary_uri=data.get("summary_uri") or store.uri(key), explanations=len(data.get("explanations") or []))
+
+
+def _latest_measured_cost(model: str, store: ObjectStore) -> MeasuredCost | None:
+    keys = sorted(k for k in store.list_keys(f"finops/{model}/") if k.endswith("/actual.json"))
+    if not keys:
+        return None
+    key = keys[-1]
+    data = json.loads(store.read_bytes(key))
+    focus = key.removesuffix("actual.json") + "actual_focus.csv"
+    return MeasuredCost(as_of=key.split("/")[-2], since=str(data["since"]), until=str(data["until"]),
+                        total_usd=float(data["total_usd"]), estimated_total_usd=_number(data.get("estimated_total_usd")),
+                        classes=list(data.get("classes") or []), summary_uri=store.uri(key),
+                        focus_uri=store.uri(focus) if store.exists(focus) else None)
 
 
 def _latest_drift(model: str, store: ObjectStore) -> DriftStatus | None:
@@ -890,8 +917,14 @@ def model_page(model: str, settings: Settings | None = None) -> ModelPage:
     except (StoreError, ValueError, OSError) as error:
         field_quality = None
         problems.append(f"field quality checks not readable: {error}")
+    try:
+        measured_cost = _latest_measured_cost(model, store)
+    except (StoreError, ValueError, KeyError, OSError) as error:
+        measured_cost = None
+        problems.append(f"measured cost not readable: {error}")
     return ModelPage(model=model, spec=spec_facts(spec) if spec else None, row=row, versions=versions,
-                     history=history, drift=row.drift, field_quality=field_quality, problems=problems)
+                     history=history, drift=row.drift, field_quality=field_quality, measured_cost=measured_cost,
+                     problems=problems)
 
 
 def version_page(model: str, version: str, settings: Settings | None = None) -> VersionPage:
@@ -982,7 +1015,7 @@ def store_prefix(settings: Settings | None = None) -> str:
 # (data snapshots, test-row answers, model files, signatures) is training data or the model
 # itself, for the people who may run the model's release.
 _VIEWER_SUFFIXES = (".json", ".html", ".png", ".md", ".txt", ".yaml")
-_VIEWER_CSV = ("fairness_by_group.csv", "focus.csv")
+_VIEWER_CSV = ("fairness_by_group.csv", "focus.csv", "actual_focus.csv")
 _MODEL_FOLDERS = ("runs", "models", "releases", "monitoring", "rollouts")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import phones_fleet, tabular_frame, write_spec
+from conftest import model_page_html, phones_fleet, tabular_frame, write_spec
 
 from pipelines.gates import field
 from pipelines.gates.fairness import group_report
@@ -193,7 +193,7 @@ def test_field_quality_ok_then_one_groups_outcomes_change_and_the_breach_rolls_b
     assert actions["retrain"].status == "skipped" and "Airflow" in actions["retrain"].detail
     assert repo.log(settings.remote, "main", settings.work_dir / "gitops")[0]["subject"].startswith("release(loans)")
     # Edge Releases shows the check on the model's page.
-    page = _model_page_html("loans", specs)
+    page = model_page_html("loans", specs)
     assert "Quality and fairness in the field" in page and "field check(s)" in page
     assert "quality.json" in page and "Evidently report" in page and "<strong>notify</strong> done" in page
     # The next hour: the same breach is not announced again.
@@ -201,26 +201,6 @@ def test_field_quality_ok_then_one_groups_outcomes_change_and_the_breach_rolls_b
                                 notify=lambda c: sent.append(c) or ["webhook"])
     assert again.status == "breach" and not again.new_breach and len(sent) == 1
     assert {a.action: a.status for a in again.actions}["notify"] == "skipped"
-
-
-def _model_page_html(model: str, specs) -> str:
-    """The model's page of Edge Releases as the app renders it (the route without the login)."""
-    import os
-    import sys
-
-    from conftest import ROOT
-    from starlette.requests import Request
-
-    sys.path.insert(0, str(ROOT / "plugins"))
-    from edge_ui import app as ui
-
-    os.environ["EDGE_SPECS_DIR"] = str(specs)
-    try:
-        request = Request({"type": "http", "method": "GET", "path": f"/models/{model}", "root_path": "",
-                           "headers": [], "query_string": b""})
-        return ui.model(request, model).body.decode()
-    finally:
-        del os.environ["EDGE_SPECS_DIR"]
 
 
 def test_a_canary_breaching_in_the_field_is_held_then_rolled_back_by_commits(state, tmp_path):

@@ -106,7 +106,7 @@ def test_actual_cost_from_what_devices_measured_next_to_the_estimate(tmp_path, s
     as sent; every figure sits beside the release's estimate with the estimate's error."""
     from datetime import datetime, timedelta, timezone
 
-    from conftest import phones_fleet
+    from conftest import model_page_html, phones_fleet
 
     from pipelines.edge.simulator import Fleet
     from pipelines.finops.catalog import load_catalog
@@ -161,6 +161,9 @@ def test_actual_cost_from_what_devices_measured_next_to_the_estimate(tmp_path, s
     logged = registry.client(settings.tracking_uri).get_run(champion.run_id).data.metrics
     assert logged["cost.actual.usd_per_month"] == report.actual_usd_per_month
     assert "cost.estimate_error.phones.android-phone.p95_ms" in logged
+
+    page = model_page_html("metered", specs)
+    assert "Cost measured on the devices" in page and "android-phone" in page and "FOCUS usage rows" in page
 
     assert main(["finops-actual", "metered", "--hours", "1"]) == 0
     out = capsys.readouterr().out
