@@ -84,15 +84,12 @@ class _Version:
 
 async def read_body(chunks: AsyncIterator[bytes], length: str | None) -> dict:
     """The body as a JSON object, refused past MAX_BODY_BYTES without reading further."""
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        raise ExplainRefused(f"the body is larger than {MAX_BODY_BYTES} bytes")
-    data = bytearray()
-    async for chunk in chunks:
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise ExplainRefused(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    from edge_ui.bodies import read_bounded
+
+    data = await read_bounded(chunks, length, MAX_BODY_BYTES,
+                              ExplainRefused(f"the body is larger than {MAX_BODY_BYTES} bytes"))
     try:
-        body = json.loads(bytes(data), parse_constant=_refuse_constant)
+        body = json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise ExplainRefused(f"the body is not JSON: {str(error).splitlines()[0][:120]}") from None
     if not isinstance(body, dict):

@@ -20,15 +20,12 @@ class FeedbackRefused(ValueError):
 
 async def read_body(chunks: AsyncIterator[bytes], length: str | None) -> dict:
     """The body as a JSON object, refused past MAX_BODY_BYTES without reading further."""
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        raise FeedbackRefused(f"the body is larger than {MAX_BODY_BYTES:,} bytes; send the labels in batches")
-    data = bytearray()
-    async for chunk in chunks:
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise FeedbackRefused(f"the body is larger than {MAX_BODY_BYTES:,} bytes; send the labels in batches")
+    from edge_ui.bodies import read_bounded
+
+    data = await read_bounded(chunks, length, MAX_BODY_BYTES, FeedbackRefused(
+        f"the body is larger than {MAX_BODY_BYTES:,} bytes; send the labels in batches"))
     try:
-        body = json.loads(bytes(data))
+        body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FeedbackRefused(f"the body is not JSON: {getattr(error, 'msg', error)}") from None
     if not isinstance(body, dict) or set(body) != {"labels"}:
