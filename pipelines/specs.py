@@ -317,6 +317,13 @@ class GatesSpec(_Strict):
         return {metric: MetricThreshold(minValue=0.5, maxRegression=0.01)}
 
 
+def _distinct(actions: list[str]) -> list[str]:
+    """An ordered list of policy actions, each at most once."""
+    if len(set(actions)) != len(actions):
+        raise ValueError(f"each action at most once (got {actions})")
+    return actions
+
+
 BudgetAction = Literal["notify", "lower_sampling", "pause_rollout"]
 
 
@@ -333,12 +340,7 @@ class FinOpsSpec(_Strict):
     min_sample_rate: UnitInterval = Field(
         0.01, description="lower_sampling never takes telemetry.sampleRate below this.")
 
-    @field_validator("on_breach")
-    @classmethod
-    def _once_each(cls, actions: list[str]) -> list[str]:
-        if len(set(actions)) != len(actions):
-            raise ValueError(f"each action at most once (got {actions})")
-        return actions
+    _once_each = field_validator("on_breach")(classmethod(lambda cls, actions: _distinct(actions)))
 
     @field_validator("cost_center", "project")
     @classmethod
@@ -452,12 +454,7 @@ class ResponsibleAISpec(_Strict):
                     "where it is), rollback (a commit restoring the previous version), retrain (the Asset event "
                     "edge-quality://<model>, which starts the model's release).")
 
-    @field_validator("on_breach")
-    @classmethod
-    def _once_each(cls, actions: list[str]) -> list[str]:
-        if len(set(actions)) != len(actions):
-            raise ValueError(f"each action at most once (got {actions})")
-        return actions
+    _once_each = field_validator("on_breach")(classmethod(lambda cls, actions: _distinct(actions)))
 
 
 _DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")

@@ -121,6 +121,10 @@ def test_the_schema_and_the_parser_take_the_explainability_shorthand_and_the_new
     with pytest.raises(SpecError, match="responsibleAI.onBreach: each action at most once"):
         parse_spec(doc, "adult-income.yaml")
     doc = _adult()
+    doc["finops"]["onBreach"] = ["lower_sampling", "lower_sampling"]
+    with pytest.raises(SpecError, match="finops.onBreach: each action at most once"):
+        parse_spec(doc, "adult-income.yaml")
+    doc = _adult()
     doc["finops"]["onBreach"] = ["switch_everything_off"]
     with pytest.raises(SpecError, match="finops.onBreach"):
         parse_spec(doc, "adult-income.yaml")
