@@ -582,7 +582,7 @@ def run_tuf(devices: int, settings: Settings, nginx: Nginx, args, device_base: P
     print(f"N = {devices:,} (TUF over HTTP, {args.processes} processes x {args.threads} threads)", flush=True)
     version = _current_version(settings) or _release(settings)
     trusted_root, warmup = _published(settings)
-    fleet = load_fleet(settings.fleet_path, load_catalog())
+    fleet = load_fleet(settings.fleet_path, load_catalog(settings.device_catalog))
     width = max(5, len(str(devices)))
     fleet_devices = [(f"dev-{index:0{width}d}", group.name)
                      for index, group in enumerate(assign_groups(fleet.groups, devices, seed=0), start=1)]

@@ -7,8 +7,11 @@ against the model's monthly budget. The report (table, plot, JSON) goes to the a
 store under `finops/<model>/<date>/`. A forecast breach logs a warning, raises the Asset
 event `edge-finops://<model>` with the figures, for a follow-up DAG, and runs the spec's
 `finops.onBreach` in order: `notify` (alerts), `lower_sampling` (a commit halving the devices'
-telemetry sample rate, down to `finops.minSampleRate`), `pause_rollout` (a commit holding a
-canary); the task log and `finops/<model>/<date>/actions.json` say what each did.
+telemetry sample rate, down to `finops.minSampleRate`), `cheaper_variant` (a commit switching
+device groups to the release's cheapest eligible variant), `pause_rollout` (a commit holding a
+canary); with `finops.review` the commits go to the review branch `finops/<model>/<date>`. The
+task log, `finops/<model>/<date>/actions.json` and the model's page of Edge Releases say what
+each did.
 """
 
 from __future__ import annotations

@@ -112,6 +112,76 @@ def _model_spec(model: str) -> Path | None:
         return None
 
 
+def _finops_calibrate(args) -> int:
+    from datetime import datetime, timedelta, timezone
+
+    from pipelines.operate.catalog_corrections import propose_corrections, save_proposal
+
+    if not 0 < args.hours <= 24 * 90:
+        print("error: --hours must lie in (0, 2160]", file=sys.stderr)
+        return 2
+    if args.min_devices < 1:
+        print("error: --min-devices must be >= 1", file=sys.stderr)
+        return 2
+    for model in args.models:
+        if _model_spec(model) is None:
+            return 2
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        print(f"error: --output {args.output}: not a file in an existing folder", file=sys.stderr)
+        return 2
+    until = datetime.now(timezone.utc)
+    proposal = save_proposal(propose_corrections(until - timedelta(hours=args.hours), until,
+                                                 models=args.models or None, min_devices=args.min_devices))
+    if args.output is not None:
+        args.output.write_text(proposal.catalog_yaml)
+    print(proposal.model_dump_json(exclude={"catalog_yaml"}) if args.json else "\n".join(
+        proposal.lines() + ([f"  proposed catalog written to {args.output}"] if args.output else [])))
+    return 0
+
+
+def _finops_rightsize(args) -> int:
+    """Print the recommendation and keep it as evidence; with --propose, push it for review."""
+    import math
+    from datetime import datetime, timedelta, timezone
+
+    from pipelines.gitops.git import GitError
+    from pipelines.operate.rightsizing import RightsizingError, propose, recommend, write_evidence
+    from pipelines.settings import get_settings
+
+    numbers = {}
+    for flag, text, kind, low, high in (("--hours", args.hours, float, 0, 24 * 90), ("--headroom", args.headroom,
+                                        float, 1, 10), ("--min-devices", args.min_devices, int, 1, 100_000)):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not low <= value <= high or (flag == "--hours" and not value):
+            print(f"error: {flag}: {text!r} is not a {'whole ' if kind is int else ''}number in "
+                  f"{'(' if flag == '--hours' else '['}{low}, {high}]", file=sys.stderr)
+            return 2
+        numbers[flag] = value
+    settings = get_settings()
+    if args.propose and not settings.specs_remote:
+        print("warning: --propose: EDGE_SPECS_REMOTE (the Git URL of the specs repository) is not set: the "
+              "recommendation is only printed and kept as evidence", file=sys.stderr)
+    until = datetime.now(timezone.utc)
+    since = until - timedelta(hours=numbers["--hours"])
+    try:
+        if args.propose and settings.specs_remote:
+            result = propose(args.model, since, until, settings, numbers["--headroom"], numbers["--min-devices"])
+        else:
+            result = write_evidence(recommend(args.model, since, until, settings, numbers["--headroom"],
+                                              numbers["--min-devices"]), settings)
+    except RightsizingError as error:
+        print(f"error: {one_line(error, 500)}", file=sys.stderr)
+        return 2
+    except GitError as error:
+        print(f"error: {args.model}: specs repository: {one_line(error, 500)}", file=sys.stderr)
+        return 1
+    print(result.model_dump_json() if args.json else "\n".join(result.lines()))
+    return 0
+
+
 def _edge_agent(args) -> int:
     """Poll once (exit 1 if a model failed, was refused or is stale) or forever every --interval s."""
     import time
@@ -337,8 +407,26 @@ def main(argv: list[str] | None = None) -> int:
     actual.add_argument("model")
     actual.add_argument("--hours", type=float, default=24.0, help="the window, ending now (default: 24)")
     actual.add_argument("--json", action="store_true")
-    restore = commands.add_parser("finops-restore", help="commit the spec's telemetry sample rate back into the "
-                                                         "deployed manifest (undoes lower_sampling)")
+    rightsize = commands.add_parser("finops-rightsize", help="recommended resources per device group from what "
+                                                             "the devices measured (--propose: a review branch)")
+    rightsize.add_argument("model")
+    rightsize.add_argument("--hours", default="168", help="the window, ending now (default: 168)")
+    rightsize.add_argument("--headroom", default="1.2", help="requests = p95 x this (default: 1.2)")
+    rightsize.add_argument("--min-devices", default="5", help="fewer devices measured: no figure (default: 5)")
+    rightsize.add_argument("--json", action="store_true")
+    rightsize.add_argument("--propose", action="store_true",
+                           help="push the spec change to rightsize/<model>/<date> of $EDGE_SPECS_REMOTE for review")
+    calibrate = commands.add_parser("finops-calibrate", help="propose corrections of the device catalog from what "
+                                                             "devices measured (for review; nothing is applied)")
+    calibrate.add_argument("models", nargs="*", help="models to learn from (default: every released model)")
+    calibrate.add_argument("--hours", type=float, default=168.0, help="the window, ending now (default: 168)")
+    calibrate.add_argument("--min-devices", type=int, default=20,
+                           help="fewer devices behind a figure: it is not corrected (default: 20)")
+    calibrate.add_argument("--output", type=Path, default=None, help="also write the proposed catalog to this file")
+    calibrate.add_argument("--json", action="store_true")
+    restore = commands.add_parser("finops-restore", help="commit the spec's telemetry sample rate and the release's "
+                                                         "variant per device group back (undoes lower_sampling and "
+                                                         "cheaper_variant)")
     restore.add_argument("model")
     restore.add_argument("--by", default=None, help="who (default: the current user)")
     schema = commands.add_parser("schema", help="write the JSON schema of model specs")
@@ -531,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tuf_command(args)
         elif args.command == "retention":
             return _retention(args)
+        elif args.command == "finops-calibrate":
+            return _finops_calibrate(args)
         elif args.command == "finops-actual":
             from datetime import datetime, timedelta, timezone
 
@@ -546,22 +636,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {error}", file=sys.stderr)
                 return 2
             print(result.model_dump_json() if args.json else "\n".join(result.lines()))
+        elif args.command == "finops-rightsize":
+            return _finops_rightsize(args)
         elif args.command == "finops-restore":
             import getpass
 
-            from pipelines.operate.budget import restore_sampling
+            from pipelines.operate.budget import restore_sampling, restore_variants
             from pipelines.operate.commits import ManifestChangeError
 
             spec_path = _model_spec(args.model)
             if spec_path is None:
                 return 2
+            by = args.by or getpass.getuser()
             try:
-                commit = restore_sampling(spec_path, args.by or getpass.getuser())
+                commit = restore_sampling(spec_path, by)
+                variants = restore_variants(args.model, by)
             except ManifestChangeError as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 2
             print(f"{args.model}: " + (f"telemetry sampling restored, commit {commit}" if commit
                                        else "telemetry sampling is already the spec's"))
+            print(f"{args.model}: " + (f"the release's variants restored, commit {variants}" if variants
+                                       else "every device group runs the release's variant"))
         elif args.command == "feedback":
             return _feedback(args)
         elif args.command == "quality":

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
                           "responsibleAI.auditRetentionDays. Default: no lock.")
     gitops_remote: str | None = Field(None, description="Any Git URL. Default: a bare repo in the state folder.")
     fleet_file: Path | None = Field(None, description="The fleet the cost projection prices.")
+    device_catalog: Path | None = Field(
+        None, description="The device catalog the cost projection uses (a reviewed file of `python -m pipelines "
+                          "finops-calibrate`). Default: the catalog shipped with the pipelines.")
     signing_key: Path | None = Field(None, description="Private key (PEM) that signs artifacts. Default: demo keys.")
     signing_public_key: Path | None = Field(None, description="Public key (PEM) that verifies them.")
     tuf_prefix: str = Field("tuf", description="Where the TUF repository of desired states lives in the artifact store.")
@@ -49,6 +52,14 @@ class Settings(BaseSettings):
     tuf_timestamp_key: Path | None = Field(None, description="Online timestamp key (PEM) of the publisher.")
     tuf_timestamp_expiry_hours: float = Field(24.0, gt=0, description="How long a signed timestamp is valid.")
     gitops_branch: str = "main"
+    specs_remote: str | None = Field(
+        None, description="The Git URL of the repository that holds the model specs: `finops-rightsize --propose` "
+                          "pushes its spec changes there on a review branch (never to specs_remote_branch). "
+                          "Default: none, recommendations are only printed and kept as evidence.")
+    specs_remote_branch: str = Field("main", description="The specs repository's main branch (only ever read).")
+    specs_remote_dir: str = Field(
+        "model_specs", description="The folder of the specs inside that repository (`<dir>/<model>.yaml` or "
+                                   "`<dir>/<model>/<model>.yaml`, as in EDGE_SPECS_DIR); '.' for its root.")
     mlflow_ui_url: str | None = Field(
         None, description="The MLflow UI as people reach it (https://mlflow.example.com): Edge Releases links runs "
                           "and model versions to it. Default: no links.")

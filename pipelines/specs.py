@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -324,7 +325,7 @@ def _distinct(actions: list[str]) -> list[str]:
     return actions
 
 
-BudgetAction = Literal["notify", "lower_sampling", "pause_rollout"]
+BudgetAction = Literal["notify", "lower_sampling", "cheaper_variant", "pause_rollout"]
 
 
 class FinOpsSpec(_Strict):
@@ -335,10 +336,15 @@ class FinOpsSpec(_Strict):
         default_factory=lambda: ["notify"],
         description="What the daily FinOps job does, in order, when the 30-day forecast breaches the monthly budget: "
                     "notify (alerts), lower_sampling (a commit halving the devices' telemetry.sampleRate, down to "
-                    "minSampleRate), pause_rollout (a commit holding a canary where it is). Each is a recorded, "
-                    "reversible GitOps commit.")
+                    "minSampleRate), cheaper_variant (a commit switching each device group to the cheapest variant "
+                    "of the deployed release that passed its gates and fits the group's memory, even past its "
+                    "latency SLO), pause_rollout (a commit holding a canary where it is). Each is a recorded, "
+                    "reversible GitOps commit; `python -m pipelines finops-restore` reverses sampling and variants.")
     min_sample_rate: UnitInterval = Field(
         0.01, description="lower_sampling never takes telemetry.sampleRate below this.")
+    review: bool = Field(
+        False, description="Commit the onBreach actions to a review branch finops/<model>/<date> for a person to "
+                           "merge, instead of the GitOps branch.")
 
     _once_each = field_validator("on_breach")(classmethod(lambda cls, actions: _distinct(actions)))
 
@@ -369,6 +375,11 @@ class DeviceGroup(_Strict):
     selector: LabelSelector
     latency_slo_ms: float | None = Field(None, gt=0.0, description="p95 latency objective.")
     requires_review: bool = False
+    resources: ResourcesSpec | None = Field(
+        None, description="This group's requests and limits, over the spec-wide `resources` field by field (what "
+                          "it leaves out is the spec-wide value); its overlay carries them and the memory gate "
+                          "checks the group against its own limits.memory. `finops-rightsize --propose` offers "
+                          "them from what the group's devices measured.")
 
     @field_validator("name")
     @classmethod
@@ -376,6 +387,25 @@ class DeviceGroup(_Strict):
         if not DNS_LABEL.match(name):
             raise ValueError(f"{name!r} must be a DNS label (lowercase, digits, '-')")
         return name
+
+    @model_serializer(mode="wrap")
+    def _without_unset_resources(self, handler):
+        # A group without its own resources dumps as before they existed: the spec's digest,
+        # its records and its manifests stay byte-identical.
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("resources", 0) is None:
+            dumped.pop("resources")
+        return dumped
+
+    def resources_over(self, spec_wide: ResourcesSpec) -> ResourcesSpec:
+        """The group's effective resources: its own values, the spec-wide ones where it sets none."""
+        if self.resources is None:
+            return spec_wide
+        own = self.resources
+        merged = {section: {name: getattr(getattr(own, section), name) or getattr(getattr(spec_wide, section), name)
+                            for name in ("cpu", "memory")} for section in ("requests", "limits")}
+        return ResourcesSpec.model_validate(
+            {section: {k: v for k, v in values.items() if v is not None} for section, values in merged.items()})
 
 
 class ResourceList(_Strict):
@@ -653,6 +683,14 @@ class ModelSpec(_Strict):
         names = [group.name for group in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"targets have duplicate names: {names}")
+        for group in self.targets:  # a group's own resources over the spec-wide ones must still be coherent
+            if group.resources is not None:
+                try:
+                    group.resources_over(self.resources)
+                except ValidationError as error:
+                    problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"targets[{group.name}].resources over the spec-wide resources: {problem}") \
+                        from None
         if not self.data.sensitive_features and "fairness" not in self.gates.waive:
             raise ValueError(
                 "data.sensitiveFeatures is empty: name the sensitive features, or waive the fairness "

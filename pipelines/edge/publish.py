@@ -209,7 +209,7 @@ def _publish(settings: Settings) -> DesiredStatePublished:
             if model in before and before[model] is not entries[model]:
                 targets.update(_artifact_targets(before[model], published, settings))
                 usable.extend(before[model])
-    fleet = load_fleet(settings.fleet_path, load_catalog())
+    fleet = load_fleet(settings.fleet_path, load_catalog(settings.device_catalog))
     offered: dict[str, list[str]] = {}
     for group in fleet.groups:
         check_name(group.name, f"{settings.fleet_path}: device group")

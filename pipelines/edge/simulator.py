@@ -166,7 +166,7 @@ class Fleet:
 
         if devices < 1:
             raise ValueError("a fleet needs at least one device")
-        fleet = load_fleet(Path(fleet_path or settings.fleet_path), load_catalog())
+        fleet = load_fleet(Path(fleet_path or settings.fleet_path), load_catalog(settings.device_catalog))
         # The publisher renders one document per group of this very fleet file.
         self.settings = settings if fleet_path is None else settings.model_copy(update={"fleet_file": Path(fleet_path)})
         self.source_mode = source

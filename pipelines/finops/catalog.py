@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from pipelines.specs import SpecError, format_validation_error
@@ -39,10 +39,45 @@ class DeviceClass(BaseModel):
     power_idle_w: Sourced
 
 
+class Reference(BaseModel):
+    """A published latency of a standard architecture on one device class, with its source.
+
+    The estimator's projections are compared with these (bench/estimator_accuracy.py). A
+    device class with no primary source for its throughput may be anchored on ONE of its
+    references (`anchor: true`); the others are then held out, and only they measure how
+    far projections are from published figures.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="architecture as bench/reference_models.py names it")
+    device_class: str
+    latency_ms: float = Field(gt=0)
+    threads: int = Field(ge=1)
+    runtime: str = Field(min_length=2)
+    source: str = Field(min_length=3, description="publication, table or file the figure is taken from")
+    anchor: bool = False
+    note: str = ""
+
+
 class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     classes: dict[str, DeviceClass]
+    references: list[Reference] = []
+
+    @model_validator(mode="after")
+    def _references_name_known_classes(self) -> Catalog:
+        anchors: dict[str, int] = {}
+        for index, ref in enumerate(self.references):
+            if ref.device_class not in self.classes:
+                raise ValueError(f"references[{index}]: unknown device class {ref.device_class!r}")
+            anchors[ref.device_class] = anchors.get(ref.device_class, 0) + ref.anchor
+        for name, count in anchors.items():
+            if count > 1:
+                raise ValueError(f"references: {name} is anchored on {count} figures; at most one "
+                                 "(the others are held out to measure the projection)")
+        return self
 
 
 class Prices(_Strict):
@@ -83,8 +118,9 @@ def _load(path: Path, kind):
         raise SpecError(format_validation_error(str(path), error)) from None
 
 
-def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
-    return _load(path, Catalog)
+def load_catalog(path: Path | None = None) -> Catalog:
+    """The device catalog at `path` (EDGE_DEVICE_CATALOG, a reviewed correction); default: the shipped one."""
+    return _load(path or CATALOG_PATH, Catalog)
 
 
 def load_fleet(path: Path, catalog: Catalog) -> Fleet:

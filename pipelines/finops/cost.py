@@ -1,16 +1,19 @@
 """What a model will cost on the fleet, per device group, before it ships.
 
-Inputs: the model's graph profile (FLOPs, weights, activations), its latency measured on the
-build host (fp32, each runtime in its own process) and the host's calibrated throughput, the
-device catalog, and the fleet file. Host int8 timings are never projected onto devices: the
-fp32 host latency is scaled by the compute ratio, then divided by the device class's own
-int8 speedup for int8 variants. Every figure records its inputs.
+Inputs: the model's graph profile (FLOPs per operator class, weights, activations), its
+latency measured on the build host (each variant in its own process) and the host's
+calibration (a rate per operator class, a cost per node and per run), the device catalog,
+and the fleet file. An fp32 latency is the measured host latency scaled by the device's
+throughput ratio; an int8 latency starts from the *measured* host int8 latency and swaps
+the host's calibrated int8 rates for the device's (its fp32 rate times its int8 speedup),
+class by class (`device_latency_ms`, docs/estimator.md). Every figure records its inputs.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -18,6 +21,9 @@ from pipelines.finops.catalog import Catalog, DeviceClass, Fleet, FleetGroup
 from pipelines.gates import Breach, Check, failed, number
 from pipelines.records import GateVerdict, Record, money, usd
 from pipelines.specs import ModelSpec, parse_quantity
+
+if TYPE_CHECKING:
+    from pipelines.finops.profile import HostCalibration
 
 DAYS_PER_MONTH = 30
 INT8_VARIANTS = ("dynamic", "static")
@@ -31,8 +37,25 @@ class VariantFigures(Record):
     artifact_bytes: int
 
 
+class HostVariant(Record):
+    """One variant as measured and profiled on the build host (for the per-class projection)."""
+
+    latency_p50_ms: float
+    latency_p95_ms: float
+    flops_by_class: dict[str, int] = {}
+    nodes: int = 0
+    nodes_by_class: dict[str, int] = {}
+    matmul_weight_bytes: int = 0
+
+
 class HostFigures(Record):
-    """What was measured on the build host, the basis of every projection."""
+    """What was measured on the build host, the basis of every projection.
+
+    `gflops` is the host's single-thread compute peak (the fastest dense class, what HPL
+    measures on a device), the figure a device's `gflops_fp32` is compared with. The per-class calibration (`gflops_by_class`, `gflops_by_weights_mib`,
+    `node_ms`) and the per-variant measurements (`measured`) are empty in figures recorded
+    before they existed; int8 variants are then projected from the fp32 latency as before.
+    """
 
     gflops: float
     overhead_ms: float
@@ -40,6 +63,19 @@ class HostFigures(Record):
     fp32_latency_p95_ms: float
     train_seconds: float
     variants: dict[str, VariantFigures]
+    gflops_by_class: dict[str, float] = {}
+    gflops_by_weights_mib: dict[str, float] = {}
+    node_ms: float = 0.0
+    node_ms_by_class: dict[str, float] = {}
+    measured: dict[str, HostVariant] = {}
+
+    def calibration(self) -> HostCalibration:
+        """The host calibration these figures carry (`pipelines.finops.profile.HostCalibration`)."""
+        from pipelines.finops.profile import HostCalibration
+
+        return HostCalibration(gflops=self.gflops, overhead_ms=self.overhead_ms, node_ms=self.node_ms,
+                               node_ms_by_class=self.node_ms_by_class, gflops_by_class=self.gflops_by_class,
+                               gflops_by_weights_mib=self.gflops_by_weights_mib, peak_gflops=self.gflops)
 
 
 class GroupCost(Record):
@@ -106,11 +142,68 @@ def releases_per_month(schedule: str | None) -> float:
     return float(runs)
 
 
+_INT8_CLASSES = {"int8_matmul": "matmul", "int8_conv": "conv"}
+
+
+def _int8_ms(host: HostFigures, measured: HostVariant, device: DeviceClass) -> tuple[float, float]:
+    """(host model ms, device model ms) of an int8 variant's profile, class by class.
+
+    On the host every class runs at its calibrated rate. On the device every class runs at
+    the host rate times k = device gflops_fp32 / host compute peak (the device is assumed to
+    keep the host's ratios between classes; the per-node and per-run costs scale by 1/k
+    too), except the integer classes: those run at the device's rate of their float
+    counterpart (batch-1 MatMul, dense convolution) times the device class's int8 speedup, in
+    place of the host's own int8 rate.
+    """
+    calibration = host.calibration()
+    k = device.gflops_fp32.value / host.gflops
+    host_ms = device_ms = 0.0
+    for op_class, flops in measured.flops_by_class.items():
+        if op_class == "fused" or not flops:
+            continue
+        if op_class in _INT8_CLASSES:
+            host_rate = calibration.class_gflops(op_class)
+            device_rate = k * calibration.class_gflops(_INT8_CLASSES[op_class]) * device.int8_speedup.value
+        else:
+            host_rate = calibration.class_gflops(op_class, measured.matmul_weight_bytes)
+            device_rate = k * host_rate
+        host_ms += flops / (host_rate * 1e9) * 1e3
+        device_ms += flops / (device_rate * 1e9) * 1e3
+    by_class = measured.nodes_by_class or {"elementwise": measured.nodes}
+    fixed = host.overhead_ms + sum(n * calibration.node_cost_ms(c) for c, n in by_class.items())
+    return host_ms + fixed, device_ms + fixed / k
+
+
 def device_latency_ms(host_ms: float, host: HostFigures, device: DeviceClass, variant: str) -> tuple[float, float]:
-    """(latency, lower bound) on a device class from an fp32 host latency."""
-    speedup = device.int8_speedup.value if variant in INT8_VARIANTS else 1.0
+    """(latency, lower bound) on a device class, from a host latency at one percentile.
+
+    `host_ms` is the host's fp32 latency at the percentile wanted (p50 or p95). fp32: scaled
+    by the throughput ratio, host compute peak / device gflops_fp32. With the per-class
+    model every class's rate scales by that same ratio (the device is assumed to keep the
+    host's ratios between classes), so the projection is that one ratio.
+
+    int8, when the host measured the variant and calibrated its int8 classes: the measured
+    host int8 latency at the same percentile, times device model / host model of the
+    variant's own profile (`_int8_ms`): the host's int8 speed, good or bad, is replaced by
+    the device's fp32 rate times its int8 speedup, class by class, and the rest of the
+    measurement is kept. Without those figures (older records), the fp32 latency scaled by
+    the throughput ratio and divided by the device's int8 speedup, as before.
+
+    The lower bound is every FLOP at the device's peak (times the int8 speedup for int8).
+    """
+    int8 = variant in INT8_VARIANTS
+    speedup = device.int8_speedup.value if int8 else 1.0
     device_gflops = device.gflops_fp32.value * speedup
-    scaled = host_ms * host.gflops / device.gflops_fp32.value / speedup
+    measured = host.measured.get(variant)
+    if int8 and measured is not None and measured.flops_by_class and any(
+            c in host.gflops_by_class for c in _INT8_CLASSES):
+        # The variant's latency at the percentile of the fp32 one given.
+        p95 = host_ms == host.fp32_latency_p95_ms and host_ms != host.fp32_latency_p50_ms
+        base = measured.latency_p95_ms if p95 else measured.latency_p50_ms
+        host_model, device_model = _int8_ms(host, measured, device)
+        scaled = base * device_model / host_model
+    else:
+        scaled = host_ms * host.gflops / device.gflops_fp32.value / speedup
     floor = host.variants[variant].flops / (device_gflops * 1e9) * 1e3
     return max(scaled, floor), floor
 
@@ -147,8 +240,13 @@ def _group_cost(target, fleet_groups: list[FleetGroup], catalog: Catalog, fleet:
             "device_class": group.device_class, "devices": group.devices,
             "latency_p50_ms": round(g_p50, 6), "latency_floor_ms": round(floor, 6),
             "energy_j_per_inference": g_energy, "inferences_per_month": g_inferences,
-            "formula": "latency = host_fp32_ms x host_gflops / device_gflops_fp32 / int8_speedup(int8 only), "
-                       "at least flops / device_gflops; energy = power_active_w x latency",
+            "formula": "fp32: latency = host_fp32_ms x host_peak_gflops / device_gflops_fp32; "
+                       "int8 (host int8 measured and calibrated): latency = host_int8_ms x device_model_ms / "
+                       "host_model_ms, per-class model of the variant's profile, device int8 rate = "
+                       "device fp32 class rate x int8_speedup, other classes, nodes and per-run cost "
+                       "scaled by device_gflops_fp32 / host_peak_gflops; otherwise host_fp32_ms x "
+                       "host_peak_gflops / device_gflops_fp32 / int8_speedup; "
+                       "at least flops / (device_gflops_fp32 x int8_speedup); energy = power_active_w x latency",
         }
     for name, price in prices:
         if price.assumption:
@@ -210,10 +308,18 @@ def estimate(spec: ModelSpec, catalog: Catalog, fleet: Fleet, host: HostFigures,
         options = {v: _group_cost(target, matched, catalog, fleet, host, v)
                    for v in dict.fromkeys([variant, *(eligible or [])])}
         caps = [catalog.classes[g.device_class].memory_bytes.value for g in matched if g.device_class in catalog.classes]
-        if spec.resources.limits.memory:
-            caps.append(parse_quantity(spec.resources.limits.memory))
-        chosen, why = _choose(target, options, variant, min(caps) if caps else None)
-        groups.append(chosen.model_copy(update={"inputs": {**chosen.inputs, "variant_choice": why}}))
+        limit = target.resources_over(spec.resources).limits.memory
+        if limit:
+            caps.append(parse_quantity(limit))
+        cap = min(caps) if caps else None
+        chosen, why = _choose(target, options, variant, cap)
+        # Every eligible variant's figures for this group: what a budget policy may switch to.
+        alternatives = {v: {"usd_per_month": round(c.total_usd, 6), "latency_p95_ms": round(c.latency_p95_ms, 4),
+                            "memory_bytes": c.memory_bytes, "fits_memory": cap is None or c.memory_bytes <= cap,
+                            "meets_slo": target.latency_slo_ms is None or c.latency_p95_ms <= target.latency_slo_ms}
+                        for v, c in options.items()}
+        groups.append(chosen.model_copy(update={"inputs": {**chosen.inputs, "variant_choice": why,
+                                                           "variants": alternatives}}))
     per_month = releases_per_month(spec.schedule)
     training = host.train_seconds / 3600 * fleet.prices.training_usd_per_hour.value * per_month
     return CostEstimate(
@@ -231,18 +337,21 @@ def _mib(value: float) -> str:
 
 
 def memory_checks(thresholds: dict, observed: dict) -> list[Check]:
-    """The edge memory rule: per device group, the model's memory at most resources.limits.memory
-    and at most the memory of each device class the group runs on."""
-    limit = thresholds.get("limits.memory")
-    allowed = parse_quantity(str(limit)) if limit else None
+    """The edge memory rule: per device group, the model's memory at most its limits.memory (the
+    group's own `<group>.limits.memory`, from targets[].resources, else the spec-wide
+    resources.limits.memory) and at most the memory of each device class the group runs on."""
     found = []
     for key, value in observed.items():
         group, needed = key.removesuffix(".memory_bytes"), number(value)
         if group == key or needed is None:
             continue
-        if allowed is not None:
-            found.append(Check("memory_bytes", needed, allowed, "max", "resources.limits.memory", group=group,
-                               limit_text=str(limit), passed=not needed > allowed))
+        own = thresholds.get(f"{group}.limits.memory")
+        limit = own or thresholds.get("limits.memory")
+        if limit:
+            allowed = parse_quantity(str(limit))
+            found.append(Check("memory_bytes", needed, allowed, "max",
+                               f"targets[{group}].resources.limits.memory" if own else "resources.limits.memory",
+                               group=group, limit_text=str(limit), passed=not needed > allowed))
         for name, device in thresholds.items():  # "<group>.<device class>.memory_bytes"
             head, _, device_class = name.removesuffix(".memory_bytes").partition(".")
             memory = number(device) if head == group and device_class and name.endswith(".memory_bytes") else None
@@ -260,16 +369,25 @@ def memory_breaches(thresholds: dict, observed: dict) -> list[Breach]:
 def memory_verdict(spec: ModelSpec, estimate_: CostEstimate, catalog: Catalog) -> GateVerdict:
     limit = spec.resources.limits.memory
     thresholds, observed = {"limits.memory": limit}, {}
+    targets = {t.name: t for t in spec.targets}
+    own = {}  # groups with a memory limit of their own (targets[].resources.limits.memory)
     for group in estimate_.groups:
+        target = targets.get(group.group)
+        group_limit = target.resources.limits.memory if target is not None and target.resources else None
+        if group_limit:
+            thresholds[f"{group.group}.limits.memory"] = own[group.group] = group_limit
         observed[f"{group.group}.memory_bytes"] = group.memory_bytes
         for name in group.device_classes:
             thresholds[f"{group.group}.{name}.memory_bytes"] = catalog.classes[name].memory_bytes.value
     problems = [f"{b.group}: {_mib(b.observed)} > "
-                + (f"{b.device_class} memory {_mib(b.limit)}" if b.device_class else f"limits.memory {b.limit_text}")
+                + (f"{b.device_class} memory {_mib(b.limit)}" if b.device_class
+                   else f"{'its own ' if b.group in own else ''}limits.memory {b.limit_text}")
                 for b in memory_breaches(thresholds, observed)]
     worst = max(g.memory_bytes for g in estimate_.groups)
     reason = "; ".join(problems) if problems else (
         f"{_mib(worst)} within limits.memory {limit}" if limit else f"{_mib(worst)}; the spec sets no memory limit")
+    if own and not problems:
+        reason += "; " + ", ".join(f"{name} within its own limits.memory {value}" for name, value in own.items())
     return GateVerdict(gate="edge_memory", passed=not problems, thresholds=thresholds, observed=observed,
                        reason=reason)
 

@@ -5,8 +5,10 @@ a peak-activation estimate at batch 1. Given a one-row feed it also runs the mod
 onnxruntime, to learn the shapes the graph does not state and the paths its tree ensembles take.
 `measure_host` times the model in a fresh single-threaded process (`pipelines.onnx.timing`, as
 `pipelines.onnx.quantize.measure_latency` does) and also reports the child's resident memory.
-`calibrate_host` turns FLOPs into milliseconds for this host, so that a fleet projection can
-scale counted FLOPs by a device's throughput.
+`calibrate_host` turns FLOPs into milliseconds for this host, per operator class (see
+`OP_CLASSES`): one rate per class, a cost per node and a cost per run, measured on small
+reference graphs, so that `HostCalibration.predict_ms` prices a profile class by class and a
+fleet projection can tell the classes apart (docs/estimator.md).
 
 Counting rules (all at batch 1, symbolic dims set to 1):
 
@@ -37,12 +39,23 @@ Counting rules (all at batch 1, symbolic dims set to 1):
   `notes` reports.
 * Anything else (If/Loop, RNNs, custom domains) or an op whose shapes are still open is
   listed in `unknown_ops`: the figures are then lower bounds.
+* Classes (`flops_by_class`, summing to `flops`): float MatMul/Gemm and the linear ai.onnx.ml
+  ops are `matmul`; a float Conv is `pointwise` (1x1 kernel), `depthwise` (group > 1) or
+  `conv`; the integer kernels (MatMulInteger, QLinearMatMul, DynamicQuantizeMatMul, ...) are
+  `int8_matmul` and `int8_conv`, and so is a float MatMul/Gemm/Conv of a QDQ graph whose
+  weight comes from a DequantizeLinear (onnxruntime runs it as an integer kernel);
+  everything else (elementwise, normalisation, pools, reductions, tree walks) is
+  `elementwise`, except activations, normalisations and bias adds that onnxruntime fuses into
+  the Conv/Gemm before them (the output's only consumer): those are `fused` and cost no time.
+  `nodes` counts the nodes a run dispatches (not folded, not fused, not Identity/Dropout),
+  `nodes_by_class` the same per class of the node's own work (data movement: `elementwise`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import operator
 import sys
@@ -139,6 +152,21 @@ _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
 
+# Operator classes of `GraphProfile.flops_by_class`: each runs at its own rate on a CPU (a
+# batch-1 MatMul streams its weights, a 3x3 convolution reuses them, a depthwise one and an
+# elementwise op are bound by memory, integer kernels are separate code), so one FLOP rate
+# cannot price them all. `fused` work is counted in FLOPs but takes no time of its own.
+OP_CLASSES = ("matmul", "conv", "pointwise", "depthwise", "elementwise", "int8_matmul", "int8_conv", "fused")
+_INT8_MATMUL = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+_INT8_CONV = {"ConvInteger", "QLinearConv"}
+# Ops onnxruntime fuses into the Conv/Gemm (FusedConv, FusedGemm, Conv+BN folding) that
+# produces their input, when they are its only consumer; after a plain MatMul only a bias Add
+# (MatMul + Add into Gemm).
+_FUSABLE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "BatchNormalization", "Add"}
+_FUSES_INTO = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+# Removed by onnxruntime's graph optimisations: no dispatch.
+_REMOVED = {"Identity", "Dropout"}
+
 
 class ProfileError(RuntimeError):
     """A model could not be read, or could not be measured."""
@@ -158,6 +186,14 @@ class GraphProfile(Record):
     tree_nodes_visited: int = 0
     # Figures that are estimates rather than counts, and why.
     notes: list[str] = []
+    # FLOPs per operator class (OP_CLASSES; sums to `flops`), the nodes a run dispatches, and
+    # the bytes of float MatMul/Gemm weights (whether they stay in the core's cache). Empty
+    # or 0 in profiles stored before the classes existed: `HostCalibration.predict_ms` then
+    # prices `flops` at the MatMul peak, as it used to.
+    flops_by_class: dict[str, int] = {}
+    nodes: int = 0
+    nodes_by_class: dict[str, int] = {}
+    matmul_weight_bytes: int = 0
 
 
 class HostMeasurement(Record):
@@ -171,14 +207,87 @@ class HostMeasurement(Record):
 
 
 class HostCalibration(Record):
-    """This host's single-thread throughput on a dense batch-1 workload, and its per-call cost."""
+    """This host's single-thread rates per operator class, its cost per node and per run.
+
+    `gflops` is the batch-1 MatMul rate (the highest of the footprints in
+    `gflops_by_weights_mib`), what a bare FLOP count is priced at. `gflops_by_class` holds the
+    rate of every class of `OP_CLASSES` but `fused`, each net of the per-run and per-node
+    costs; `node_ms` is the cost of dispatching one node (`node_ms_by_class` where a class
+    costs more); `peak_gflops` is the fastest dense class, the figure a fleet projection
+    compares with a device's. A calibration stored before the classes existed has them
+    empty and predicts from `gflops` alone.
+    """
 
     gflops: float
     overhead_ms: float
     gflops_by_weights_mib: dict[str, float] = {}
+    gflops_by_class: dict[str, float] = {}
+    node_ms: float = 0.0
+    # Fixed cost of one node of a class where it differs from `node_ms`: a convolution sets up
+    # its layout and buffers, an integer convolution more so.
+    node_ms_by_class: dict[str, float] = {}
+    # The highest rate of the dense classes (MatMul footprints, convolutions): the compute
+    # peak, the quantity HPL measures on a device; a fleet projection scales by it.
+    peak_gflops: float = 0.0
+    # Wall time of the calibration itself (the release runs it once per worker).
+    seconds: float = 0.0
 
-    def predict_ms(self, flops: int) -> float:
-        return predict_latency_ms(flops, self.gflops, self.overhead_ms)
+    def matmul_gflops(self, weight_bytes: int) -> float:
+        """The float MatMul rate for a model holding `weight_bytes` of MatMul weights.
+
+        A batch-1 MatMul reads each weight once per two FLOPs, so its rate is the rate at
+        which the weights arrive: from the core's cache while the model's weights fit, from
+        memory when they do not. Up to the footprint that measured the peak the rate is the
+        peak (a smaller working set is no slower per FLOP); beyond it the rate is
+        interpolated, in log of the footprint, between the measured footprints, and beyond
+        the largest it stays at that one's rate.
+        """
+        points = sorted((float(mib), rate) for mib, rate in self.gflops_by_weights_mib.items())
+        if not points:
+            return self.gflops_by_class.get("matmul") or self.gflops
+        if weight_bytes <= 0:
+            return max(rate for _, rate in points)
+        mib = weight_bytes / (1 << 20)
+        top = max(range(len(points)), key=lambda i: points[i][1])
+        tail = points[top:]
+        if mib <= tail[0][0]:
+            return tail[0][1]
+        for (m0, r0), (m1, r1) in zip(tail, tail[1:]):
+            if mib <= m1:
+                t = math.log(mib / m0) / math.log(m1 / m0)
+                return min(r0, max(r1, r0 + t * (r1 - r0)))
+        return tail[-1][1]
+
+    def class_gflops(self, op_class: str, matmul_weight_bytes: int = 0) -> float:
+        """The rate of one operator class (the MatMul peak where the class was not measured)."""
+        if op_class == "matmul":
+            return self.matmul_gflops(matmul_weight_bytes)
+        return self.gflops_by_class.get(op_class) or self.gflops
+
+    def node_cost_ms(self, op_class: str) -> float:
+        """Fixed cost of dispatching one node of a class."""
+        return self.node_ms_by_class.get(op_class, self.node_ms)
+
+    def breakdown_ms(self, profile: GraphProfile) -> dict[str, float]:
+        """Predicted milliseconds per class, plus `nodes` and `overhead`, for one profile."""
+        parts = {"overhead": self.overhead_ms}
+        if not profile.flops_by_class or not self.gflops_by_class:
+            parts["flops"] = profile.flops / (self.gflops * 1e9) * 1e3
+            return parts
+        by_class = profile.nodes_by_class or {"elementwise": profile.nodes}
+        parts["nodes"] = sum(n * self.node_cost_ms(c) for c, n in by_class.items())
+        for op_class, flops in profile.flops_by_class.items():
+            if op_class != "fused" and flops:
+                rate = self.class_gflops(op_class, profile.matmul_weight_bytes)
+                parts[op_class] = flops / (rate * 1e9) * 1e3
+        return parts
+
+    def predict_ms(self, work: int | GraphProfile) -> float:
+        """Latency of one inference: from a profile, class by class (plus nodes and the
+        per-run cost); from a bare FLOP count, at the MatMul peak plus the per-run cost."""
+        if isinstance(work, GraphProfile):
+            return sum(self.breakdown_ms(work).values())
+        return predict_latency_ms(work, self.gflops, self.overhead_ms)
 
 
 def predict_latency_ms(flops: int, host_gflops: float, overhead_ms: float = 0.0) -> float:
@@ -512,12 +621,24 @@ class _Counter:
     """
 
     def __init__(self, types: dict[str, tuple[int, Shape | None]], constant: set[str],
-                 values: dict[str, np.ndarray]) -> None:
+                 values: dict[str, np.ndarray], producers: dict[str, Any] | None = None,
+                 consumers: Counter[str] | None = None) -> None:
         self.types = types
         self.constant = constant
         self.values = values
+        self.producers = producers or {}
+        self.consumers = consumers or Counter()
         self.macs = 0
         self.flops = 0
+        self.by_class: Counter[str] = Counter()
+        self.nodes = 0
+        self.nodes_by_class: Counter[str] = Counter()
+        self.matmul_weight_bytes = 0
+        # Outputs of a Conv/Gemm/MatMul (or of an op fused into one) that a following op can
+        # be fused into: "any" (activation, normalisation, bias) or, after a plain MatMul,
+        # "bias" only (MatMul + Add becomes a Gemm, which then takes an activation).
+        self.fusable: dict[str, str] = {}
+        self.op_class = "elementwise"
         self.tree_nodes = 0
         self.unknown: set[str] = set()
         self.notes: list[str] = []
@@ -550,10 +671,49 @@ class _Counter:
         shape = self.shape(node.output[0])
         return 0 if shape is None else _numel(shape)
 
+    def dequantized(self, node: Any, slots: Iterable[int]) -> bool:
+        """Whether an input of a float op comes from a DequantizeLinear: a QDQ graph, which
+        onnxruntime runs as an integer kernel."""
+        for slot in slots:
+            producer = self.producers.get(_input(node, slot))
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                return True
+        return False
+
+    def fused(self, node: Any) -> bool:
+        """Whether onnxruntime fuses `node` into the Conv/Gemm/MatMul that produces its input."""
+        if node.op_type not in _FUSABLE or not node.input or self.consumers[node.input[0]] != 1:
+            return False
+        kind = self.fusable.get(node.input[0])
+        if kind is None or (kind == "bias" and node.op_type != "Add"):
+            return False
+        # An Add fuses as a bias (a constant operand), not as a residual sum of two activations.
+        return node.op_type != "Add" or all(x in self.constant for x in node.input[1:] if x)
+
+    def weight_bytes(self, node: Any, slots: Iterable[int]) -> int:
+        total = 0
+        for slot in slots:
+            name = _input(node, slot)
+            elem, shape = self.types.get(name, (0, None))
+            if name in self.constant and shape is not None:
+                total += _numel(shape) * _itemsize(elem)
+        return total
+
     def add(self, node: Any) -> None:
-        op = node.op_type
         if node.output and all(o in self.constant for o in node.output if o):
             return  # folded into a constant when the session is created
+        fused = self.fused(node)
+        self.op_class = "fused" if fused else "elementwise"
+        if fused or node.op_type in _FUSES_INTO:
+            kind = "bias" if node.op_type in ("MatMul", "FusedMatMul") else "any"
+            self.fusable.update((o, kind) for o in node.output if o)
+        self._add(node)
+        if not fused and node.op_type not in _REMOVED:
+            self.nodes += 1
+            self.nodes_by_class[self.op_class] += 1
+
+    def _add(self, node: Any) -> None:
+        op = node.op_type
         if node.domain not in _KNOWN_DOMAINS:
             self.unknown.add(op)
             return
@@ -563,6 +723,9 @@ class _Counter:
             if a is None or b is None:
                 self.unknown.add(op)
                 return
+            self.op_class = "int8_matmul" if op in _INT8_MATMUL or self.dequantized(node, (ia, ib)) else "matmul"
+            if self.op_class == "matmul":
+                self.matmul_weight_bytes += self.weight_bytes(node, (ia, ib))
             macs = _matmul_macs(a, b, bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0)))
             self._mac(macs, self.bias_elems(node, bias))
         elif op in _GEMM_LIKE:
@@ -571,6 +734,9 @@ class _Counter:
             if a is None or b is None or len(a) != 2 or len(b) != 2:
                 self.unknown.add(op)
                 return
+            self.op_class = "int8_matmul" if op in _INT8_MATMUL or self.dequantized(node, (ia, ib)) else "matmul"
+            if self.op_class == "matmul":
+                self.matmul_weight_bytes += self.weight_bytes(node, (ia, ib))
             macs = _matmul_macs(a, b, bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0)))
             self._mac(macs, self.bias_elems(node, bias))
         elif op in _CONV_LIKE:
@@ -582,6 +748,12 @@ class _Counter:
             if w is None or out is None:
                 self.unknown.add(op)
                 return
+            if op in _INT8_CONV or self.dequantized(node, (ix, iw)):
+                self.op_class = "int8_conv"
+            elif int(_attr(node, "group", 1)) > 1:
+                self.op_class = "depthwise"
+            else:
+                self.op_class = "pointwise" if all(k == 1 for k in w[2:]) else "conv"
             # Each output element reads C/group x kernel inputs: w is [M, C/group, k...].
             self._mac(_numel(out) * _numel(w[1:]), self.bias_elems(node, bias))
         elif op == "ConvTranspose":
@@ -589,9 +761,11 @@ class _Counter:
             if x is None or w is None:
                 self.unknown.add(op)
                 return
+            self.op_class = "conv"
             # Each input element scatters into M/group x kernel outputs: w is [C, M/group, k...].
             self._mac(_numel(x) * _numel(w[1:]), self.bias_elems(node, 2))
         elif op in ("LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"):
+            self.op_class = "matmul"
             x = self.shape(_input(node, 0))
             rows = x[0] if x else 1  # batch is pinned to 1
             per_row = sum(len(_attr(node, a, None) or ()) for a in ("support_vectors", "coefficients"))
@@ -608,19 +782,19 @@ class _Counter:
             if n is None:
                 self.unknown.add(op)
             else:
-                self.flops += n * _FLOPS_PER_ELEMENT.get(op, 1)
+                self._count(n * _FLOPS_PER_ELEMENT.get(op, 1))
         elif op in _PER_INPUT:
             shape = self.shape(_input(node, 0))
             if shape is None:
                 self.unknown.add(op)
             else:
-                self.flops += _numel(shape)
+                self._count(_numel(shape))
         elif op in _WINDOWED:
             n, kernel = self.out_elems(node), _attr(node, "kernel_shape", None)
             if n is None or not kernel:
                 self.unknown.add(op)
             else:
-                self.flops += n * _numel(kernel)
+                self._count(n * _numel(kernel))
         else:
             self.unknown.add(op)
 
@@ -643,11 +817,15 @@ class _Counter:
             self.notes.append(f"{node.op_type} (output {node.output[0]}): no feed, so each tree's path is "
                               "taken as its mean leaf depth (an estimate)")
         self.tree_nodes += round(branches + leaves)
-        self.flops += round(branches + weights) + rows * _tree_score_flops(node)
+        self._count(round(branches + weights) + rows * _tree_score_flops(node))
 
     def _mac(self, macs: int, bias_adds: int) -> None:
         self.macs += macs
-        self.flops += 2 * macs + bias_adds
+        self._count(2 * macs + bias_adds)
+
+    def _count(self, flops: int) -> None:
+        self.flops += flops
+        self.by_class[self.op_class] += flops
 
 
 def _parameters(nodes: Sequence[Any], sizes: dict[str, int], kinds: dict[str, int],
@@ -819,14 +997,16 @@ def profile_graph(path: Path, feed: dict[str, np.ndarray] | None = None) -> Grap
             if shape is None:
                 types[name] = (elem or _elem_type(value), tuple(value.shape))
 
-    counter = _Counter(types, constant, values)
+    producers = {out: n for n in nodes for out in n.output if out}
+    consumers: Counter[str] = Counter(x for n in nodes for x in n.input if x)
+    consumers.update(o.name for o in graph.output)
+    counter = _Counter(types, constant, values, producers, consumers)
     for node in nodes:
         if node.op_type in ("If", "Loop", "Scan"):
             counter.unknown.add(node.op_type)
             continue
         counter.add(node)
 
-    producers = {out: n for n in nodes for out in n.output if out}
     return GraphProfile(
         parameters=_parameters(nodes, sizes, kinds, producers),
         weight_bytes=weight_bytes,
@@ -837,6 +1017,10 @@ def profile_graph(path: Path, feed: dict[str, np.ndarray] | None = None) -> Grap
         unknown_ops=sorted(counter.unknown),
         tree_nodes_visited=counter.tree_nodes,
         notes=counter.notes,
+        flops_by_class={c: int(counter.by_class[c]) for c in OP_CLASSES if counter.by_class[c]},
+        nodes=counter.nodes,
+        nodes_by_class={c: int(counter.nodes_by_class[c]) for c in OP_CLASSES if counter.nodes_by_class[c]},
+        matmul_weight_bytes=counter.matmul_weight_bytes,
     )
 
 
@@ -887,17 +1071,26 @@ def _measure_here(model: Path, feed: Path, warmup: int, runs: int) -> dict[str, 
     return result
 
 
-def _calibrate_here(references: list[tuple[Path, Path]], tiny: Path, tiny_feed: Path,
-                    warmup: int, runs: int, rounds: int) -> dict[str, Any]:
-    # Alternating rounds, median per graph: a burst of load from elsewhere on a shared host
-    # then hits one round of each graph rather than all of one graph's runs.
-    tiny_ms, reference_ms = [], [[] for _ in references]
+def _calibrate_here(references: list[tuple[Path, Path]], warmup: int, runs: int, rounds: int,
+                    budget_s: float = 0.2) -> dict[str, Any]:
+    """Child side of `calibrate_host`: the lowest p50 over rounds of each reference graph.
+
+    Alternating rounds: a burst of load from elsewhere on a shared host then hits one round
+    of each graph rather than all of one graph's runs, and the lowest round is kept, since
+    load from other processes only ever adds time (on a 2-core host under another test
+    suite, one round of a 20 ms model measured 31 ms, another 21 ms). A short probe
+    sizes each graph's runs to about `budget_s` per round (at most `runs`, at least 10), so
+    that the slow references (integer convolutions) do not stretch the calibration.
+    """
+    sized = []
+    for reference, feed in references:
+        probe = time_inference(reference, feed, min(warmup, 5), 5)["p50_ms"]
+        sized.append(max(10, min(runs, int(budget_s * 1e3 / max(probe, 1e-3)))))
+    times: list[list[float]] = [[] for _ in references]
     for _ in range(rounds):
-        tiny_ms.append(time_inference(tiny, tiny_feed, warmup, runs)["p50_ms"])
-        for times, (reference, feed) in zip(reference_ms, references):
-            times.append(time_inference(reference, feed, warmup, runs)["p50_ms"])
-    return {"tiny_p50_ms": float(np.median(tiny_ms)),
-            "reference_p50_ms": [float(np.median(times)) for times in reference_ms]}
+        for measured, (reference, feed), n in zip(times, references, sized):
+            measured.append(time_inference(reference, feed, warmup, n)["p50_ms"])
+    return {"p50_ms": [float(min(t)) for t in times], "runs": sized}
 
 
 def measure_host(
@@ -917,32 +1110,94 @@ def measure_host(
     )
 
 
-def _reference_models(folder: Path, width: int = 1024, depth: int = 2) -> tuple[Path, Path]:
-    """A chain of `depth` dense width x width MatMuls, and a one-Add graph, both batch 1."""
+def _save_graph(path: Path, nodes: list[Any], x_shape: list[int], y: str, y_shape: list[int],
+                initializers: list[Any]) -> Path:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _scaled(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, name: str) -> Any:
+    """Weights scaled so activations stay near 1: no overflow, no denormals slowing the float units."""
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array((rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32), name)
+
+
+def _reference_graphs(folder: Path) -> list[tuple[str, Path, tuple[int, ...]]]:
+    """The calibration graphs: (what it measures, file, input shape), all batch 1.
+
+    * `overhead`: one Add on one float; `nodes`: 32 Adds on 16 floats (per-node cost).
+    * `matmul@<MiB>`: chains of two dense width x width MatMuls, 0.5, 2 and 8 MiB of weights.
+    * `elementwise`: Add, Mul, Relu and a residual Add on a 64 x 56 x 56 activation (784 KiB).
+    * `conv`: one 3x3 convolution, 64 -> 64 channels at 28 x 28; `pointwise`: 1x1
+      convolutions 64 -> 256 -> 64 at 28 x 28; `depthwise`: one 3x3 depthwise convolution of
+      256 channels at 28 x 28. Shapes from the middle of what edge CNNs use (ResNet and
+      MobileNet stages), fixed: never fitted to any model that is later predicted.
+    * `conv_nodes`: 8 small 3x3 convolutions (8 channels at 8 x 8): a convolution's own
+      fixed cost, which a small CNN pays per layer.
+    * `int8_matmul`, `int8_conv`, `int8_conv_nodes`: the 8 MiB MatMul chain, a 3x3 32 -> 32
+      convolution at 28 x 28 and the `conv_nodes` chain, quantized as the release quantizes
+      (`quantize_dynamic`, int8 weights).
+    """
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     rng = np.random.default_rng(0)
-    # Scaled so activations stay near 1: no overflow, no denormals slowing the float units.
-    weights = [numpy_helper.from_array((rng.standard_normal((width, width)) / math.sqrt(width)).astype(np.float32),
-                                       f"w{i}") for i in range(depth)]
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(depth)]
-    graph = helper.make_graph(
-        nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-        [helper.make_tensor_value_info(f"h{depth}", TensorProto.FLOAT, [1, width])], weights,
-    )
-    reference = folder / "reference.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(reference))
-
+    graphs: list[tuple[str, Path, tuple[int, ...]]] = []
     one = numpy_helper.from_array(np.ones((1, 1), np.float32), "one")
-    tiny_graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "one"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [one],
-    )
-    tiny = folder / "tiny.onnx"
-    onnx.save(helper.make_model(tiny_graph, opset_imports=[helper.make_opsetid("", 17)]), str(tiny))
-    return reference, tiny
+    graphs.append(("overhead", _save_graph(folder / "tiny.onnx", [helper.make_node("Add", ["x", "one"], ["y"])],
+                                           [1, 1], "y", [1, 1], [one]), (1, 1)))
+    chain = [helper.make_node("Add", ["x" if i == 0 else f"h{i}", f"c{i}"], [f"h{i + 1}"]) for i in range(32)]
+    consts = [numpy_helper.from_array(np.full((1, 16), 1e-3 * (i + 1), np.float32), f"c{i}") for i in range(32)]
+    graphs.append(("nodes", _save_graph(folder / "nodes.onnx", chain, [1, 16], "h32", [1, 16], consts), (1, 16)))
+    for width, depth in CALIBRATION_REFERENCES:
+        weights = [_scaled(rng, (width, width), width, f"w{i}") for i in range(depth)]
+        nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(depth)]
+        mib = width * width * depth * 4 / (1 << 20)
+        path = _save_graph(folder / f"matmul-{width}.onnx", nodes, [1, width], f"h{depth}", [1, width], weights)
+        graphs.append((f"matmul@{round(mib, 2)}", path, (1, width)))
+    scale = numpy_helper.from_array(np.full((64, 1, 1), 0.5, np.float32), "scale")
+    shift = numpy_helper.from_array(np.full((64, 1, 1), 0.1, np.float32), "shift")
+    graphs.append(("elementwise", _save_graph(
+        folder / "elementwise.onnx",
+        [helper.make_node("Add", ["x", "shift"], ["a"]), helper.make_node("Mul", ["a", "scale"], ["m"]),
+         helper.make_node("Relu", ["m"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])],
+        [1, 64, 56, 56], "y", [1, 64, 56, 56], [scale, shift]), (1, 64, 56, 56)))
+
+    def conv(name: str, layers: list[tuple[int, int, int, int]], hw: int) -> Path:
+        """Chain of (in, out, kernel, groups) convolutions with bias, stride 1, same padding."""
+        nodes, inits = [], []
+        for i, (cin, cout, k, groups) in enumerate(layers):
+            inits += [_scaled(rng, (cout, cin // groups, k, k), cin // groups * k * k, f"w{i}"),
+                      numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
+            nodes.append(helper.make_node("Conv", ["x" if i == 0 else f"h{i}", f"w{i}", f"b{i}"], [f"h{i + 1}"],
+                                          kernel_shape=[k, k], pads=[k // 2] * 4, group=groups))
+        return _save_graph(folder / f"{name}.onnx", nodes, [1, layers[0][0], hw, hw], f"h{len(layers)}",
+                           [1, layers[-1][1], hw, hw], inits)
+
+    graphs.append(("conv", conv("conv", [(64, 64, 3, 1)], 28), (1, 64, 28, 28)))
+    graphs.append(("pointwise", conv("pointwise", [(64, 256, 1, 1), (256, 64, 1, 1)], 28), (1, 64, 28, 28)))
+    graphs.append(("depthwise", conv("depthwise", [(256, 256, 3, 256)], 28), (1, 256, 28, 28)))
+    graphs.append(("conv_nodes", conv("conv_nodes", [(8, 8, 3, 1)] * 8, 8), (1, 8, 8, 8)))
+    small_conv = conv("conv32", [(32, 32, 3, 1)], 28)
+    for label, source, shape in (("int8_matmul", folder / "matmul-1024.onnx", (1, 1024)),
+                                 ("int8_conv", small_conv, (1, 32, 28, 28)),
+                                 ("int8_conv_nodes", folder / "conv_nodes.onnx", (1, 8, 8, 8))):
+        quantized = folder / f"{label}.onnx"
+        logger = logging.getLogger()
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # quantize_dynamic advises pre-processing on every call
+        try:
+            quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8)
+        finally:
+            logger.setLevel(level)
+        graphs.append((label, quantized, shape))
+    return graphs
 
 
 # Reference MatMul chains (width, depth) and their weights: 0.5, 2 and 8 MiB.
@@ -950,43 +1205,94 @@ CALIBRATION_REFERENCES = ((256, 2), (512, 2), (1024, 2))
 
 
 def calibrate_host(runs: int = 200, warmup: int = 20, rounds: int = 3, *, timeout: float = 600.0) -> HostCalibration:
-    """Measure this host's single-thread GFLOPS on batch-1 chains of two MatMuls, and the fixed
-    cost of one `session.run` on a one-Add graph, in one fresh process.
+    """Measure this host's single-thread rate per operator class, its cost per node and per
+    run, on small reference graphs (`_reference_graphs`) timed in one fresh process.
 
-    A batch-1 MatMul reads every weight once per two FLOPs, so its rate is the rate at which
+    The per-run cost is a one-Add graph's time; the per-node cost comes from a chain of 32
+    Adds on 16 floats. Each class's rate is its reference's FLOPs of that class over the
+    reference's time net of those costs and of its other classes' time (an integer graph
+    also quantizes its input, which is elementwise work).
+
+    Batch-1 MatMul reads every weight once per two FLOPs, so its rate is the rate at which
     the weights arrive: from the core's cache while they fit, from memory (3 to 5x slower)
-    when they do not. Three footprints (0.5, 2 and 8 MiB of weights) are timed and the highest
-    rate is the host's figure: the compute-bound peak, which is what device catalogs quote
-    (HPL) and what makes `predict_ms` a lower bound on any model's latency. One 8 MiB
-    reference alone measured 40 GFLOPS on one host and 12 on another whose 2 MiB per-core
-    cache it overflows. GFLOPS are taken net of the fixed cost; every footprint's figure is
-    kept in `gflops_by_weights_mib`.
+    when they do not. Three footprints (0.5, 2 and 8 MiB) are kept in `gflops_by_weights_mib`
+    and the highest is `gflops`. One 8 MiB reference alone measured 40 GFLOPS on one host and
+    12 on another whose 2 MiB per-core cache it overflows. `HostCalibration.matmul_gflops`
+    picks the rate of a model's own footprint.
+
+    A batch-1 MatMul is not the compute peak, though: a 3x3 or 1x1 convolution reuses its
+    weights at every pixel and ran 4x faster (225 against 57 GFLOPS on one host). The
+    fastest dense class is `peak_gflops`, the quantity HPL measures on a device, which a
+    fleet projection scales by; with the MatMul rate instead, the lower bound of a
+    projection (every FLOP at the device's rate) exceeded a published MobileNetV2 latency
+    twofold (docs/estimator.md).
     """
+    import time
+
     if runs < 1 or warmup < 0 or rounds < 1:
         raise ValueError("runs and rounds must be >= 1 and warmup >= 0")
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="finops-calibrate.") as tmp:
         folder = Path(tmp)
-        references, flops, mib = [], [], []
+        graphs = _reference_graphs(folder)
         rng = np.random.default_rng(1)
-        for width, depth in CALIBRATION_REFERENCES:
-            sub = folder / f"w{width}-d{depth}"
-            sub.mkdir()
-            reference, tiny = _reference_models(sub, width, depth)
-            save_feed(sub / "reference.npz", {"x": rng.standard_normal((1, width)).astype(np.float32)})
-            references += [str(reference), str(sub / "reference.npz")]
-            flops.append(profile_graph(reference).flops)
-            mib.append(width * width * depth * 4 / (1 << 20))
-        save_feed(folder / "tiny.npz", {"x": np.ones((1, 1), np.float32)})
+        args: list[str] = []
+        for label, path, shape in graphs:
+            feed = folder / f"{label}.npz"
+            save_feed(feed, {"x": rng.standard_normal(shape).astype(np.float32)})
+            args += [str(path), str(feed)]
+        profiles = {label: profile_graph(path) for label, path, _ in graphs}
         result_path = folder / "result.json"
-        run_module_checked(_MODULE, ["calibrate", str(tiny), str(folder / "tiny.npz"), str(result_path), *references,
-                                     "--warmup", str(warmup), "--runs", str(runs), "--rounds", str(rounds)],
+        run_module_checked(_MODULE, ["calibrate", str(result_path), *args, "--warmup", str(warmup),
+                                     "--runs", str(runs), "--rounds", str(rounds)],
                            folder, timeout, "calibration", ProfileError, result_path)
-        result = json.loads(result_path.read_text())
-    overhead = result["tiny_p50_ms"]
-    rates = {round(m, 2): f / (max(ms - overhead, 1e-6) * 1e-3) / 1e9
-             for m, f, ms in zip(mib, flops, result["reference_p50_ms"])}
-    return HostCalibration(gflops=max(rates.values()), overhead_ms=overhead,
-                           gflops_by_weights_mib={str(k): round(v, 2) for k, v in rates.items()})
+        measured = dict(zip((label for label, _, _ in graphs), json.loads(result_path.read_text())["p50_ms"]))
+    overhead = measured["overhead"]
+    extra_nodes = profiles["nodes"].nodes - profiles["overhead"].nodes
+    node_ms = max(measured["nodes"] - overhead, 0.0) / max(extra_nodes, 1)
+    rates: dict[str, float] = {}
+    node_costs: dict[str, float] = {}
+
+    def rest_ms(label: str, unknown: str, node_unknown: bool = False) -> float:
+        """A reference's time less everything but the work (or the node cost) of `unknown`."""
+        profile = profiles[label]
+        rest = measured[label] - overhead
+        for op_class, n in profile.nodes_by_class.items():
+            if not (node_unknown and op_class == unknown):
+                rest -= n * node_costs.get(op_class, node_ms)
+        for op_class, flops in profile.flops_by_class.items():
+            if op_class != "fused" and not (op_class == unknown and not node_unknown):
+                rest -= flops / (rates[op_class] * 1e9) * 1e3
+        return rest
+
+    def solve(label: str, op_class: str) -> float:
+        flops = profiles[label].flops_by_class.get(op_class, 0)
+        return flops / (max(rest_ms(label, op_class), 1e-6) * 1e-3) / 1e9
+
+    rates["elementwise"] = solve("elementwise", "elementwise")
+    # A convolution's rate (large reference) and its fixed cost (chain of small ones) each
+    # depend on the other: two passes settle them.
+    for rate_of, nodes_of, classes in (("conv", "conv_nodes", ("conv", "pointwise", "depthwise")),
+                                       ("int8_conv", "int8_conv_nodes", ("int8_conv",))):
+        for _ in range(2):
+            rates[rate_of] = solve(rate_of, rate_of)
+            if rate_of == "conv":
+                rates["pointwise"] = solve("pointwise", "pointwise")
+                rates["depthwise"] = solve("depthwise", "depthwise")
+            count = profiles[nodes_of].nodes_by_class.get(rate_of, 0)
+            cost = max(rest_ms(nodes_of, rate_of, node_unknown=True), 0.0) / max(count, 1)
+            node_costs.update(dict.fromkeys(classes, max(cost, node_ms)))
+    rates["int8_matmul"] = solve("int8_matmul", "int8_matmul")
+    by_mib = {label.partition("@")[2]: solve(label, "matmul") for label in measured if label.startswith("matmul@")}
+    matmul_peak = max(by_mib.values())
+    return HostCalibration(
+        gflops=matmul_peak, overhead_ms=overhead, node_ms=node_ms,
+        node_ms_by_class={c: round(v, 6) for c, v in node_costs.items()},
+        peak_gflops=round(max(matmul_peak, rates["conv"], rates["pointwise"]), 2),
+        gflops_by_weights_mib={mib: round(rate, 2) for mib, rate in by_mib.items()},
+        gflops_by_class={"matmul": round(matmul_peak, 2), **{c: round(r, 3) for c, r in rates.items()}},
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
 # -------------------------------------------------------------------------------------- child
@@ -1000,8 +1306,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure.add_argument("feed", type=Path)
     measure.add_argument("result", type=Path)
     calibrate = sub.add_parser("calibrate", help="time the reference graphs (internal: calibrate_host)")
-    calibrate.add_argument("tiny", type=Path)
-    calibrate.add_argument("tiny_feed", type=Path)
     calibrate.add_argument("result", type=Path)
     calibrate.add_argument("references", type=Path, nargs="+", help="reference graph and feed, pairwise")
     calibrate.add_argument("--rounds", type=int, default=3)
@@ -1013,7 +1317,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         result = _measure_here(args.model, args.feed, args.warmup, args.runs)
     else:
         pairs = list(zip(args.references[::2], args.references[1::2]))
-        result = _calibrate_here(pairs, args.tiny, args.tiny_feed, args.warmup, args.runs, args.rounds)
+        result = _calibrate_here(pairs, args.warmup, args.runs, args.rounds)
     args.result.write_text(json.dumps(result))
     return 0
 

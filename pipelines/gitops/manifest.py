@@ -9,7 +9,8 @@ One model owns `apps/<model>/`:
 
 The base carries everything shared by the device groups (the artifact, its checksum,
 resources, responsible-AI thresholds, evaluation evidence). Each overlay only adds what
-differs per group: which devices it selects and the group's latency objective. Output is
+differs per group: which devices it selects, the group's latency objective, and its own
+resources where the spec gives it some (`targets[].resources`). Output is
 deterministic: the same spec and inputs give byte-identical files.
 """
 
@@ -135,8 +136,10 @@ def _kustomization(**fields: Any) -> dict:
     return {"apiVersion": KUSTOMIZE_API_VERSION, "kind": "Kustomization", **fields}
 
 
-def _resources(spec: ModelSpec) -> dict:
-    dumped = spec.resources.model_dump(mode="json", by_alias=True)
+def _resources(spec: ModelSpec, group=None) -> dict:
+    """The spec-wide resources, or a device group's (its own values over the spec-wide ones)."""
+    resources = spec.resources if group is None else group.resources_over(spec.resources)
+    dumped = resources.model_dump(mode="json", by_alias=True)
     out = {}
     for section in ("requests", "limits"):
         values = _compact(dumped.get(section) or {})
@@ -257,16 +260,15 @@ def _overlay(spec: ModelSpec, group_index: int, inputs: ManifestInputs | None = 
         operations.append(
             {"op": "add", "path": "/spec/slo", "value": {"latencyP95Ms": _number(group.latency_slo_ms)}}
         )
+    if group.resources is not None:
+        # The group's own requests/limits (targets[].resources over the spec-wide ones): the
+        # overlay owns the whole block for the group; the base keeps the spec-wide one.
+        operations.append({"op": "replace", "path": "/spec/resources", "value": _resources(spec, group)})
     override = (inputs.group_variants if inputs else {}).get(group.name)
     if override:
         # This group ships another quantization variant than the base (its devices run it
         # cheaper within the SLO): the overlay owns the artifact reference for the group.
-        for key, value in (("variant", override["variant"]), ("sourceUri", override["sourceUri"]),
-                           ("checksum", f"sha256:{override['sha256']}"), ("sizeBytes", override["sizeBytes"])):
-            operations.append({"op": "replace", "path": f"/spec/modelRef/{key}", "value": value})
-        if override.get("signatureUri"):
-            operations.append({"op": "replace", "path": "/spec/modelRef/signatureRef",
-                               "value": {"uri": override["signatureUri"]}})
+        operations += model_ref_operations(override)
     return _kustomization(
         resources=["../../base"],
         nameSuffix=f"-{group.name}",
@@ -282,6 +284,37 @@ def _overlay(spec: ModelSpec, group_index: int, inputs: ManifestInputs | None = 
             }
         ],
     )
+
+
+def model_ref_operations(override: dict) -> list[dict[str, Any]]:
+    """The overlay's JSON patch operations that make a device group run another variant:
+    `override` is {variant, sourceUri, sha256, sizeBytes[, signatureUri]}."""
+    operations: list[dict[str, Any]] = [
+        {"op": "replace", "path": f"/spec/modelRef/{key}", "value": value}
+        for key, value in (("variant", override["variant"]), ("sourceUri", override["sourceUri"]),
+                           ("checksum", f"sha256:{override['sha256']}"), ("sizeBytes", override["sizeBytes"]))]
+    if override.get("signatureUri"):
+        operations.append({"op": "replace", "path": "/spec/modelRef/signatureRef",
+                           "value": {"uri": override["signatureUri"]}})
+    return operations
+
+
+def with_group_variant(overlay: str, override: dict | None) -> str:
+    """A device group's overlay (kustomization.yaml text) running `override` instead of the
+    variant it names now; None: the base manifest's variant. The other operations stay as they are."""
+    doc = yaml.safe_load(overlay)
+    patch = doc["patches"][0]
+    operations = yaml.safe_load(patch["patch"])
+    ours = [i for i, op in enumerate(operations) if op["path"].startswith("/spec/modelRef/")]
+    at = ours[0] if ours else len(operations)
+    kept = [op for op in operations if not op["path"].startswith("/spec/modelRef/")]
+    patch["patch"] = dump(kept[:at] + (model_ref_operations(override) if override else []) + kept[at:])
+    return dump(doc)
+
+
+def overlay_path(model: str, group: str) -> str:
+    """A device group's overlay of the model, relative to the repository root."""
+    return f"apps/{model}/overlays/{group}/kustomization.yaml"
 
 
 def base_manifest_path(model: str) -> str:
@@ -300,7 +333,7 @@ def render_release_files(spec: ModelSpec, inputs: ManifestInputs) -> dict[str, s
         base_manifest_path(spec.name): dump(_base_manifest(spec, inputs)),
     }
     for index, group in enumerate(spec.targets):
-        files[f"{app}/overlays/{group.name}/kustomization.yaml"] = dump(_overlay(spec, index, inputs))
+        files[overlay_path(spec.name, group.name)] = dump(_overlay(spec, index, inputs))
     return dict(sorted(files.items()))
 
 

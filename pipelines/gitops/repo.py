@@ -123,6 +123,22 @@ def has_branch(remote: str, branch: str) -> bool:
     return not _absent(remote) and _remote_has_branch(remote, branch)
 
 
+def ensure_branch(remote: str, base: str, branch: str, work_dir: Path) -> bool:
+    """Make `branch` on the remote from the tip of `base` unless it exists; whether it was made."""
+    if _git("check-ref-format", "--branch", branch, check=False).returncode != 0 or branch.startswith("-"):
+        raise ValueError(f"{branch!r} is not a valid branch name")
+    remote = _resolve(remote)
+    if _remote_has_branch(remote, branch):
+        return False
+    with _opened(remote, work_dir) as clone:
+        _fetch(clone, base)
+        result = _git("push", "-q", "origin", f"refs/remotes/origin/{base}:refs/heads/{branch}", cwd=clone,
+                      check=False)
+        if result.returncode != 0 and not _remote_has_branch(remote, branch):
+            raise GitError(redact(f"creating branch {branch} on the remote failed: {result.stderr.strip()[-1000:]}"))
+    return True
+
+
 def ensure_remote(remote: str, branch: str, author: tuple[str, str]) -> None:
     """Make sure `remote` has `branch`: create a local bare repo and push a skeleton if needed."""
     remote = _resolve(remote)

@@ -101,7 +101,7 @@ def actual_cost(model: str, since: datetime, until: datetime, settings: Settings
     if summary is None or summary.cost is None:
         raise ValueError(f"{model}: no released cost estimate yet; release the model first")
     estimate = CostEstimate.model_validate(summary.cost)
-    catalog = load_catalog()
+    catalog = load_catalog(settings.device_catalog)
     egress = estimate.prices["egress_usd_per_gb"]["value"]
     electricity = estimate.prices["electricity_usd_per_kwh"]["value"]
     records = read_records(ObjectStore(settings.telemetry_url, settings.s3_endpoint_url), model, since, until)

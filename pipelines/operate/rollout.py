@@ -263,7 +263,8 @@ def step_rollout(spec_path: str | Path, settings: Settings | None = None, now: d
 
 
 def _commit_rollout(settings: Settings, model: str, change: Callable[[dict], dict | None], message: str,
-                    publish: bool, files: dict | None = None, tree: str | None = None) -> str | None:
+                    publish: bool, files: dict | None = None, tree: str | None = None,
+                    branch: str | None = None) -> str | None:
     """Commit `change` (the base manifest's `spec.rollout` -> its new value, None: nothing to do)
     while a canary is in progress; the commit, or None when nothing changed."""
     from pipelines.operate.commits import ManifestChangeError, change_base_manifest
@@ -280,15 +281,17 @@ def _commit_rollout(settings: Settings, model: str, change: Callable[[dict], dic
         return doc
 
     try:
-        return change_base_manifest(settings, model, changed, message, publish, files=files, tree=tree)
+        return change_base_manifest(settings, model, changed, message, publish, files=files, tree=tree,
+                                    branch=branch)
     except ManifestChangeError as error:
         raise RolloutError(str(error)) from None
 
 
 def hold_rollout(model: str, reason: str, by: str, settings: Settings | None = None, details: str = "",
-                 publish: bool = True, now: datetime | None = None) -> str | None:
+                 publish: bool = True, now: datetime | None = None, branch: str | None = None) -> str | None:
     """Stop the model's canary where it is, by a commit saying who and why (the rollout DAG then
-    holds until `resume_rollout`); the commit, or None when it is held already."""
+    holds until `resume_rollout`); the commit, or None when it is held already. With `branch`,
+    the commit goes to that review branch for a person to merge."""
     settings = settings or get_settings()
     since = telemetry.timestamp(now or telemetry.utc_now())
 
@@ -298,7 +301,7 @@ def hold_rollout(model: str, reason: str, by: str, settings: Settings | None = N
         return {**rollout, "hold": {"by": by, "since": since, "reason": reason[:500]}}
 
     message = f"rollout({model}): hold the canary where it is\n\nBy {by}: {reason}\n\n{details}\n".rstrip() + "\n"
-    return _commit_rollout(settings, model, held, message, publish)
+    return _commit_rollout(settings, model, held, message, publish, branch=branch)
 
 
 def resume_rollout(model: str, by: str, settings: Settings | None = None, publish: bool = True) -> str:

@@ -508,12 +508,14 @@ def approval_body(spec_name: str, version: str, verdicts: list[GateVerdict], car
 
 # -- edge cost (FinOps) ------------------------------------------------------------------------------
 def _host_calibration(ctx: Context):
-    """The build host's calibrated throughput, measured once per worker and kept in scratch."""
+    """The build host's calibration (a rate per operator class, per-node and per-run costs),
+    measured once per worker and kept in scratch. The file name carries the calibration's
+    version: a file of the single-rate calibration (no classes) is never read as this one."""
     import platform
 
     from pipelines.finops.profile import HostCalibration, calibrate_host
 
-    path = ctx.settings.work_dir / f"host-calibration-{platform.node() or 'host'}.json"
+    path = ctx.settings.work_dir / f"host-calibration-classes-v1-{platform.node() or 'host'}.json"
     if path.is_file():
         return HostCalibration.model_validate_json(path.read_text())
     calibration = calibrate_host()
@@ -543,7 +545,7 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         cached = ctx.load_record(evaluation_folder(data, registered), key, CostReport)
         if cached is not None:
             return cached
-    catalog = load_catalog()
+    catalog = load_catalog(ctx.settings.device_catalog)
     fleet = load_fleet(ctx.settings.fleet_path, catalog)
     fp32 = next(c for c in plan.candidates if c.variant == "fp32")
     parts = splits(ctx, data)
@@ -562,10 +564,19 @@ def edge_cost(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
             memory_bytes=max(graph.weight_bytes + graph.peak_activation_bytes,
                              measured.peak_rss_bytes - measured.baseline_rss_bytes))
     calibration = _host_calibration(ctx)
+    # Devices are compared with the host's compute peak (what HPL measures on a device); the
+    # per-class figures and each variant's own measurement serve the int8 projection.
     host = cost.HostFigures(
-        gflops=calibration.gflops, overhead_ms=calibration.overhead_ms,
+        gflops=calibration.peak_gflops or calibration.gflops, overhead_ms=calibration.overhead_ms,
         fp32_latency_p50_ms=fp32.latency_p50_ms, fp32_latency_p95_ms=fp32.latency_p95_ms,
-        train_seconds=trained.train_seconds, variants=variants)
+        train_seconds=trained.train_seconds, variants=variants,
+        gflops_by_class=calibration.gflops_by_class, gflops_by_weights_mib=calibration.gflops_by_weights_mib,
+        node_ms=calibration.node_ms, node_ms_by_class=calibration.node_ms_by_class,
+        measured={v: cost.HostVariant(
+            latency_p50_ms=m["host"]["latency_p50_ms"], latency_p95_ms=m["host"]["latency_p95_ms"],
+            flops_by_class=m["graph"].get("flops_by_class", {}), nodes=m["graph"].get("nodes", 0),
+            nodes_by_class=m["graph"].get("nodes_by_class", {}),
+            matmul_weight_bytes=m["graph"].get("matmul_weight_bytes", 0)) for v, m in measurements.items()})
     try:
         estimate = cost.estimate(ctx.spec, catalog, fleet, host, plan.chosen, [c.variant for c in eligible])
     except ValueError as error:

@@ -540,8 +540,10 @@ def publish(spec_path: str | Path, registered: RegisteredVersion, plan: Quantiza
         uploads[f"{cards}model_card.html"] = (card.html_uri, None)
     if cost is not None:
         uploads[f"{cards}focus.csv"] = (cost.evidence["focus.csv"], None)
+    # Every other variant that passed its gates is signed and kept beside the chosen one: the
+    # device groups that run it now, and those a budget policy may switch to (finops.onBreach).
     others = {c.variant: c for c in plan.candidates
-              if cost and c.variant in cost.variants_in_use() and c.variant != plan.chosen}
+              if cost and c.variant != plan.chosen and (c.eligible or c.variant in cost.variants_in_use())}
     for variant, candidate in others.items():
         uploads[f"variants/{variant}/model.onnx"] = (candidate.uri, candidate.sha256)
     from pipelines.gitops.signing import sign_artifact, verify_artifact

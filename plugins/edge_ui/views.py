@@ -260,6 +260,17 @@ class GitCommit(Record):
     body: str = ""
 
 
+class BudgetActionView(Record):
+    """One action of `finops.onBreach` the daily FinOps job took (`finops/<model>/<date>/actions.json`)."""
+
+    date: str
+    action: str
+    status: str
+    detail: str
+    commit: str | None = None
+    branch: str | None = Field(None, description="The review branch it was committed to; None: the GitOps branch.")
+
+
 class ModelPage(Record):
     model: str
     spec: SpecFacts | None = None
@@ -269,6 +280,7 @@ class ModelPage(Record):
     drift: DriftStatus | None = None
     field_quality: FieldQuality | None = None
     measured_cost: MeasuredCost | None = None
+    budget_actions: list[BudgetActionView] = Field(default_factory=list, description="Newest first, 14 days at most.")
     problems: list[str] = Field(default_factory=list)
 
 
@@ -495,6 +507,16 @@ def _latest_measured_cost(model: str, store: ObjectStore) -> MeasuredCost | None
                         total_usd=float(data["total_usd"]), estimated_total_usd=_number(data.get("estimated_total_usd")),
                         classes=list(data.get("classes") or []), summary_uri=store.uri(key),
                         focus_uri=store.uri(focus) if store.exists(focus) else None)
+
+
+def _budget_actions(model: str, store: ObjectStore, days: int = 14) -> list[BudgetActionView]:
+    keys = sorted((k for k in store.list_keys(f"finops/{model}/") if k.endswith("/actions.json")), reverse=True)
+    found = []
+    for key in keys[:days]:
+        day = key.split("/")[-2]
+        found += [BudgetActionView(date=day, **{k: a.get(k) for k in ("action", "status", "detail", "commit", "branch")})
+                  for a in json.loads(store.read_bytes(key))]
+    return found
 
 
 def _latest_drift(model: str, store: ObjectStore) -> DriftStatus | None:
@@ -922,9 +944,14 @@ def model_page(model: str, settings: Settings | None = None) -> ModelPage:
     except (StoreError, ValueError, KeyError, OSError) as error:
         measured_cost = None
         problems.append(f"measured cost not readable: {error}")
+    try:
+        budget_actions = _budget_actions(model, store)
+    except (StoreError, ValueError, TypeError, OSError) as error:
+        budget_actions = []
+        problems.append(f"budget actions not readable: {error}")
     return ModelPage(model=model, spec=spec_facts(spec) if spec else None, row=row, versions=versions,
                      history=history, drift=row.drift, field_quality=field_quality, measured_cost=measured_cost,
-                     problems=problems)
+                     budget_actions=budget_actions, problems=problems)
 
 
 def version_page(model: str, version: str, settings: Settings | None = None) -> VersionPage:

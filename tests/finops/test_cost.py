@@ -5,7 +5,7 @@ import yaml
 from conftest import TINY_SPEC
 
 from pipelines.finops import cost
-from pipelines.finops.catalog import load_catalog, load_fleet
+from pipelines.finops.catalog import CATALOG_PATH, load_catalog, load_fleet
 from pipelines.specs import SpecError, parse_spec
 
 SPEC = {
@@ -64,6 +64,7 @@ def test_projection_matches_hand_computed_figures(setup):
     assert cost.estimate(parse_spec(SPEC), catalog, fleet, host, "dynamic").groups[0].latency_p50_ms == \
         pytest.approx(2.0)
     assert "raspberry-pi-4.int8_speedup" in group.assumptions
+    assert "host_int8_ms x device_model_ms / host_model_ms" in group.inputs["fleet_groups"]["pi-fleet"]["formula"]
 
 
 def test_each_group_ships_the_cheapest_variant_within_its_slo(setup):
@@ -167,3 +168,60 @@ def test_a_group_ships_the_cheapest_variant_that_fits_its_memory_and_slo():
     assert best.variant == "static" and "fp32, dynamic over the memory it may use" in why
     best, why = _choose(SimpleNamespace(latency_slo_ms=1.0), options, "fp32", memory_cap=64 * 2**20)
     assert best.variant == "static" and "the fastest that fits in memory" in why
+
+
+# -- the per-class projection -----------------------------------------------------------------------
+def _per_class_host(p50: float = 0.4, p95: float = 1.0) -> cost.HostFigures:
+    figures = cost.VariantFigures(flops=100_000_000, memory_bytes=2**20, artifact_bytes=1_000_000)
+    return cost.HostFigures(
+        gflops=100.0, overhead_ms=0.0, fp32_latency_p50_ms=1.0, fp32_latency_p95_ms=2.0, train_seconds=0,
+        variants={"fp32": figures, "dynamic": figures},
+        gflops_by_class={"matmul": 50.0, "int8_matmul": 200.0, "elementwise": 5.0},
+        measured={"dynamic": cost.HostVariant(latency_p50_ms=p50, latency_p95_ms=p95,
+                                              flops_by_class={"int8_matmul": 100_000_000})})
+
+
+def test_fp32_projection_scales_the_measurement_by_the_compute_peak():
+    pi4 = load_catalog().classes["raspberry-pi-4"]
+    latency, floor = cost.device_latency_ms(1.0, _per_class_host(), pi4, "fp32")
+    assert latency == pytest.approx(1.0 * 100.0 / 11.9)  # host ms x host peak / device GFLOPS
+    assert floor == pytest.approx(1e8 / 11.9e9 * 1e3)
+
+
+def test_int8_projection_starts_from_the_measured_int8_latency():
+    pi4 = load_catalog().classes["raspberry-pi-4"]
+    host = _per_class_host()
+    # Host model: 1e8 int8 FLOPs at 200 GFLOPS = 0.5 ms. Device: k = 11.9 / 100; the int8 class
+    # runs at k x the host MatMul rate (50) x int8_speedup (1.0) = 5.95 GFLOPS: 16.807 ms.
+    # Projection: measured 0.4 ms x 16.807 / 0.5 = 13.445 ms; the fp32 latency plays no part.
+    latency, floor = cost.device_latency_ms(host.fp32_latency_p50_ms, host, pi4, "dynamic")
+    assert latency == pytest.approx(0.4 * (1e8 / 5.95e9 * 1e3) / 0.5)
+    assert floor == pytest.approx(1e8 / 11.9e9 * 1e3)
+    # The p95 of the fp32 measurement asks for the p95 of the int8 one.
+    p95, _ = cost.device_latency_ms(host.fp32_latency_p95_ms, host, pi4, "dynamic")
+    assert p95 == pytest.approx(1.0 * (1e8 / 5.95e9 * 1e3) / 0.5)
+    # A faster measured int8 run projects faster, whatever the fp32 latency.
+    faster, _ = cost.device_latency_ms(1.0, _per_class_host(p50=0.3), pi4, "dynamic")
+    assert faster < latency
+
+
+def test_catalog_references_parse_and_need_a_source(tmp_path):
+    catalog = load_catalog()
+    anchors = [r for r in catalog.references if r.anchor]
+    assert [r.model for r in anchors] == ["mobilenet_v2_1.0_224"]
+    assert {r.device_class for r in catalog.references} == {"pixel-1-big-core"}
+    assert all(len(r.source) > 20 and r.threads == 1 for r in catalog.references)
+    raw = yaml.safe_load(CATALOG_PATH.read_text())
+    broken = dict(raw, references=[{k: v for k, v in raw["references"][0].items() if k != "source"}])
+    path = tmp_path / "devices.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    with pytest.raises(SpecError, match="source"):
+        load_catalog(path)
+    unknown = dict(raw, references=[dict(raw["references"][1], device_class="nokia-3310")])
+    path.write_text(yaml.safe_dump(unknown))
+    with pytest.raises(SpecError, match="unknown device class"):
+        load_catalog(path)
+    two_anchors = dict(raw, references=[dict(r, anchor=True) for r in raw["references"][:2]])
+    path.write_text(yaml.safe_dump(two_anchors))
+    with pytest.raises(SpecError, match="at most one"):
+        load_catalog(path)

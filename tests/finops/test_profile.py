@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipelines.finops.profile import (
+    OP_CLASSES,
     GraphProfile,
     HostCalibration,
     calibrate_host,
@@ -253,10 +254,112 @@ def test_measure_host_wants_one_row(gemm: Path) -> None:
 def test_calibration_and_prediction() -> None:
     cal = calibrate_host(runs=30, warmup=5, rounds=1)
     assert isinstance(cal, HostCalibration)
-    assert cal.gflops > 0 and cal.overhead_ms > 0
+    assert cal.gflops > 0 and cal.overhead_ms > 0 and cal.node_ms > 0
     # The peak of the three footprints: a reference that overflows the cache measures memory.
     assert set(cal.gflops_by_weights_mib) == {"0.5", "2.0", "8.0"}
     assert cal.gflops == pytest.approx(max(cal.gflops_by_weights_mib.values()), rel=1e-3)
+    # A positive rate for every class that costs time, and a compute peak at least the MatMul one.
+    assert set(cal.gflops_by_class) == set(OP_CLASSES) - {"fused"}
+    assert all(rate > 0 for rate in cal.gflops_by_class.values())
+    assert cal.peak_gflops >= cal.gflops
+    assert cal.node_cost_ms("conv") >= cal.node_ms and cal.node_cost_ms("int8_conv") >= cal.node_ms
+    assert 0 < cal.seconds < 60
     assert cal.predict_ms(0) == pytest.approx(cal.overhead_ms)
     assert predict_latency_ms(2_000_000_000, 4.0) == pytest.approx(500.0)
     assert predict_latency_ms(2_000_000_000, 4.0, 0.5) == pytest.approx(500.5)
+
+
+CALIBRATION = HostCalibration(
+    gflops=50.0, overhead_ms=0.004, node_ms=0.001, node_ms_by_class={"conv": 0.002},
+    gflops_by_weights_mib={"0.5": 50.0, "2.0": 25.0, "8.0": 12.5}, peak_gflops=200.0,
+    gflops_by_class={"matmul": 50.0, "conv": 200.0, "pointwise": 200.0, "depthwise": 20.0, "elementwise": 5.0,
+                     "int8_matmul": 100.0, "int8_conv": 25.0},
+)
+
+
+def test_prediction_from_a_profile_prices_each_class() -> None:
+    profile = GraphProfile(
+        parameters=0, weight_bytes=0, macs=0, flops=3_000_000, peak_activation_bytes=0, file_bytes=0,
+        unknown_ops=[], flops_by_class={"conv": 2_000_000, "elementwise": 500_000, "fused": 500_000},
+        nodes=3, nodes_by_class={"conv": 2, "elementwise": 1})
+    # 2e6 / 200e9 s = 0.01 ms; 5e5 / 5e9 s = 0.1 ms; fused work is free; 2 conv nodes + 1 other.
+    assert CALIBRATION.breakdown_ms(profile) == pytest.approx(
+        {"overhead": 0.004, "nodes": 0.005, "conv": 0.01, "elementwise": 0.1})
+    assert CALIBRATION.predict_ms(profile) == pytest.approx(0.119)
+    # A profile stored before the classes existed is priced at the MatMul peak, as it was.
+    old = profile.model_copy(update={"flops_by_class": {}, "nodes": 0, "nodes_by_class": {}})
+    assert CALIBRATION.predict_ms(old) == pytest.approx(3e6 / 50e9 * 1e3 + 0.004)
+    assert GraphProfile.model_validate_json(old.model_dump_json()).flops_by_class == {}
+
+
+def test_matmul_rate_follows_the_weight_footprint() -> None:
+    mib = 1 << 20
+    assert CALIBRATION.matmul_gflops(256 * 1024) == 50.0  # within the peak's footprint
+    assert CALIBRATION.matmul_gflops(1 * mib) == pytest.approx(37.5)  # halfway (in log) from 0.5 to 2 MiB
+    assert CALIBRATION.matmul_gflops(64 * mib) == 12.5  # beyond the largest: memory speed
+    assert CALIBRATION.matmul_gflops(0) == 50.0
+
+
+# ------------------------------------------------------------------------------------ classes
+
+
+def _conv(tmp_path: Path, name: str, cin: int, cout: int, k: int, group: int = 1, activation: str | None = None) -> Path:
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], pads=[k // 2] * 4, group=group)]
+    if activation:
+        nodes.append(helper.make_node(activation, ["c"], ["y"]))
+    return _save(tmp_path / f"{name}.onnx", nodes, [_io("x", [1, cin, 8, 8])], [_io("y" if activation else "c", None)],
+                 [_init("w", (cout, cin // group, k, k)), _init("b", (cout,))])
+
+
+def test_class_split_of_convolutions(tmp_path: Path) -> None:
+    conv = profile_graph(_conv(tmp_path, "conv", 4, 8, 3, activation="Relu"))
+    # The Relu after the Conv is fused by onnxruntime: counted, but in `fused`, no node of its own.
+    assert conv.flops_by_class == {"conv": 2 * 8 * 64 * 36 + 8 * 64, "fused": 8 * 64}
+    assert sum(conv.flops_by_class.values()) == conv.flops
+    assert conv.nodes == 1 and conv.nodes_by_class == {"conv": 1}
+    pointwise = profile_graph(_conv(tmp_path, "pw", 4, 8, 1))
+    assert set(pointwise.flops_by_class) == {"pointwise"}
+    depthwise = profile_graph(_conv(tmp_path, "dw", 8, 8, 3, group=8))
+    assert set(depthwise.flops_by_class) == {"depthwise"}
+
+
+def test_class_split_of_matmul_elementwise_and_int8(matmul_chain: Path, tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = profile_graph(matmul_chain)
+    # onnxruntime fuses no Relu into a plain MatMul (only a bias Add, making it a Gemm).
+    assert fp32.flops_by_class == {"matmul": 2 * (64 * 128 + 128 * 32), "elementwise": 128}
+    assert fp32.nodes == 3
+    assert fp32.matmul_weight_bytes == (64 * 128 + 128 * 32) * F32
+    quantized = tmp_path / "chain.int8.onnx"
+    quantize_dynamic(str(matmul_chain), str(quantized), weight_type=QuantType.QInt8)
+    int8 = profile_graph(quantized)
+    assert int8.flops_by_class["int8_matmul"] == 2 * (64 * 128 + 128 * 32)
+    assert "matmul" not in int8.flops_by_class and int8.matmul_weight_bytes == 0
+    assert int8.flops_by_class["elementwise"] > 0  # quantizing the activations, scaling the results
+    assert sum(int8.flops_by_class.values()) == int8.flops
+    residual = _save(tmp_path / "residual.onnx",
+                     [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "x"], ["y"])],
+                     [_io("x", [1, 16])], [_io("y", [1, 16])], [_init("w", (16, 16))])
+    # An Add of two activations is a residual sum, not a bias: elementwise work and a node.
+    assert profile_graph(residual).flops_by_class == {"matmul": 2 * 256, "elementwise": 16}
+    biased = _save(tmp_path / "biased.onnx",
+                   [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
+                    helper.make_node("Relu", ["a"], ["y"])],
+                   [_io("x", [1, 16])], [_io("y", [1, 16])], [_init("w", (16, 16)), _init("b", (16,))])
+    # MatMul + bias Add is a Gemm, and Gemm + Relu a FusedGemm: one node.
+    assert profile_graph(biased).flops_by_class == {"matmul": 2 * 256, "fused": 32}
+    assert profile_graph(biased).nodes == 1
+
+
+def test_qdq_matmul_is_an_integer_kernel(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((64, 32), np.int8), "w_q")
+    path = _save(
+        tmp_path / "qdq.onnx",
+        [helper.make_node("DequantizeLinear", ["w_q", "scale", "zero"], ["w"]),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [_io("x", [None, 64])], [_io("y", [None, 32])],
+        [w, numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+         numpy_helper.from_array(np.array(0, np.int8), "zero")],
+    )
+    assert profile_graph(path).flops_by_class == {"int8_matmul": 2 * 64 * 32}

@@ -178,8 +178,12 @@ def test_store_unreachable_during_publish_is_retried_then_fails_in_one_line_and_
     folder = f"releases/models/s3-fault-model/{summary.artifact_sha256}"
     names = [key.removeprefix(f"{folder}/") for key in _model_keys(s3, "s3-fault-model")]
     [card] = {name.split("/")[1] for name in names if name.startswith("cards/")}
+    # Every other variant that passed its gates is signed and kept beside it (a budget policy may switch to it).
+    others = [f"variants/{c.variant}/model.onnx{suffix}" for c in summary.quantization.candidates
+              if c.eligible and c.variant != summary.quantization.chosen for suffix in ("", ".sig")]
     assert sorted(names) == sorted([f"cards/{card}/focus.csv", f"cards/{card}/model_card.html",
-                                    f"cards/{card}/model_card.json", "model.json", "model.onnx", "model.onnx.sig"])
+                                    f"cards/{card}/model_card.json", "model.json", "model.onnx", "model.onnx.sig",
+                                    *others])
     assert _commits(settings.remote) == 2 and _commits(settings.remote, "apps/s3-fault-model") == 1
     assert len(registry.client(settings.tracking_uri).search_model_versions("name = 's3-fault-model'")) == 1
 
