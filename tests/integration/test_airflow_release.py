@@ -183,7 +183,8 @@ def test_settings_from_airflow_connections(airflow_db, monkeypatch, tmp_path, s3
     with monkeypatch.context() as patch:
         for name, value in credentials.items():
             patch.setenv(name.upper(), value)
-        [key] = [k for k in store.list_keys("models/conn-signed/") if k.endswith("/model.onnx")]
+        [key] = [k for k in store.list_keys("models/conn-signed/")
+                 if k.endswith("/model.onnx") and "/variants/" not in k]  # the chosen variant
         artifact = store.get_file(key, tmp_path / "model.onnx")
         store.get_file(key + ".sig", tmp_path / "model.onnx.sig")
     verify_artifact(artifact, tmp_path / "model.onnx.sig", tmp_path / "conn.pub")
