@@ -25,7 +25,20 @@ $(VENV)/.installed: requirements.txt requirements-data.txt constraints.txt pypro
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-venv: $(VENV)/.installed
+# The Flower runtime of federated training in its own environment (flwr pins versions of fastapi,
+# starlette, typer, rich and protobuf the main one cannot take). torch and the pipelines package
+# come from the main environment: a .pth file adds its site-packages after the Flower ones.
+FLOWER_VENV ?= .venv-flower
+$(FLOWER_VENV)/.installed: requirements-flower.txt $(VENV)/.installed
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -r requirements-flower.txt
+	main=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	own=$$($(FLOWER_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	echo "import site; site.addsitedir('$$main')" > $$own/zz-main-venv.pth
+	$(FLOWER_VENV)/bin/python -c "import flwr, torch, pipelines.training.nets"
+	touch $@
+
+venv: $(VENV)/.installed $(FLOWER_VENV)/.installed
 
 $(EDGE_STATE_DIR)/airflow/airflow.db: | $(VENV)/.installed
 	mkdir -p $(EDGE_STATE_DIR)/airflow

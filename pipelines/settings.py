@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         None, description="Edge Releases as people and systems reach it (https://airflow.example.com/edge): links in "
                           "alerts and the manifest's explainability endpoint. Default: paths relative to the "
                           "Airflow api-server (/edge/...).")
+    flower_venv: Path = Field(
+        PROJECT_ROOT / ".venv-flower", description="The Flower environment that runs federated training "
+                                                   "(`make venv` builds it from requirements-flower.txt).")
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
 
