@@ -109,6 +109,7 @@ bench: venv nginx
 	$(PY) bench/drift_throughput.py
 	$(PY) bench/field_quality.py
 	$(PY) bench/explanations.py
+	$(PY) bench/federated.py --clients 10
 
 # Four releases at once on the native production stack (PostgreSQL, Celery, Redis, MLflow
 # server, S3, git daemon) against the same four one after another on the embedded set-up.
