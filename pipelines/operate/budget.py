@@ -25,6 +25,7 @@ the day's report, `finops/<model>/<date>/actions.json`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -130,7 +131,8 @@ def _deployed_release(settings: Settings, model: str, files: dict[str, str]) -> 
     release_key = (doc["metadata"].get("annotations") or {}).get("apexlogic.dev/release-key", "")
     store = ObjectStore(settings.store_url, settings.s3_endpoint_url)
     key = f"runs/{model}/{release_key}/summary.json"
-    if not release_key or "/" in release_key or not store.exists(key):
+    # The annotation comes from Git: only a release key (a sha256) may become part of a store key.
+    if not re.fullmatch(r"[0-9a-f]{64}", release_key) or not store.exists(key):
         raise ManifestChangeError(f"{model}: the deployed release's summary is not in the store ({key})")
     summary = ReleaseSummary.model_validate_json(store.read_bytes(key))
     folder = f"models/{model}/{summary.artifact_sha256}"

@@ -139,11 +139,6 @@ def observations(model: str, since: datetime, until: datetime, settings: Setting
     return found
 
 
-def _figure(catalog: dict, device_class: str, figure: str) -> dict:
-    key = {"gflops_fp32": "gflops_fp32", "int8_speedup": "int8_speedup"}[figure]
-    return catalog["classes"][device_class][key]
-
-
 def propose_corrections(since: datetime, until: datetime, settings: Settings | None = None,
                         models: list[str] | None = None, min_devices: int = 20,
                         catalog_path: Path | None = None) -> CatalogProposal:
@@ -183,7 +178,7 @@ def propose_corrections(since: datetime, until: datetime, settings: Settings | N
                 ratio /= fp32_ratio
             else:
                 fp32_ratio = ratio
-            entry = _figure(raw, device_class, figure)
+            entry = raw["classes"][device_class][figure]
             before = float(entry["value"])
             after = round(before * ratio, 4)
             names = [f"{o.model} v{o.version} ({o.variant}, group {o.group}, {o.devices} devices)" for o in subset]
