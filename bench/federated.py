@@ -14,7 +14,12 @@ and both are scored on the central held-out rows. Printed per client count: accu
 seconds per round, start-up, bytes of weights per client per round (received + sent, train and
 evaluate).
 
-    .venv/bin/python bench/federated.py [--clients 10 50] [--rounds 3] [--alpha 0.5]
+    .venv/bin/python bench/federated.py [--clients 10 50] [--rounds 3] [--alpha 0.5] [--fraction 1.0]
+                                        [--dp-noise 0.8]
+
+`--fraction` samples that share of the clients for each round's training and evaluation;
+`--dp-noise` trains with DP-SGD on every client (clipping 1.0, delta 1e-4) and prints the
+largest epsilon spent.
 
 Writes `$EDGE_STATE_DIR/bench/federated.json` (default `.edge-state`).
 """
@@ -35,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "pipelines" / "training" / "flower_app"))
 
 from pipelines.settings import get_settings  # noqa: E402
-from pipelines.training.federated import FederatedConfig, run_federated  # noqa: E402
+from pipelines.training.federated import FederatedConfig, FederatedError, run_federated  # noqa: E402
 
 NET = {"n_features": 784, "n_classes": 10, "hidden_layers": [64], "input_scale": 255.0}
 
@@ -106,6 +111,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of the clients sampled per round")
+    parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-SGD noise multiplier (0: off)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the partitions and Flower's logs here")
     args = parser.parse_args()
     import torch
@@ -116,14 +123,24 @@ def main() -> int:
           f"non-IID Dirichlet({args.alpha}); {args.rounds} rounds x {args.local_epochs} local epochs, FedAvg")
     results = []
     for clients in args.clients:
-        config = FederatedConfig(rounds=args.rounds, local_epochs=args.local_epochs, min_clients=clients,
-                                 learning_rate=1e-3, batch_size=32, seed=0, round_timeout=1800)
+        sampled = max(2, int(np.ceil(args.fraction * clients)))
+        private = {"dp_noise_multiplier": args.dp_noise, "dp_delta": 1e-4} if args.dp_noise else {}
+        config = FederatedConfig(rounds=args.rounds, local_epochs=args.local_epochs, min_clients=sampled,
+                                 fraction_train=args.fraction, fraction_evaluate=args.fraction,
+                                 learning_rate=0.02 if args.dp_noise else 1e-3, batch_size=32, seed=0,
+                                 round_timeout=1800, **private)
         central, central_s = _centralized(x, y, x_test, y_test, args.rounds * args.local_epochs, config)
         with tempfile.TemporaryDirectory(prefix="federated-bench.") as scratch:
             tmp = args.keep / f"{clients}-clients" if args.keep else Path(scratch)
             partitions = _split(x, y, clients, args.alpha, seed=clients, folder=Path(tmp) / "devices")
             sizes = [len(np.load(p / "labels.npy")) for p in partitions.values()]
-            run = run_federated(NET, partitions, config, Path(tmp) / "run", timeout=3600, startup_timeout=600)
+            started = time.perf_counter()
+            try:
+                run = run_federated(NET, partitions, config, Path(tmp) / "run", timeout=3600, startup_timeout=600)
+            except FederatedError as error:
+                print(f"{clients:>3} clients: did not complete after {time.perf_counter() - started:.0f} s: {error}")
+                results.append({"clients": clients, "error": str(error)})
+                continue
             federated = _federated_accuracy(run.state_dict_path, x_test, y_test)
         per_round = [sum(b) / len(b) for b in zip(*run.client_bytes.values())] if run.client_bytes else []
         row = {"clients": clients, "rows_per_client_min": min(sizes), "rows_per_client_max": max(sizes),
@@ -133,17 +150,20 @@ def main() -> int:
                "bytes_per_client_per_round": round(float(np.mean(per_round)), 0) if per_round else None,
                "worst_client_accuracy": min((c.accuracy for c in run.clients if c.phase == "evaluate"
                                              and c.round == args.rounds and c.accuracy is not None), default=None),
-               "seconds": round(run.seconds, 1)}
+               "sampled_per_round": sampled, "epsilon": run.epsilon, "seconds": round(run.seconds, 1)}
         results.append(row)
         print(f"{clients:>3} clients ({min(sizes)}-{max(sizes)} rows each): federated accuracy "
               f"{federated:.3f} vs centralized {central:.3f} ({central_s:.1f} s); start-up "
               f"{run.startup_seconds:.1f} s, seconds per round {', '.join(f'{s:.1f}' for s in run.round_seconds)}; "
               f"{row['bytes_per_client_per_round']:,.0f} bytes of weights per client per round; worst client's "
-              f"own accuracy {row['worst_client_accuracy']:.3f}; {run.seconds:.0f} s in all")
+              f"own accuracy {row['worst_client_accuracy']:.3f}"
+              + (f"; {sampled} clients sampled per round" if sampled < clients else "")
+              + (f"; DP-SGD epsilon {run.epsilon:.2f} (delta 1e-4)" if run.epsilon is not None else "")
+              + f"; {run.seconds:.0f} s in all")
     out = get_settings().state / "bench" / "federated.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rounds": args.rounds, "local_epochs": args.local_epochs, "alpha": args.alpha,
-                               "results": results}, indent=2))
+                               "fraction": args.fraction, "dp_noise": args.dp_noise, "results": results}, indent=2))
     print(f"wrote {out}")
     return 0
 

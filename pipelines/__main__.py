@@ -15,6 +15,23 @@ from pipelines.errors import one_line
 from pipelines.specs import SpecError
 
 
+def _federated_lines(federated) -> list[str]:
+    """A federated model's training in two lines: the federation and its worst-served client,
+    then the differential privacy it spent."""
+    if federated is None:
+        return []
+    worst = federated.worst_client
+    lines = [f"  federated       {federated.strategy}, {federated.rounds} rounds, {federated.clients} clients "
+             f"({federated.federation})"
+             + (f"; worst client {worst['client']}" + (f" ({worst['group']})" if worst.get("group") else "")
+                + f": accuracy {worst['accuracy']:.4f} on its own rows" if worst else "")]
+    dp = federated.privacy
+    lines.append(f"  privacy         DP-SGD: epsilon {dp.epsilon:.2f}, delta {dp.delta:g} for one example of a "
+                 f"client (noise {dp.noise_multiplier:g}, clipping {dp.max_grad_norm:g})" if dp else
+                 "  privacy         no differential privacy: clients share exact weight updates")
+    return lines
+
+
 def _table(summary) -> str:
     """The release summary as a readable table: the shipped variant's figures first, money as
     every page shows it (`pipelines.records.usd`)."""

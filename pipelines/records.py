@@ -43,6 +43,41 @@ class DataCheck(Record):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class TrainingPrivacy(Record):
+    """Differential privacy of a federated model's training: DP-SGD on every client."""
+
+    mechanism: Literal["dp-sgd"] = "dp-sgd"
+    epsilon: float = Field(description="The largest epsilon any client's rows spent over the whole training "
+                                       "(Opacus' RDP accountant).")
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+    unit: str = Field("one example (row) of a client", description="What the guarantee protects.")
+
+
+class FederatedTraining(Record):
+    """How a model was trained federated (`training.mode: federated`): rounds, clients, what
+    each round measured, the worst-served client and the privacy spent. Rows never left the
+    clients; the server saw weights and metrics."""
+
+    strategy: str
+    rounds: int
+    clients: int = Field(description="Clients that trained in at least one round.")
+    federation: str = Field(description="`embedded` (SuperLink and SuperNodes started by the train stage) or "
+                                        "the SuperLink address of a running federation.")
+    per_round: list[dict] = Field(description="Per round: train loss, federated evaluation loss and accuracy "
+                                              "(weighted by rows), seconds, mean bytes per client.")
+    client_accuracy: dict[str, float] = Field(description="Each client's accuracy of the final model on its own "
+                                                          "held-out rows (federated evaluation).")
+    client_groups: dict[str, str] = Field(default_factory=dict, description="Client -> device group (embedded).")
+    worst_client: dict = Field(default_factory=dict, description="{client, group, accuracy, rows}: fairness "
+                                                                 "across clients.")
+    privacy: TrainingPrivacy | None = None
+    evidence_uri: str = Field("", description="Every round's per-client metrics and the partition summary.")
+    seconds: float = 0.0
+
+
 class TrainedModel(Record):
     """The native model (trained here, or imported) and its held-out metrics."""
 
@@ -54,6 +89,7 @@ class TrainedModel(Record):
     task: Literal["binary", "multiclass", "regression"] = "binary"
     source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance (its URI, "
                                                                      "sha256, and where it came from); empty when trained here.")
+    federated: FederatedTraining | None = Field(None, description="Set when trained with training.mode federated.")
     reused: bool = False
 
 
@@ -262,6 +298,7 @@ class ReleaseSummary(Record):
                                           "metrics on the held-out rows: the release's headline figures.")
     task: str = Field("binary", description="What the model predicts; `(inferred)` when the spec names no task.")
     model_source: dict[str, str] = Field(default_factory=dict, description="An imported model's provenance.")
+    federated: FederatedTraining | None = Field(None, description="How a federated model was trained.")
     verdicts: list[GateVerdict] = Field(default_factory=list)
     approval: Approval | None = None
     model_card_uri: str | None = None

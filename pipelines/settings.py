@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     flower_venv: Path = Field(
         PROJECT_ROOT / ".venv-flower", description="The Flower environment that runs federated training "
                                                    "(`make venv` builds it from requirements-flower.txt).")
+    flower_superlink: str | None = Field(
+        None, description="A running federation's SuperLink (host:port of its Control API): federated training "
+                          "submits there, to the SuperNodes on devices, instead of starting an embedded federation.")
+    flower_root_certificates: Path | None = Field(
+        None, description="The CA certificate (PEM) the SuperLink's TLS certificate is checked against.")
+    flower_insecure: bool = Field(False, description="Connect to the SuperLink without TLS (test federations only).")
     git_author_name: str = "edge-release-bot"
     git_author_email: str = "edge-release-bot@apexlogic.dev"
 

@@ -146,6 +146,52 @@ class DataSpec(_Strict):
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class DifferentialPrivacySpec(_Strict):
+    """DP-SGD on every client (Opacus): each example's gradient clipped to `maxGradNorm`, Gaussian
+    noise of `noiseMultiplier` x `maxGradNorm` added to each batch's sum; the accountant gives
+    the (epsilon, delta) of each client's rows over all its rounds, the release reports the
+    largest."""
+
+    noise_multiplier: float = Field(gt=0, le=100, description="Noise standard deviation over the clipping norm.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example gradient clipping norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of (epsilon, delta)-DP; keep it below one over "
+                                                       "a client's rows.")
+    max_epsilon: float | None = Field(None, gt=0, description="Fail the training when any client's epsilon would "
+                                                              "exceed this.")
+
+
+class FederatedSpec(_Strict):
+    """How `training.mode: federated` trains (Flower): the strategy and its rounds over the
+    clients, each training locally on its own rows; the server only aggregates weights."""
+
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    rounds: int = Field(3, ge=1, le=1000)
+    local_epochs: int = Field(1, ge=1, le=100, description="Epochs each client trains per round.")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of the clients sampled to train each round.")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="Share of the clients sampled to evaluate.")
+    min_clients: int = Field(2, ge=1, description="Clients a round waits for (available, trained, evaluated).")
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx: weight of the proximal term mu/2 ||w - w_global||^2.")
+    eval_share: float = Field(0.2, gt=0, lt=1, description="Share of each client's rows it holds out to evaluate "
+                                                           "the global model (federated evaluation).")
+    round_timeout_seconds: float = Field(600.0, gt=0, description="How long the server waits for a round's replies.")
+    clients: int = Field(8, ge=1, le=1000, description="Embedded federation: how many of the fleet simulator's "
+                                                       "devices in the targets' groups hold the training rows.")
+    skew: float = Field(0.5, gt=0, description="Embedded federation: Dirichlet concentration of each class over the "
+                                               "device groups (smaller: each group sees fewer classes).")
+    differential_privacy: DifferentialPrivacySpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedSpec:
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("training.federated.proximalMu: FedProx needs a proximal weight above 0")
+        if self.strategy == "fedavg" and self.proximal_mu > 0:
+            raise ValueError("training.federated.proximalMu is for strategy fedprox")
+        if self.min_clients > self.clients:
+            raise ValueError(f"training.federated.minClients ({self.min_clients}) is more than "
+                             f"training.federated.clients ({self.clients})")
+        return self
+
+
 class TrainingSpec(_Strict):
     """How the model is trained: a built-in estimator or network, or the data scientist's own
     function (`entrypoint`). Absent for an imported model (`model.source`), but for its seed."""
@@ -162,6 +208,9 @@ class TrainingSpec(_Strict):
                     "devices still send the flat features.")
     params: dict[str, int | float | str | bool | list[int] | None] = Field(default_factory=dict)
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random choice (numpy's range).")
+    mode: Literal["central", "federated"] = Field(
+        "central", description="`federated`: trained with Flower on the devices' own rows (torch models only).")
+    federated: FederatedSpec | None = Field(None, description="How `mode: federated` trains.")
 
     @field_validator("entrypoint")
     @classmethod
@@ -169,6 +218,29 @@ class TrainingSpec(_Strict):
         if value is not None and not _ENTRYPOINT.match(value):
             raise ValueError(f"{value!r} is not `module:function` (a Python module path, a colon, a function name)")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_central_defaults(self, handler):
+        # A centrally trained spec dumps as before federated training existed: its digest, its
+        # release key and its records stay the same.
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("mode") == "central" and dumped.get("federated") is None:
+            dumped.pop("mode")
+            dumped.pop("federated")
+        return dumped
+
+    @model_validator(mode="after")
+    def _federated_needs_torch(self) -> TrainingSpec:
+        if self.mode == "central":
+            if self.federated is not None:
+                raise ValueError("training.federated is for training.mode federated")
+            return self
+        if self.federated is None:
+            raise ValueError("training.mode federated needs training.federated (strategy, rounds, clients)")
+        if self.entrypoint is None and self.framework != "torch":
+            raise ValueError("training.mode federated trains a torch network: training.framework torch with an "
+                             "architecture, or training.entrypoint returning an nn.Module")
+        return self
 
     @model_validator(mode="after")
     def _model_named_for_framework(self) -> TrainingSpec:
@@ -697,7 +769,8 @@ class ModelSpec(_Strict):
                 "gate with a justification (gates.waive.fairness)"
             )
         if self.model is not None:
-            extra = [k for k in ("framework", "estimator", "architecture", "entrypoint", "input_shape", "params")
+            extra = [k for k in ("framework", "estimator", "architecture", "entrypoint", "input_shape", "params",
+                                 "federated")
                      if getattr(self.training, k)]
             if extra:
                 raise ValueError(f"model.source releases an existing model: training.{to_camel(extra[0])} "

@@ -56,6 +56,32 @@ def _training_facts(training: dict) -> list[tuple[str, object]]:
     return pairs
 
 
+def _federated(federated: dict | None) -> list[str]:
+    """A federated training: its privacy first, then how each client fares with the model."""
+    if not federated:
+        return []
+    dp = federated.get("differential_privacy")
+    if isinstance(dp, dict):
+        privacy = [("differential privacy", dp["mechanism"]), ("epsilon", dp["epsilon"]), ("delta", dp["delta"]),
+                   ("noise multiplier", dp["noise_multiplier"]), ("max grad norm", dp["max_grad_norm"]),
+                   ("accountant", dp["accountant"]), ("protects", dp["protects"]),
+                   ("does not cover", dp["does_not_cover"])]
+    else:
+        privacy = [("differential privacy", dp)]
+    worst = federated.get("worst_client") or {}
+    groups = federated.get("client_groups") or {}
+    rows = [{"client": client, "group": groups.get(client, ""), "accuracy": f"{accuracy:.4f}"}
+            for client, accuracy in sorted(federated.get("client_accuracy", {}).items(), key=lambda kv: kv[1])]
+    return ["<h2>Federated training</h2>",
+            _facts([("strategy", federated["strategy"]), ("rounds", federated["rounds"]),
+                    ("clients", federated["clients"]), ("federation", federated["federation"]),
+                    ("raw rows left the clients", "no"), *privacy,
+                    ("worst client", f"{worst.get('client', '')} ({worst.get('group', '')}): accuracy "
+                                     f"{worst.get('accuracy', float('nan')):.4f} on its own held-out rows")]),
+            "<p>Each client's accuracy of the final model on its own held-out rows (federated evaluation):</p>",
+            _table(rows, ["client", "group", "accuracy"])]
+
+
 def _metrics(card: dict) -> list[str]:
     """The held-out metrics: each shipped variant's (the headline; the base one is what the
     quality gate measured) with the device groups that run it, beside the native model's."""
@@ -131,6 +157,7 @@ def render_html(card: dict, images: dict[str, Path]) -> str:
         "<h2>Data</h2>", _facts([(key.replace("_", " "), card["data"].get(key)) for key in
                                  ("source", "sha256", "rows", "feature_count", "sensitive_features", "test_size")]),
         "<h2>Training</h2>", _facts(_training_facts(card["training"])),
+        *_federated(card["training"].get("federated")),
         *_metrics(card),
         "<h2>Gate verdicts</h2>", _table(verdict_rows, ["gate", "result", "reason", "evidence"]),
     ]

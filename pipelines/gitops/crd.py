@@ -121,6 +121,29 @@ def _responsible_ai() -> dict:
                 }
             ),
             "auditRetentionDays": _integer(minimum=1, maximum=3650),
+            "training": _object(
+                {
+                    "mode": _string("How the model was trained.", enum=["federated"]),
+                    "strategy": _string(enum=["fedavg", "fedprox"]),
+                    "rounds": _integer(minimum=1),
+                    "clients": _integer(minimum=1),
+                    "worstClientAccuracy": share,
+                    "differentialPrivacy": _object(
+                        {
+                            "mechanism": _string(enum=["dp-sgd"]),
+                            "epsilon": _number(minimum=0),
+                            "delta": _number(minimum=0, maximum=1),
+                            "noiseMultiplier": _number(minimum=0),
+                            "maxGradNorm": _number(minimum=0),
+                            "accountant": _string(),
+                        },
+                        required=["mechanism", "epsilon", "delta"],
+                        description="The (epsilon, delta) the training spent, for one example of one client.",
+                    ),
+                },
+                required=["mode", "strategy", "rounds", "clients"],
+                description="Set for a model trained with federated learning (training.mode federated).",
+            ),
         },
         required=["explainability", "fairness", "auditRetentionDays"],
     )

@@ -60,6 +60,9 @@ class ManifestInputs(Record):
     )
     rollout: dict | None = Field(
         None, description="Canary progress {share, step, steps, previousVersion}; None: every selected device.")
+    training: dict | None = Field(
+        None, description="How a federated model was trained, with its differential privacy "
+                          "(`training_block`); None: trained centrally.")
     explain_endpoint: str | None = Field(
         None, description="The explain route of Edge Releases for this model; None: `explain_endpoint` under the "
                           "environment's settings.")
@@ -153,14 +156,34 @@ def explain_endpoint(model: str, settings: Settings | None = None) -> str:
     return (settings or get_settings()).edge_link(f"/api/models/{model}/explain")
 
 
+def training_block(federated) -> dict | None:
+    """`spec.responsibleAI.training` of a federated model (a `FederatedTraining` record): the
+    federation's shape and the (epsilon, delta) its differential privacy spent."""
+    if federated is None:
+        return None
+    block: dict[str, Any] = {"mode": "federated", "strategy": federated.strategy, "rounds": federated.rounds,
+                             "clients": federated.clients}
+    if federated.worst_client:
+        block["worstClientAccuracy"] = _number(round(federated.worst_client["accuracy"], 6))
+    if federated.privacy is not None:
+        dp = federated.privacy
+        block["differentialPrivacy"] = {"mechanism": dp.mechanism, "epsilon": _number(round(dp.epsilon, 4)),
+                                        "delta": _number(dp.delta), "noiseMultiplier": _number(dp.noise_multiplier),
+                                        "maxGradNorm": _number(dp.max_grad_norm), "accountant": dp.accountant}
+    return block
+
+
 def _responsible_ai(spec: ModelSpec, inputs: ManifestInputs) -> dict:
     rai = spec.responsible_ai.model_dump(mode="json", by_alias=True)
-    return {
+    block = {
         "explainability": {"method": rai["explainability"]["method"],
                            "endpoint": inputs.explain_endpoint or explain_endpoint(spec.name)},
         "fairness": {k: _number(v) for k, v in _compact(rai["fairness"]).items()},
         "auditRetentionDays": rai["auditRetentionDays"],
     }
+    if inputs.training is not None:
+        block["training"] = _canonical(inputs.training)
+    return block
 
 
 def _deployment_strategy(spec: ModelSpec) -> dict:

@@ -124,12 +124,14 @@ def register_version(
     run_name: str,
     description: str,
     same_bytes_same_version: bool = True,
+    series: dict[str, list[tuple[int, float]]] | None = None,
 ) -> RegisteredVersion:
     """Log a run with the ONNX model and evidence, register it, point `candidate` at it.
 
     A version already registered for this release key is returned as it is; so is, with
     `same_bytes_same_version`, a version whose ONNX file has the same bytes (a model rebuilt
-    from other code or library versions that came out identical is no new version)."""
+    from other code or library versions that came out identical is no new version). `series`:
+    metrics logged at steps (a federated training's rounds)."""
     import mlflow
     import onnx
     from mlflow.models import infer_signature
@@ -149,6 +151,9 @@ def register_version(
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={**tags, "release_key": release_key}) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
+        for name, points in (series or {}).items():
+            for step, value in points:
+                mlflow.log_metric(name, value, step=step)
         for name, payload in artifacts.items():
             mlflow.log_dict(payload, name)
         info = mlflow.onnx.log_model(

@@ -433,7 +433,8 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
         training={"framework": trained.framework, "seed": spec.training.seed,
                   "params": spec.training.params, "train_seconds": trained.train_seconds,
                   **({"entrypoint": spec.training.entrypoint} if spec.training.entrypoint else {}),
-                  **({"imported_from": trained.source} if trained.source else {})},
+                  **({"imported_from": trained.source} if trained.source else {}),
+                  **({"federated": _card_federated(trained.federated)} if trained.federated else {})},
         shipped=[v.model_dump(mode="json") for v in shipped_variants(ctx, data, plan, cost)],
         metrics=trained.metrics,
         quantization=plan.model_dump(mode="json", exclude={"reused"}),
@@ -463,6 +464,29 @@ def model_card(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pl
         registry.log_evidence(ctx.settings.tracking_uri, registered.run_id, "model_card", [json_path, html_path],
                               tags={"model_card_sha256": record.sha256})
     return ctx.save_record(evaluation_folder(data, registered), "model_card.record.json", record)
+
+
+def _card_federated(federated) -> dict:
+    """What the card says of a federated training: the federation, the spread across clients
+    and, with differential privacy, the (epsilon, delta) spent and what it protects."""
+    card = {"strategy": federated.strategy, "rounds": federated.rounds, "clients": federated.clients,
+            "federation": federated.federation,
+            "raw_rows_left_the_clients": False,
+            "federated_evaluation": federated.per_round[-1] if federated.per_round else {},
+            "worst_client": federated.worst_client,
+            "client_accuracy": federated.client_accuracy, "client_groups": federated.client_groups,
+            "evidence": federated.evidence_uri}
+    if federated.privacy is not None:
+        dp = federated.privacy
+        card["differential_privacy"] = {
+            "mechanism": "DP-SGD on every client (Opacus): per-example gradient clipping and Gaussian noise",
+            "epsilon": dp.epsilon, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
+            "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant, "protects": dp.unit,
+            "does_not_cover": "a client's whole data (client-level privacy), the model's architecture and "
+                              "hyperparameters, or what the central held-out set reveals"}
+    else:
+        card["differential_privacy"] = "none: clients share exact weight updates"
+    return card
 
 
 def _card_cost(cost: CostReport | None) -> dict | None:

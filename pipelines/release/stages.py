@@ -179,6 +179,7 @@ def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = No
 
     parts = splits(ctx, data)
     task = data.task
+    federated = None
     if ctx.spec.model is not None:
         imported = _imported(ctx)
         if imported.framework == "onnx":
@@ -191,8 +192,13 @@ def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = No
         from pipelines.training.entrypoint import TrainingCodeError
 
         try:
-            fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]),
-                                  task, spec_dir(ctx.spec_path))
+            if ctx.spec.training.mode == "federated":
+                from pipelines.release.federated import train_federated
+
+                fitted, federated = train_federated(ctx, data, parts)
+            else:
+                fitted = training.fit(ctx.spec.training, parts["x_train"], parts["y_train"], len(parts["classes"]),
+                                      task, spec_dir(ctx.spec_path))
             outputs = training.predict(fitted.model, parts["x_test"], task)
         except (TrainingCodeError, ValueError) as error:
             raise ReleaseError(f"{error}" if isinstance(error, TrainingCodeError) else
@@ -206,7 +212,8 @@ def train(spec_path: str | Path, data: DataCheck, settings: Settings | None = No
             local = training.save(fitted, Path(tmp) / f"model.{suffix}")
         model_uri = ctx.store.put_file(local, ctx.run_key(data.release_key, f"model.{suffix}"))
     record = TrainedModel(framework=fitted.framework, model_uri=model_uri, metrics=metrics,
-                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3), task=task, source=source)
+                          classes=parts["classes"], train_seconds=round(fitted.seconds, 3), task=task, source=source,
+                          federated=federated)
     return ctx.save_record(data.release_key, "train.json", record)
 
 
@@ -448,8 +455,11 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         "quantization.chosen": plan.chosen, "rows": str(data.rows),
         "features": str(len(data.features)),
         **{f"param.{k}": registry.json_safe(v) for k, v in sorted(spec.training.params.items())},
+        **_federated_params(trained),
     }
     metrics = {f"test_{k}": v for k, v in trained.metrics.items()}
+    if trained.federated is not None:
+        metrics.update(_federated_metrics(trained.federated))
     metrics["train_seconds"] = trained.train_seconds
     if exported.max_abs_diff is not None:
         metrics.update({"onnx_max_abs_diff": exported.max_abs_diff, "onnx_label_agreement": exported.label_agreement})
@@ -474,11 +484,43 @@ def register(spec_path: str | Path, data: DataCheck, trained: TrainedModel, expo
         framework=trained.framework, signature_input=example, signature_output=output,
         params=params, metrics=metrics, tags=tags,
         artifacts={"quantization.json": plan.to_xcom(), "data_validation.json": data.to_xcom(),
-                   "spec.json": spec.model_dump(mode="json")},
+                   "spec.json": spec.model_dump(mode="json"),
+                   **({"federated.json": trained.federated.model_dump(mode="json")} if trained.federated else {})},
         run_name=f"{spec.name}-{data.release_key[:12]}", description=spec.description,
         # A forced retrain asks for a new version even when the bytes come out the same.
-        same_bytes_same_version=not data.salt,
+        same_bytes_same_version=not data.salt, series=_federated_series(trained),
     ), _redact(ctx.settings.tracking_uri))
+
+
+def _federated_params(trained: TrainedModel) -> dict[str, str]:
+    fed = trained.federated
+    if fed is None:
+        return {}
+    params = {"training.mode": "federated", "federated.strategy": fed.strategy, "federated.rounds": str(fed.rounds),
+              "federated.clients": str(fed.clients), "federated.federation": fed.federation}
+    if fed.privacy is not None:
+        params.update({"dp.mechanism": fed.privacy.mechanism, "dp.noise_multiplier": str(fed.privacy.noise_multiplier),
+                       "dp.max_grad_norm": str(fed.privacy.max_grad_norm), "dp.delta": str(fed.privacy.delta)})
+    return params
+
+
+def _federated_metrics(fed) -> dict[str, float]:
+    metrics = {"federated.worst_client_accuracy": fed.worst_client["accuracy"]} if fed.worst_client else {}
+    if fed.privacy is not None:
+        metrics["dp.epsilon"] = fed.privacy.epsilon
+    return metrics
+
+
+def _federated_series(trained: TrainedModel) -> dict[str, list[tuple[int, float]]]:
+    """A federated training's per-round figures, as MLflow metrics at the round's step."""
+    if trained.federated is None:
+        return {}
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in trained.federated.per_round:
+        for key in ("train_loss", "evaluate_loss", "evaluate_accuracy", "seconds", "bytes_per_client", "epsilon"):
+            if entry.get(key) is not None:
+                series.setdefault(f"federated.{key}", []).append((int(entry["round"]), float(entry[key])))
+    return series
 
 
 def _redact(uri: str) -> str:
@@ -663,6 +705,7 @@ def commit(spec_path: str | Path, data: DataCheck, trained: TrainedModel, regist
         signature_uri=published.signature_uri,
         model_card_uri=published.model_card_uri, model_card_sha256=published.model_card_sha256,
         cost=_cost_brief(cost), explain_endpoint=manifest.explain_endpoint(spec.name, settings),
+        training=manifest.training_block(trained.federated),
         group_variants={group: {"variant": variant, "sourceUri": published.variants[variant]["uri"],
                                 "sha256": published.variants[variant]["sha256"],
                                 "sizeBytes": published.variants[variant]["size_bytes"],
@@ -798,7 +841,7 @@ def summarize(spec_path: str | Path, data: DataCheck, trained: TrainedModel, pla
         gitops_commit_created=bool(committed and committed.created), quantization=plan, metrics=trained.metrics,
         shipped=shipped_variants(ctx, data, plan, cost),
         task=data.task + (" (inferred from the target)" if data.task_inferred else ""), model_source=trained.source,
-        verdicts=verdicts, approval=approval,
+        federated=trained.federated, verdicts=verdicts, approval=approval,
         model_card_uri=(published.model_card_html_uri if published else None) or (card.html_uri if card else None),
         cost=cost.estimate if cost else None, cost_diff=cost.diff if cost else None,
         stages={k: round(v, 3) for k, v in stages.items()}, options=options, would=would,

@@ -101,7 +101,7 @@ def build_sklearn(training: TrainingSpec, features: pd.DataFrame, task: str = "b
     return Pipeline([*steps, ("classifier", _sklearn_estimator(training, task))])
 
 
-def _torch_module(training: TrainingSpec, n_features: int, n_classes: int):
+def torch_module(training: TrainingSpec, n_features: int, n_classes: int):
     import numpy as np
 
     from pipelines.training.nets import EdgeNet
@@ -131,7 +131,7 @@ def _fit_torch(training: TrainingSpec, features: pd.DataFrame, y: np.ndarray, n_
     # One thread: floating-point sums then happen in one order, so a retrain gives the same bits.
     torch.set_num_threads(1)
     try:
-        model = _torch_module(training, features.shape[1], n_classes)
+        model = torch_module(training, features.shape[1], n_classes)
         x = torch.tensor(features.to_numpy(np.float32))
         target = torch.tensor(y, dtype=torch.long)
         optimizer = torch.optim.Adam(model.parameters(), lr=float(params.get("learning_rate", 1e-3)))

@@ -81,13 +81,13 @@ def load_module(entrypoint: str, folder: Path):
             loaded = importlib.reload(loaded)
         return loaded
     except Exception as error:  # noqa: BLE001 - user code: any error is reported as one line
-        raise TrainingCodeError(_one_line(error, folder, f"training.entrypoint: importing {module}")) from error
+        raise TrainingCodeError(located(error, folder, f"training.entrypoint: importing {module}")) from error
     finally:
         if local:
             sys.path.remove(str(folder))
 
 
-def _one_line(error: BaseException, folder: Path, what: str) -> str:
+def located(error: BaseException, folder: Path, what: str) -> str:
     """`<file>:<line>: <what>: <Error>: <message>`, at the innermost frame in the user's code."""
     log.error("%s failed", what, exc_info=error)
     frames = traceback.extract_tb(error.__traceback__)
@@ -122,7 +122,7 @@ def run(entrypoint: str, folder: Path, features, target, params: dict, seed: int
     try:
         model = function(features, target, dict(params), seed)
     except Exception as error:  # noqa: BLE001 - user code
-        raise TrainingCodeError(_one_line(error, folder, f"training.entrypoint {entrypoint}")) from error
+        raise TrainingCodeError(located(error, folder, f"training.entrypoint {entrypoint}")) from error
     where = f"{module.__file__}: training.entrypoint {entrypoint}"
     try:
         import torch

@@ -56,6 +56,10 @@ class FederatedConfig(BaseModel):
     eval_share: float = Field(0.2, gt=0, lt=1, description="Share of each partition held out for its evaluation.")
     seed: int = 0
     round_timeout: float = Field(600.0, gt=0, description="Seconds the server waits for the replies of a round.")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="DP-SGD on each client when above 0.")
+    dp_max_grad_norm: float = Field(1.0, gt=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    dp_max_epsilon: float = Field(0.0, ge=0, description="A client declines a round past this epsilon (0: no cap).")
 
 
 class FederatedClientRound(Record):
@@ -70,6 +74,7 @@ class FederatedClientRound(Record):
     bytes_received: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
+    epsilon: float | None = Field(None, description="DP-SGD: the epsilon this client's rows have spent so far.")
     error: str = ""
 
 
@@ -94,6 +99,14 @@ class FederatedRun(Record):
                                                            "sent in each round (train and evaluate).")
     startup_seconds: float = Field(description="Starting the SuperLink and the SuperNodes until all joined.")
     seconds: float = Field(description="Wall time of the whole run, start-up and teardown included.")
+    epsilon: float | None = Field(None, description="DP-SGD: the largest epsilon any client's rows spent "
+                                                    "(None without differential privacy).")
+
+    def worst_client(self) -> FederatedClientRound | None:
+        """The client whose own held-out rows the final global model serves worst."""
+        last = max((c.round for c in self.clients if c.phase == "evaluate" and c.accuracy is not None), default=None)
+        scored = [c for c in self.clients if c.phase == "evaluate" and c.round == last and c.accuracy is not None]
+        return min(scored, key=lambda c: (c.accuracy, c.client)) if scored else None
 
 
 def flower_bin(venv: Path) -> Path:
@@ -143,7 +156,7 @@ def marked_processes(token: str) -> list[int]:
     return found
 
 
-class _Federation:
+class FlowerProcesses:
     """The processes of one run: started in their own process groups, logs in the work folder."""
 
     def __init__(self, bin_dir: Path, work: Path):
@@ -195,7 +208,7 @@ class _Federation:
                 time.sleep(0.1)
 
 
-def _wait(condition, timeout: float, federation: _Federation, what: str, *logs: Path) -> None:
+def _wait(condition, timeout: float, federation: FlowerProcesses, what: str, *logs: Path) -> None:
     """Until `condition()`, while every process lives; the timeout's error shows the first log
     with lines."""
     deadline = time.monotonic() + timeout
@@ -232,9 +245,22 @@ def _node_clients(work: Path, clients) -> dict[int, str]:
     return found
 
 
-def _read_result(metrics_path: Path, state_path: Path, nodes: dict[int, str], startup: float,
+class Federation(BaseModel):
+    """A running federation the train stage submits to, rather than starting one: its
+    SuperLink's address (`flwr run` connects there), and where its server writes the result (a
+    folder of the artifact store both sides reach)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    superlink: str = Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$", description="host:port")
+    outputs: str = Field(description="file:// or s3:// folder: initial weights, final weights, metrics.")
+    store_endpoint: str = ""
+    insecure: bool = False
+    root_certificates: Path | None = None
+
+
+def _read_result(data: dict, state_path: str, nodes: dict[int, str], startup: float,
                  started: float) -> FederatedRun:
-    data = json.loads(metrics_path.read_text())
     if data.get("failure"):
         failure = re.sub(r"node (\d+)", lambda m: f"client {nodes.get(int(m.group(1)), m.group(0))}",
                          data["failure"])
@@ -249,32 +275,19 @@ def _read_result(metrics_path: Path, state_path: Path, nodes: dict[int, str], st
                 client=item["client"] or nodes.get(int(item.get("node", 0)), str(item.get("node", ""))),
                 num_examples=int(item.get("num-examples", 0)), loss=item.get("loss"), accuracy=item.get("accuracy"),
                 bytes_received=int(item.get("bytes-received", 0)), bytes_sent=int(item.get("bytes-sent", 0)),
-                seconds=float(item.get("seconds", 0.0)), error=item.get("error", ""))
+                seconds=float(item.get("seconds", 0.0)), epsilon=item.get("epsilon"), error=item.get("error", ""))
             clients.append(client)
             if client.client:
                 per_round = client_bytes.setdefault(client.client, [0] * len(data["rounds"]))
                 per_round[len(rounds) - 1] += client.bytes_received + client.bytes_sent
+    spent = [c.epsilon for c in clients if c.epsilon is not None]
     return FederatedRun(strategy=data["strategy"], state_dict_path=str(state_path), rounds=rounds, clients=clients,
                         round_seconds=[r.seconds for r in rounds], client_bytes=client_bytes,
-                        startup_seconds=startup, seconds=time.perf_counter() - started)
+                        startup_seconds=startup, seconds=time.perf_counter() - started,
+                        epsilon=max(spent) if spent else None)
 
 
-def run_federated(net_config: Mapping, partitions: Mapping[str, Path], config: FederatedConfig, work: Path, *,
-                  flower_venv: Path | None = None, initial_state: Mapping | None = None, timeout: float = 600.0,
-                  startup_timeout: float = 90.0, app_dir: Path = APP_DIR) -> FederatedRun:
-    """Train EdgeNet(**net_config) over `partitions` (client id -> a folder with its
-    `features.npy` and `labels.npy`) on a local Flower federation; files and logs go to `work`.
-    `initial_state` (a state dict) defaults to the seeded network's. Raises FederatedError."""
-    import torch
-
-    from pipelines.training.nets import EdgeNet
-
-    started = time.perf_counter()
-    if flower_venv is None:
-        from pipelines.settings import Settings
-
-        flower_venv = Settings().flower_venv
-    bin_dir = flower_bin(Path(flower_venv))
+def _check_partitions(partitions: Mapping[str, Path], config: FederatedConfig) -> None:
     if not partitions:
         raise FederatedError("federated training: no client partitions")
     for client, folder in partitions.items():
@@ -294,80 +307,193 @@ def run_federated(net_config: Mapping, partitions: Mapping[str, Path], config: F
         raise FederatedError(f"federated training: {len(partitions)} client partitions, the strategy waits for "
                              f"at least {config.min_clients}")
 
+
+class _Outputs:
+    """Where the ServerApp writes: the work folder (embedded), or the artifact store folder of a
+    running federation."""
+
+    def __init__(self, work: Path, federation: Federation | None):
+        self.federation = federation
+        if federation is None:
+            self.initial, self.state, self.metrics = (str(work / n) for n in ("initial.pt", "global.pt",
+                                                                              "metrics.json"))
+            self.store = None
+        else:
+            from pipelines.storage import ObjectStore
+
+            self.store = ObjectStore(federation.outputs, federation.store_endpoint or None)
+            self.initial, self.state, self.metrics = (self.store.uri(n) for n in ("initial.pt", "global.pt",
+                                                                                  "metrics.json"))
+
+    def write(self, location: str, data: bytes) -> None:
+        if self.store is None:
+            Path(location).write_bytes(data)
+        else:
+            self.store.put_bytes(data, self.store.key_of(location))
+
+    def read(self, location: str) -> bytes | None:
+        try:
+            if self.store is None:
+                return Path(location).read_bytes()
+            key = self.store.key_of(location)
+            return self.store.read_bytes(key) if self.store.exists(key) else None
+        except OSError:
+            return None
+
+    def clear(self) -> None:
+        for location in (self.state, self.metrics):
+            if self.store is None:
+                Path(location).unlink(missing_ok=True)
+            else:
+                self.store.delete(self.store.key_of(location))
+
+    def local_state(self, work: Path) -> Path:
+        """The final weights as a local file."""
+        if self.store is None:
+            return Path(self.state)
+        path = work / "global.pt"
+        path.write_bytes(self.read(self.state) or b"")
+        return path
+
+
+def _connection(federation: Federation | None, port: int | None) -> str:
+    """`flwr run`'s connection to the SuperLink (its config.toml section)."""
+    if federation is None:
+        return f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    lines = ['[superlink]', 'default = "edge"', '', '[superlink.edge]', f'address = "{federation.superlink}"']
+    if federation.insecure:
+        lines.append("insecure = true")
+    elif federation.root_certificates is not None:
+        lines.append(f"root-certificates = {json.dumps(str(Path(federation.root_certificates).resolve()))}")
+    return "\n".join(lines) + "\n"
+
+
+def run_federated(net: Mapping, partitions: Mapping[str, Path], config: FederatedConfig, work: Path, *,
+                  flower_venv: Path | None = None, initial_state: Mapping | None = None, timeout: float = 600.0,
+                  startup_timeout: float = 90.0, app_dir: Path = APP_DIR,
+                  code: tuple[list[Path], Path] | None = None, federation: Federation | None = None) -> FederatedRun:
+    """Train the network `net` describes (`nets.build_module`: {"config": EdgeNet's arguments}
+    or a spec's own builder; plain EdgeNet arguments are taken too) with Flower; files and logs
+    go to `work`. Embedded (no `federation`): a SuperLink and one SuperNode per partition
+    (client id -> a folder with its `features.npy` and `labels.npy`) are started here and torn
+    down after. With `federation`, the app is submitted to that running SuperLink, whose
+    SuperNodes hold their own data (`partitions` is not used). `code` (files, the folder they are
+    named against) is a spec's training code, shipped in the app. `initial_state` (a state
+    dict) defaults to the seeded network's. Raises FederatedError."""
+    import io
+
+    import torch
+
+    from pipelines.training.nets import build_module
+
+    started = time.perf_counter()
+    if flower_venv is None:
+        from pipelines.settings import Settings
+
+        flower_venv = Settings().flower_venv
+    bin_dir = flower_bin(Path(flower_venv))
+    if federation is None:
+        _check_partitions(partitions, config)
+
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     app = work / "app"
     shutil.rmtree(app, ignore_errors=True)
     shutil.copytree(app_dir, app, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.fab"))
-    initial_path, state_path, metrics_path = work / "initial.pt", work / "global.pt", work / "metrics.json"
-    for stale in (state_path, metrics_path):
-        stale.unlink(missing_ok=True)
+    for path in (code[0] if code else []):  # the spec's own module travels with the app
+        target = app / Path(path).resolve().relative_to(Path(code[1]).resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    net = dict(net) if "config" in net or "entrypoint" in net else {"config": dict(net)}
     torch.manual_seed(config.seed)
-    net = EdgeNet(**net_config)
+    module = build_module(net, code[1] if code else None)
     if initial_state is not None:
-        net.load_state_dict(dict(initial_state))
-    torch.save(net.state_dict(), initial_path)
+        module.load_state_dict(dict(initial_state))
+    outputs = _Outputs(work, federation)
+    outputs.clear()
+    weights = io.BytesIO()
+    torch.save(module.state_dict(), weights)
+    outputs.write(outputs.initial, weights.getvalue())
 
     run_config = {"strategy": config.strategy, "num-server-rounds": config.rounds,
                   "fraction-train": config.fraction_train, "fraction-evaluate": config.fraction_evaluate,
                   "min-clients": config.min_clients, "proximal-mu": config.proximal_mu,
                   "local-epochs": config.local_epochs, "learning-rate": config.learning_rate,
                   "batch-size": config.batch_size, "eval-share": config.eval_share, "seed": config.seed,
-                  "round-timeout": config.round_timeout, "net-config": json.dumps(net.config),
-                  "initial-path": str(initial_path), "output-path": str(state_path),
-                  "metrics-path": str(metrics_path)}
+                  "round-timeout": config.round_timeout, "net-config": json.dumps(net),
+                  "dp-noise-multiplier": config.dp_noise_multiplier, "dp-max-grad-norm": config.dp_max_grad_norm,
+                  "dp-delta": config.dp_delta, "dp-max-epsilon": config.dp_max_epsilon,
+                  "initial-path": outputs.initial, "output-path": outputs.state, "metrics-path": outputs.metrics,
+                  "store-endpoint": federation.store_endpoint if federation else ""}
     run_config_path = work / "run-config.toml"
     run_config_path.write_text("".join(f"{key} = {_toml(value)}\n" for key, value in run_config.items()))
 
-    federation = _Federation(bin_dir, work)
+    processes = FlowerProcesses(bin_dir, work)
+    startup, nodes = 0.0, {}
     try:
-        port, *node_ports = free_ports(1 + len(partitions))
-        federation.start("superlink", ["flower-superlink", "--insecure", "--database", str(work / "superlink.db"),
-                                       "--port", str(port), "--disable-runtime-dependency-installation"])
-        link_log = work / "superlink.log"
-        _wait(lambda: _port_open(port), startup_timeout, federation, "starting the SuperLink", link_log)
-        for (client, folder), node_port in zip(partitions.items(), node_ports):
-            federation.start(f"supernode-{client}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(node_port),
-                "--node-config", f"data-path='{Path(folder).resolve()}' client-id='{client}'"])
+        logs = []
+        port = None
+        if federation is None:
+            port, *node_ports = free_ports(1 + len(partitions))
+            processes.start("superlink", ["flower-superlink", "--insecure", "--database", str(work / "superlink.db"),
+                                          "--port", str(port), "--disable-runtime-dependency-installation"])
+            link_log = work / "superlink.log"
+            logs.append(link_log)
+            _wait(lambda: _port_open(port), startup_timeout, processes, "starting the SuperLink", link_log)
+            for (client, folder), node_port in zip(partitions.items(), node_ports):
+                processes.start(f"supernode-{client}", [
+                    "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(node_port),
+                    "--node-config", f"data-path='{Path(folder).resolve()}' client-id='{client}'"])
 
-        def joined() -> bool:
-            return _ANSI.sub("", link_log.read_text(errors="replace")).count("Activated node_id") >= len(partitions)
+            def joined() -> bool:
+                return _ANSI.sub("", link_log.read_text(errors="replace")).count("Activated node_id") >= \
+                    len(partitions)
 
-        _wait(joined, startup_timeout, federation, f"{len(partitions)} SuperNodes joining the SuperLink", link_log)
-        startup = time.perf_counter() - started
+            _wait(joined, startup_timeout, processes, f"{len(partitions)} SuperNodes joining the SuperLink", link_log)
+            startup = time.perf_counter() - started
 
         cli_home = work / "flwr-home" / "flwr-run"
         cli_home.mkdir(parents=True, exist_ok=True)
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        run = federation.start("flwr-run", ["flwr", "run", str(app), "edge", "--stream",
-                                            "--run-config", str(run_config_path)])
+        (cli_home / "config.toml").write_text(_connection(federation, port))
+        run = processes.start("flwr-run", ["flwr", "run", str(app), "edge", "--stream",
+                                           "--run-config", str(run_config_path)])
         run_log = work / "flwr-run.log"
+        result: dict = {}
+        polled = [0.0]
 
         def done() -> bool:  # the ServerApp writes the weights, then the metrics marked complete
+            if outputs.store is not None and time.monotonic() - polled[0] < 2.0:
+                return False  # an object store is asked every 2 s, not every 0.2
+            polled[0] = time.monotonic()
+            raw = outputs.read(outputs.metrics)
             try:
-                data = json.loads(metrics_path.read_text())
-            except (OSError, ValueError):
+                data = json.loads(raw) if raw else {}
+            except ValueError:
                 return False
-            return bool(data.get("complete")) and (bool(data.get("failure")) or state_path.exists())
+            if data.get("complete") and (data.get("failure") or outputs.read(outputs.state) is not None):
+                result.update(data)
+                return True
+            return False
 
         def finished() -> bool:
             if done():
                 return True
             if run.poll() is not None:
                 time.sleep(1.0)  # the last file may still be landing
+                polled[0] = 0.0
                 if done():
                     return True
                 raise FederatedError(f"federated training: the Flower run ended (code {run.returncode}) "
                                      f"without a final model: {log_tail(run_log)}")
             return False
 
-        _wait(finished, timeout, federation, "the Flower run", run_log, link_log)
-        result = _read_result(metrics_path, state_path, _node_clients(work, partitions), startup, started)
-        if not result.rounds or any(not r.train for r in result.rounds):
-            failed = next((c.error for c in result.clients if c.error), "no client replied")
+        _wait(finished, timeout, processes, "the Flower run", run_log, *logs)
+        if federation is None:
+            nodes = _node_clients(work, partitions)
+        outcome = _read_result(result, str(outputs.local_state(work)), nodes, startup, started)
+        if not outcome.rounds or any(not r.train for r in outcome.rounds):
+            failed = next((c.error for c in outcome.clients if c.error), "no client replied")
             raise FederatedError(f"federated training: a round had no training replies: {one_line(failed, 300)}")
     finally:
-        federation.stop()
-    return result.model_copy(update={"seconds": time.perf_counter() - started})
+        processes.stop()
+    return outcome.model_copy(update={"seconds": time.perf_counter() - started})

@@ -57,3 +57,36 @@ class Shaped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x.reshape(-1, *self.shape))
+
+
+def build_module(net: dict, folder=None) -> nn.Module:
+    """The network federated training shares between the runner, the server and the clients:
+    `{"config": <EdgeNet arguments>}`, or `{"entrypoint": "module:function", "n_features",
+    "n_classes", "params", "seed", "input_shape"}`: the spec's own builder,
+    `function(n_features, n_classes, params, seed) -> nn.Module`, imported from `folder`."""
+    if "entrypoint" not in net:
+        return EdgeNet(**net["config"])
+    from pathlib import Path
+
+    from pipelines.training.entrypoint import TrainingCodeError, load_module, located
+
+    module_name, _, function_name = str(net["entrypoint"]).partition(":")
+    module = load_module(net["entrypoint"], Path(folder or "."))
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TrainingCodeError(f"{getattr(module, '__file__', module_name)}: training.entrypoint: no function "
+                                f"{function_name!r} in module {module_name}")
+    torch.manual_seed(int(net.get("seed", 0)))
+    try:
+        built = function(int(net["n_features"]), int(net["n_classes"]), dict(net.get("params") or {}),
+                         int(net.get("seed", 0)))
+    except Exception as error:  # noqa: BLE001 - user code: one line naming its file and line
+        raise TrainingCodeError(located(error, Path(folder or "."), f"training.entrypoint {net['entrypoint']}")) \
+            from error
+    if not isinstance(built, nn.Module):
+        raise TrainingCodeError(f"{module.__file__}: training.entrypoint {net['entrypoint']} returned "
+                                f"{type(built).__name__}, not an nn.Module (federated training builds the network "
+                                "and trains it on the clients)")
+    if net.get("input_shape"):
+        built = Shaped(built, list(net["input_shape"]), int(net["n_features"]))
+    return built

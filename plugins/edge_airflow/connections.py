@@ -10,6 +10,7 @@ variables `pipelines.settings` and the libraries read, in this task's process on
 | `edge_mlflow` | host (a URL, or host + port + schema), login/password or password alone, extra `artifact_root` | `EDGE_MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME`/`_PASSWORD` or `MLFLOW_TRACKING_TOKEN`, `EDGE_MLFLOW_ARTIFACT_ROOT` |
 | `edge_s3` (type aws) | login = access key id, password = secret key, extra `endpoint_url`, `region_name`, `artifact_store`, `telemetry_store` | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `EDGE_S3_ENDPOINT_URL`, `AWS_DEFAULT_REGION`, `EDGE_ARTIFACT_STORE`, `EDGE_TELEMETRY_STORE` |
 | `edge_gitops` | host = the remote URL, extra `branch`, login/password for HTTPS | `EDGE_GITOPS_REMOTE`, `EDGE_GITOPS_BRANCH`, an HTTP Authorization header for that URL through `GIT_CONFIG_*` (never in the URL, so never in a clone's config or a message) |
+| `edge_flower` | host and port = a running federation's SuperLink (its Control API), extra `root_certificates` (a CA file on the workers) or `insecure: true` (test federations) | `EDGE_FLOWER_SUPERLINK`, `EDGE_FLOWER_ROOT_CERTIFICATES`, `EDGE_FLOWER_INSECURE` |
 
 The keys have their own connection, `edge_signing` (`signing_settings()`): the release key's
 private PEM as its password, the public PEM as extra `public_key`, and the TUF repository's
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-MLFLOW, S3, GITOPS, SIGNING = "edge_mlflow", "edge_s3", "edge_gitops", "edge_signing"
+MLFLOW, S3, GITOPS, SIGNING, FLOWER = "edge_mlflow", "edge_s3", "edge_gitops", "edge_signing", "edge_flower"
 
 
 def _airflow_connection(conn_id: str):
@@ -93,7 +94,22 @@ def gitops_variables(connection, environ: dict[str, str] | None = None) -> dict[
     return values
 
 
-READERS: dict[str, Callable] = {MLFLOW: mlflow_variables, S3: s3_variables, GITOPS: gitops_variables}
+def flower_variables(connection) -> dict[str, str]:
+    """Federated training submits to this SuperLink instead of starting an embedded federation."""
+    host = (connection.host or "").split("://")[-1].rstrip("/")
+    if not host:
+        return {}
+    values = {"EDGE_FLOWER_SUPERLINK": f"{host}:{connection.port}" if connection.port else host}
+    extra = _extra(connection)
+    if extra.get("root_certificates"):
+        values["EDGE_FLOWER_ROOT_CERTIFICATES"] = str(extra["root_certificates"])
+    if str(extra.get("insecure", "")).lower() in ("true", "1", "yes"):
+        values["EDGE_FLOWER_INSECURE"] = "true"
+    return values
+
+
+READERS: dict[str, Callable] = {MLFLOW: mlflow_variables, S3: s3_variables, GITOPS: gitops_variables,
+                                FLOWER: flower_variables}
 
 
 def apply_connections(get: Callable[[str], Any] = _airflow_connection) -> list[str]:

@@ -137,3 +137,69 @@ def test_a_timeout_tears_every_process_down(tmp_path):
     print(f"\n{error.value} ({time.perf_counter() - start:.1f} s)")
     assert "\n" not in str(error.value)
     assert not flower_processes(work)
+
+
+BUILDER = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, n_features, n_classes, hidden):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=1)
+
+
+def build(n_features, n_classes, params, seed):
+    return Tiny(n_features, n_classes, params["hidden"])
+'''
+
+
+def test_dp_sgd_clients_keep_a_privacy_ledger_and_a_spec_builder_travels_with_the_app(tmp_path):
+    """A network from the spec's own code (its module shipped in the Flower App to the nodes),
+    trained with DP-SGD: each client's epsilon grows with the steps its rows went through, and
+    the run reports the largest, as Opacus' accountant computes it."""
+    from opacus.accountants import RDPAccountant
+
+    code = tmp_path / "spec"
+    code.mkdir()
+    (code / "fedmodel.py").write_text(BUILDER)
+    parts = partitions(tmp_path / "data")
+    net = {"entrypoint": "fedmodel:build", "n_features": 8, "n_classes": 3, "params": {"hidden": 12}, "seed": 3}
+    config = FederatedConfig(rounds=2, min_clients=3, local_epochs=1, learning_rate=0.02, batch_size=32,
+                             dp_noise_multiplier=1.1, dp_max_grad_norm=1.0, dp_delta=1e-3)
+    work = tmp_path / "work"
+    result = run_federated(net, parts, config, work, flower_venv=FLOWER_VENV, timeout=150,
+                           code=([code / "fedmodel.py"], code))
+    assert (work / "app" / "fedmodel.py").read_text() == BUILDER
+    train = [c for c in result.clients if c.phase == "train"]
+    assert {c.client for c in train} == {"group-0", "group-1", "group-2"} and not any(c.error for c in train)
+    # 160 training rows, batches of 32: 5 Poisson steps at rate 1/5 per epoch.
+    expected = {}
+    for steps in (5, 10):
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, 0.2, steps)]
+        expected[steps] = accountant.get_epsilon(1e-3)
+    for c in train:
+        assert c.epsilon == pytest.approx(expected[5 * c.round], rel=1e-9), c
+    assert result.epsilon == pytest.approx(expected[10])
+    print(f"\nDP-SGD, 3 clients, 2 rounds: epsilon {expected[5]:.3f} -> {expected[10]:.3f} (delta 1e-3); "
+          f"final weights {sorted(torch.load(result.state_dict_path))}")
+    assert sorted(torch.load(result.state_dict_path)) == ["body.0.bias", "body.0.weight", "body.2.bias",
+                                                          "body.2.weight"]
+    assert not flower_processes(work)
+
+
+def test_a_client_declines_a_round_past_its_privacy_budget(tmp_path):
+    parts = partitions(tmp_path / "data", clients=2)
+    config = FederatedConfig(rounds=1, min_clients=2, batch_size=32, dp_noise_multiplier=0.5, dp_delta=1e-3,
+                             dp_max_epsilon=0.5)
+    with pytest.raises(FederatedError, match=r"privacy budget: this round would spend epsilon [0-9.]+ > 0.5") \
+            as error:
+        run_federated(NET, parts, config, tmp_path / "work", flower_venv=FLOWER_VENV, timeout=120)
+    print(f"\n{error.value}")
+    assert "\n" not in str(error.value)
+    assert not flower_processes(tmp_path / "work")

@@ -1,6 +1,11 @@
 """The ClientApp: trains and evaluates the global network on the node's own partition (the node
 config's `data-path`); reports its metrics, its rows and the bytes of the arrays it received
-and sent, under the node config's `client-id`."""
+and sent, under the node config's `client-id`.
+
+With differential privacy (run config `dp-noise-multiplier` > 0) the node trains with DP-SGD
+and keeps its own privacy ledger (the DP-SGD steps its rows went through in this run, in the
+node's context state): it reports the epsilon spent so far, and declines to train a round that
+would take it past `dp-max-epsilon`."""
 
 from __future__ import annotations
 
@@ -10,7 +15,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_federated.task import array_bytes, build_net, evaluate, load_partition, train
+from edge_federated.task import (
+    array_bytes,
+    build_net,
+    evaluate,
+    load_partition,
+    privacy_spent,
+    private_steps,
+    train,
+    train_private,
+)
+
+LEDGER = "privacy-ledger"
 
 app = ClientApp()
 
@@ -36,12 +52,29 @@ def train_fn(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     run = context.run_config
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
-    loss = train(net, x, y, int(run["local-epochs"]), float(run["learning-rate"]), int(run["batch-size"]), mu,
-                 int(run["seed"]) + int(config.get("server-round", 0)))
+    seed = int(run["seed"]) + int(config.get("server-round", 0))
+    epochs, rate, batch = int(run["local-epochs"]), float(run["learning-rate"]), int(run["batch-size"])
+    sigma = float(run.get("dp-noise-multiplier", 0.0))
+    privacy = {}
+    if sigma > 0:
+        ledger = context.state.config_records.get(LEDGER, ConfigRecord({"steps": 0}))
+        sample_rate, steps = private_steps(len(x), batch, epochs)
+        total = int(ledger["steps"]) + steps
+        delta = float(run["dp-delta"])
+        epsilon = privacy_spent(sigma, sample_rate, total, delta)
+        budget = float(run.get("dp-max-epsilon", 0.0))
+        if budget and epsilon > budget:
+            raise RuntimeError(f"privacy budget: this round would spend epsilon {epsilon:.3f} > {budget:g} "
+                               f"(delta {delta:g}); the client declines to train")
+        loss = train_private(net, x, y, epochs, rate, batch, mu, seed, sigma, float(run["dp-max-grad-norm"]))
+        context.state.config_records[LEDGER] = ConfigRecord({"steps": total})
+        privacy = {"epsilon": epsilon, "dp-steps": total, "dp-sample-rate": sample_rate}
+    else:
+        loss = train(net, x, y, epochs, rate, batch, mu, seed)
     sent = ArrayRecord(net.state_dict())
     metrics = MetricRecord({"loss": loss, "proximal-mu": mu, "num-examples": len(x),
                             "bytes-received": array_bytes(received),
-                            "bytes-sent": array_bytes(sent), "seconds": time.perf_counter() - start})
+                            "bytes-sent": array_bytes(sent), "seconds": time.perf_counter() - start, **privacy})
     return Message(content=RecordDict({"arrays": sent, "metrics": metrics, "client": _client(context)}),
                    reply_to=msg)
 

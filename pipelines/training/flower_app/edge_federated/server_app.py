@@ -5,16 +5,16 @@ round) and the final weights (`output-path`, a torch state dict)."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from edge_federated.task import build_net
+from edge_federated.task import build_net, read_location, write_location
 
 app = ServerApp()
 
@@ -31,9 +31,10 @@ def recording(base: type) -> type:
     """`base` (a strategy class) that also keeps each client's metrics and each round's time."""
 
     class Recording(base):
-        def __init__(self, *args, metrics_path: Path, **kwargs):
+        def __init__(self, *args, metrics_path: str, endpoint: str = "", **kwargs):
             super().__init__(*args, **kwargs)
             self.metrics_path = metrics_path
+            self.endpoint = endpoint
             self.rounds: dict[int, dict] = {}
             self.failure = ""
             self.started = time.perf_counter()
@@ -89,9 +90,7 @@ def recording(base: type) -> type:
             rounds = [{k: v for k, v in entry.items() if k != "start"} for _, entry in sorted(self.rounds.items())]
             data = {"complete": complete, "strategy": base.__name__.lower(), "rounds": rounds,
                     "failure": self.failure, "seconds": time.perf_counter() - self.started}
-            partial = self.metrics_path.with_suffix(".partial")
-            partial.write_text(json.dumps(data, indent=1))
-            partial.replace(self.metrics_path)
+            write_location(self.metrics_path, json.dumps(data, indent=1).encode(), self.endpoint)
 
     return Recording
 
@@ -103,24 +102,25 @@ def main(grid: Grid, context: Context) -> None:
     minimum = int(run["min-clients"])
     options = {"fraction_train": float(run["fraction-train"]), "fraction_evaluate": float(run["fraction-evaluate"]),
                "min_train_nodes": minimum, "min_evaluate_nodes": minimum, "min_available_nodes": minimum,
-               "metrics_path": Path(str(run["metrics-path"]))}
+               "metrics_path": str(run["metrics-path"]), "endpoint": str(run.get("store-endpoint", ""))}
     if name == "fedprox":
         strategy = recording(FedProx)(proximal_mu=float(run["proximal-mu"]), **options)
     elif name == "fedavg":
         strategy = recording(FedAvg)(**options)
     else:
         raise ValueError(f"strategy {name!r}: fedavg or fedprox")
+    endpoint = str(run.get("store-endpoint", ""))
     net = build_net(run)
     if str(run["initial-path"]):
-        net.load_state_dict(torch.load(str(run["initial-path"]), weights_only=True))
+        net.load_state_dict(torch.load(io.BytesIO(read_location(str(run["initial-path"]), endpoint)),
+                                       weights_only=True))
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(net.state_dict()),
                                 num_rounds=int(run["num-server-rounds"]), timeout=float(run["round-timeout"]),
                                 train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
     except RoundFailed:
         return  # the metrics file says why
-    output = Path(str(run["output-path"]))
-    partial = output.with_suffix(".partial")
-    torch.save(result.arrays.to_torch_state_dict(), partial)
-    partial.replace(output)
+    weights = io.BytesIO()
+    torch.save(result.arrays.to_torch_state_dict(), weights)
+    write_location(str(run["output-path"]), weights.getvalue(), endpoint)
     strategy.write(complete=True)
