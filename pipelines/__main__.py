@@ -64,6 +64,7 @@ def _table(summary) -> str:
         *([f"  imported from   {summary.model_source.get('resolved') or summary.model_source.get('source')}"
            + (f"  (sha256 {summary.model_source['sha256'][:16]}…)" if "sha256" in summary.model_source else "")]
           if summary.model_source else []),
+        *_federated_lines(summary.federated),
         f"  trigger         {summary.trigger}",
         *([f"  parameters      {', '.join(asked)}"] if asked else []),
     ]

@@ -237,7 +237,7 @@ class TrainingSpec(_Strict):
             return self
         if self.federated is None:
             raise ValueError("training.mode federated needs training.federated (strategy, rounds, clients)")
-        if self.entrypoint is None and self.framework != "torch":
+        if self.framework == "sklearn":
             raise ValueError("training.mode federated trains a torch network: training.framework torch with an "
                              "architecture, or training.entrypoint returning an nn.Module")
         return self

@@ -150,3 +150,49 @@ def test_cli_validate_spec_exit_codes(tmp_path):
 
 def test_discover_specs_ignores_the_schema():
     assert set(discover_specs(ROOT / "model_specs")) == {p.stem for p in SPECS}
+
+
+FEDERATED = ROOT / "model_specs" / "digit-recognizer-federated.yaml"
+BAD_FEDERATED = [
+    ("training.federated", _DELETE, "training.mode federated needs training.federated"),
+    ("training.mode", "central", "training.federated is for training.mode federated"),
+    ("training.mode", "split", "training.mode: Input should be 'central' or 'federated'"),
+    ("training.federated.proximalMu", 0, "training.federated.proximalMu: FedProx needs a proximal weight above 0"),
+    ("training.federated.strategy", "fedadam", "training.federated.strategy: Input should be 'fedavg' or 'fedprox'"),
+    ("training.federated.minClients", 20, "training.federated.minClients (20) is more than"),
+    ("training.federated.fractionTrain", 0, "training.federated.fractionTrain: Input should be greater than 0"),
+    ("training.federated.differentialPrivacy.noiseMultiplier", 0,
+     "training.federated.differentialPrivacy.noiseMultiplier: Input should be greater than 0"),
+    ("training.federated.differentialPrivacy.delta", 1, "differentialPrivacy.delta: Input should be less than 1"),
+    ("training.federated.rouns", 3, "training.federated.rouns: unknown key"),
+]
+
+
+@pytest.mark.parametrize("field,value,expected", BAD_FEDERATED, ids=[f"{b[0]}={b[1]!r}" for b in BAD_FEDERATED])
+def test_bad_federated_training_names_the_field(field, value, expected):
+    doc = yaml.safe_load(FEDERATED.read_text())
+    _set(doc, field, value)
+    with pytest.raises(SpecError) as error:
+        parse_spec(doc, "model_specs/digit-recognizer-federated.yaml")
+    assert expected in str(error.value)
+
+
+def test_federated_training_is_for_torch_networks_and_trained_models():
+    doc = yaml.safe_load(FEDERATED.read_text())
+    doc["training"].update(framework="sklearn", estimator="mlp")
+    doc["training"].pop("architecture")
+    with pytest.raises(SpecError, match="training.mode federated trains a torch network"):
+        parse_spec(doc, "f.yaml")
+    doc = _adult()
+    doc["training"] = {"seed": 1, "mode": "federated", "federated": {"rounds": 2}}
+    doc["model"] = {"source": "m.onnx"}
+    with pytest.raises(SpecError, match="model.source releases an existing model: training.federated does not apply"):
+        parse_spec(doc, "f.yaml")
+
+
+def test_a_centrally_trained_spec_keeps_its_digest():
+    """The federated fields are left out of a central spec's canonical form: release keys of
+    existing specs do not change."""
+    spec = load_spec(ADULT)
+    assert "mode" not in spec.model_dump(mode="json")["training"]
+    assert "federated" not in json.dumps(spec.model_dump(mode="json"))

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (FLOWER / "bin" / "flower-superlink").exists
 SPEC = ROOT / "model_specs" / "digit-recognizer-federated.yaml"
 
 
-def test_the_federated_digit_recognizer_releases_through_its_dag(airflow_db, monkeypatch):
+def test_the_federated_digit_recognizer_releases_through_its_dag(airflow_db, monkeypatch, capsys):
     settings = Settings()
     run = _bag(monkeypatch).dags["edge_release__digit-recognizer-federated"].test()
     assert str(getattr(run.state, "value", run.state)) == "success", _states(run)
@@ -76,11 +76,18 @@ def test_the_federated_digit_recognizer_releases_through_its_dag(airflow_db, mon
     assert mlflow_run.data.metrics["federated.worst_client_accuracy"] == pytest.approx(worst["accuracy"])
 
     card_uri = doc["spec"]["modelRef"]["modelCard"]["uri"]
-    card = json.loads(store.read_bytes(store.key_of(card_uri.replace(".html", ".json"))))
+    card = json.loads(store.read_bytes(store.key_of(card_uri)))
     private = card["training"]["federated"]["differential_privacy"]
     assert private["epsilon"] == dp["epsilon"] and private["protects"] == "one example (row) of a client"
-    html = store.read_bytes(store.key_of(card_uri)).decode()
+    html = store.read_bytes(store.key_of(card_uri.replace(".json", ".html"))).decode()
     assert "Federated training" in html and f"{worst['accuracy']:.4f}" in html
+    from pipelines.__main__ import main
+
+    capsys.readouterr()
+    assert main(["summary", "digit-recognizer-federated"]) == 0
+    printed = capsys.readouterr().out
+    assert f"federated       fedprox, 3 rounds, 8 clients (embedded); worst client {worst['client']}" in printed
+    assert f"privacy         DP-SGD: epsilon {dp['epsilon']:.2f}, delta 0.0001 for one example of a client" in printed
     print(f"rounds: {summary['per_round']}\nworst client: {worst}")
 
 
