@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the clients sampled per round")
     parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-SGD noise multiplier (0: off)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="the clients' (and the centralized) learning rate; default 1e-3, 0.02 with DP-SGD")
     parser.add_argument("--keep", type=Path, default=None, help="keep the partitions and Flower's logs here")
     args = parser.parse_args()
     import torch
@@ -120,14 +122,16 @@ def main() -> int:
     torch.set_num_threads(1)
     x, y, x_test, y_test = _data(seed=0)
     print(f"mnist-5k: {len(x):,} training rows over the clients, {len(x_test):,} held out centrally; "
-          f"non-IID Dirichlet({args.alpha}); {args.rounds} rounds x {args.local_epochs} local epochs, FedAvg")
+          f"non-IID Dirichlet({args.alpha}); {args.rounds} rounds x {args.local_epochs} local epochs, FedAvg; "
+          f"learning rate {args.learning_rate or (0.02 if args.dp_noise else 1e-3):g}")
     results = []
     for clients in args.clients:
         sampled = max(2, int(np.ceil(args.fraction * clients)))
         private = {"dp_noise_multiplier": args.dp_noise, "dp_delta": 1e-4} if args.dp_noise else {}
         config = FederatedConfig(rounds=args.rounds, local_epochs=args.local_epochs, min_clients=sampled,
                                  fraction_train=args.fraction, fraction_evaluate=args.fraction,
-                                 learning_rate=0.02 if args.dp_noise else 1e-3, batch_size=32, seed=0,
+                                 learning_rate=args.learning_rate or (0.02 if args.dp_noise else 1e-3),
+                                 batch_size=32, seed=0,
                                  round_timeout=1800, **private)
         central, central_s = _centralized(x, y, x_test, y_test, args.rounds * args.local_epochs, config)
         with tempfile.TemporaryDirectory(prefix="federated-bench.") as scratch:
@@ -142,7 +146,9 @@ def main() -> int:
                 results.append({"clients": clients, "error": str(error)})
                 continue
             federated = _federated_accuracy(run.state_dict_path, x_test, y_test)
-        per_round = [sum(b) / len(b) for b in zip(*run.client_bytes.values())] if run.client_bytes else []
+        # Per round, the mean over the clients that took part in it (sampled ones).
+        per_round = [float(np.mean([b for b in moved if b])) for moved in zip(*run.client_bytes.values())
+                     if any(moved)]
         row = {"clients": clients, "rows_per_client_min": min(sizes), "rows_per_client_max": max(sizes),
                "centralized_accuracy": round(central, 4), "centralized_seconds": round(central_s, 2),
                "federated_accuracy": round(federated, 4), "startup_seconds": round(run.startup_seconds, 1),
@@ -155,7 +161,7 @@ def main() -> int:
         print(f"{clients:>3} clients ({min(sizes)}-{max(sizes)} rows each): federated accuracy "
               f"{federated:.3f} vs centralized {central:.3f} ({central_s:.1f} s); start-up "
               f"{run.startup_seconds:.1f} s, seconds per round {', '.join(f'{s:.1f}' for s in run.round_seconds)}; "
-              f"{row['bytes_per_client_per_round']:,.0f} bytes of weights per client per round; worst client's "
+              f"{row['bytes_per_client_per_round']:,.0f} bytes of weights per sampled client per round; worst client's "
               f"own accuracy {row['worst_client_accuracy']:.3f}"
               + (f"; {sampled} clients sampled per round" if sampled < clients else "")
               + (f"; DP-SGD epsilon {run.epsilon:.2f} (delta 1e-4)" if run.epsilon is not None else "")

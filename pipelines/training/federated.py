@@ -1,10 +1,11 @@
-"""Federated training of a PyTorch EdgeNet on Flower's deployment runtime, driven as processes.
+"""Federated training of a PyTorch network on Flower's deployment runtime, driven as processes.
 
 Flower runs in its own environment (`Settings.flower_venv`, built by `make venv` from
 requirements-flower.txt); this module imports no flwr. `run_federated` starts a SuperLink and one
-SuperNode per client (each with its own partition folder), submits the Flower App of
-`flower_app/` with `flwr run`, waits for the weights and metrics the ServerApp writes, and tears
-every process down, also on an error or a timeout. The server side never reads a partition.
+SuperNode per client (each with its own partition folder), or connects to a running federation
+(`Federation`), submits the Flower App of `flower_app/` with `flwr run`, waits for the weights
+and metrics the ServerApp writes, and tears every process it started down, also on an error or
+a timeout. The server side never reads a partition.
 """
 
 from __future__ import annotations

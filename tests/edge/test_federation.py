@@ -62,3 +62,26 @@ def test_too_few_rows_for_the_clients_is_one_clear_error(tmp_path, state):
     features, labels = labelled(50)
     with pytest.raises(ValueError, match=r"training.federated.clients: 8 clients need at least 80 training rows"):
         deal(spec, Settings(), features, labels, clients=8, skew=0.5, seed=0)
+
+
+def test_a_federated_spec_the_runtime_cannot_train_is_refused_in_one_line(tmp_path, state, capsys):
+    """Before any Flower process starts: a categorical feature, a regression target."""
+    from conftest import tabular_frame
+
+    from pipelines.__main__ import main
+
+    tabular_frame().to_csv(tmp_path / "data.csv", index=False)
+    federated = {"mode": "federated", "framework": "torch", "architecture": "mlp", "seed": 1,
+                 "federated": {"rounds": 1, "clients": 3}}
+    spec = write_spec(tmp_path, "fed-colour", "data.csv", training=federated)
+    assert main(["release", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training.mode federated: clients hold numeric rows; data.features " \
+        "colour is categorical" in err, err
+    spec = write_spec(tmp_path, "fed-diabetes", "builtin:sklearn-diabetes", training=federated,
+                      data={"source": "builtin:sklearn-diabetes", "target": "progression", "features": ["bmi", "bp"]},
+                      gates={"waive": {"fairness": "no attribute of a person is used by this model here"}})
+    assert main(["release", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "training.architecture: the built-in mlp networks are classifiers (task regression" in err, err
+    assert not list((state / "fleet").glob("*/federated/*")), "rows were dealt"

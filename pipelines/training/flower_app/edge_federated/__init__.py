@@ -1,1 +1,1 @@
-"""The Flower App of federated training: EdgeNet trained by SuperNodes on their own partitions."""
+"""The Flower App of federated training: the spec's network trained by SuperNodes on their own partitions."""
