@@ -56,9 +56,12 @@ MATRIX: list[tuple[str, str, str]] = []  # (attack, what the device did, the rea
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     folder = tmp_path_factory.mktemp("edge-attacks")
-    first = release_model(folder)
+    # One variant each: every device group runs the base's artifact (with a quantized variant, the
+    # host's timing may leave the base on fp32 while a group's cost picks int8, in its overlay).
+    fp32 = {"opset": 17, "quantization": [], "accuracyBudget": 0.02}
+    first = release_model(folder, export=fp32)
     # Another seed: the second model's file must differ from the first one's.
-    other = release_model(folder, OTHER, targets=KIOSKS,
+    other = release_model(folder, OTHER, targets=KIOSKS, export=fp32,
                           training={"framework": "sklearn", "estimator": "logistic_regression", "seed": 7})
     assert other["summary"].artifact_sha256 != first["summary"].artifact_sha256
     return {**first, "others": {OTHER: other["summary"]}}
