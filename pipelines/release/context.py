@@ -105,6 +105,14 @@ def resume(spec_path: str | Path, data: DataCheck, name: str, kind: type[R],
     return ctx, cached
 
 
+def scratch(ctx: Context, name: str) -> Path:
+    """A folder of the worker's scratch space (`<work>/<name>`) for files a stage only needs
+    while it runs."""
+    folder = ctx.settings.work_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 # -- data ------------------------------------------------------------------------------------
 def load_snapshot(ctx: Context, data: DataCheck):
     import pandas as pd

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.records import DataCheck, FederatedTraining, TrainingPrivacy
-from pipelines.release.context import Context, ReleaseError
+from pipelines.release.context import Context, ReleaseError, scratch
 
 
 def _net(ctx: Context, n_features: int, n_classes: int) -> dict:
@@ -117,7 +117,7 @@ def train_federated(ctx: Context, data: DataCheck, parts: dict):
             folders, groups, dealt = partitions.folders, partitions.groups, partitions.summary()
         else:  # the federation's SuperNodes hold their own rows: nothing is dealt
             folders, groups, dealt = {}, {}, {}
-        work = Path(tempfile.mkdtemp(prefix=f"federated-{ctx.spec.name}-", dir=_scratch(ctx)))
+        work = Path(tempfile.mkdtemp(prefix=f"federated-{ctx.spec.name}-", dir=scratch(ctx, "federated")))
         run = run_federated(net, folders, _config(ctx), work, flower_venv=ctx.settings.flower_venv,
                             timeout=spec.rounds * spec.round_timeout_seconds + 120, code=code, federation=federation)
         module = build_module(net, code[1] if code else None)
@@ -153,9 +153,3 @@ def _federation(ctx: Context, data: DataCheck):
                           root_certificates=settings.flower_root_certificates)
     except ValueError:
         raise ReleaseError(f"EDGE_FLOWER_SUPERLINK: {settings.flower_superlink!r} is not host:port") from None
-
-
-def _scratch(ctx: Context) -> Path:
-    folder = ctx.settings.work_dir / "federated"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

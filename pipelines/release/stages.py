@@ -42,6 +42,7 @@ from pipelines.release.context import (
     context,
     evaluation_folder,
     resume,
+    scratch,
     splits,
     stage_context,
     variant_outputs,
@@ -222,15 +223,9 @@ def _imported(ctx):
 
     try:
         return sources.fetch(ctx.spec.model, spec_dir(ctx.spec_path), ctx.settings.tracking_uri,
-                             ctx.settings.s3_endpoint_url, Path(tempfile.mkdtemp(dir=_scratch(ctx))))
+                             ctx.settings.s3_endpoint_url, Path(tempfile.mkdtemp(dir=scratch(ctx, "imports"))))
     except sources.SourceError as error:
         raise ReleaseError(f"{ctx.spec_path}: {error}") from None
-
-
-def _scratch(ctx) -> Path:
-    folder = ctx.settings.work_dir / "imports"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _check_outputs(ctx, task: str, outputs, parts: dict) -> None:
